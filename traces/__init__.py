@@ -1,0 +1,1 @@
+"""Routing traces: schema, Parquet/CSV files, synthetic generators and statistics."""
