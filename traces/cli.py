@@ -1,0 +1,143 @@
+"""`moesim trace gen | stats | convert`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from moesim.atomic import atomic_path
+from moesim.config import load_config
+from moesim.errors import InputError
+from traces.generators import GENERATORS, TraceSpec, generate
+from traces.io import read_long_csv, read_trace, write_long_csv, write_trace
+from traces.schema import TraceMeta
+from traces.stats import format_table, imbalance_table
+
+KIND_PARAMS = {
+    "uniform": [],
+    "zipf": ["exponent"],
+    "drifting": ["exponent", "period"],
+    "bursty": ["burst_prob", "burst_experts", "burst_factor"],
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="generate, inspect and convert routing traces",
+                       description="Routing traces: step, layer, shard, head, expert -> tokens.")
+    tsub = p.add_subparsers(dest="trace_command", metavar="SUBCOMMAND", required=True)
+
+    g = tsub.add_parser("gen", help="generate a synthetic trace",
+                        description="Generate a seeded synthetic routing trace (Parquet).")
+    g.add_argument("--kind", choices=sorted(GENERATORS), default="zipf")
+    g.add_argument("--config", type=Path,
+                   help="take layers, experts, heads, top-k and model name from this config")
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--layers", type=int)
+    g.add_argument("--shards", type=int, default=16,
+                   help="source shards (data-parallel batches); any N dividing it can use it")
+    g.add_argument("--experts", type=int, help="experts per head")
+    g.add_argument("--heads", type=int, help="Multi-Head LatentMoE heads (1: standard MoE)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--tokens-per-shard", type=int, default=4096)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--exponent", type=float, default=1.2, help="zipf, drifting: skew")
+    g.add_argument("--period", type=int, default=10, help="drifting: steps between moves")
+    g.add_argument("--burst-prob", type=float, default=0.1, help="bursty: P(burst) per layer")
+    g.add_argument("--burst-experts", type=int, default=2, help="bursty: experts per burst")
+    g.add_argument("--burst-factor", type=float, default=8.0, help="bursty: weight boost")
+    g.add_argument("--sampler", choices=("auto", "multinomial", "normal"), default="auto")
+    g.add_argument("--model", help="model label stored in the trace")
+    g.add_argument("--out", type=Path, required=True)
+    g.set_defaults(func=cmd_gen)
+
+    s = tsub.add_parser("stats", help="per-layer load imbalance of a trace",
+                        description="Per-layer imbalance: max/mean load, CV, top-expert share.")
+    s.add_argument("trace", type=Path)
+    s.add_argument("--csv", type=Path, help="also write the table as CSV")
+    s.set_defaults(func=cmd_stats)
+
+    c = tsub.add_parser("convert", help="convert, aggregate or resample a trace",
+                        description="Convert between Parquet and long-form CSV (by extension); "
+                        "optionally aggregate shards to N ranks and resample steps/layers.")
+    c.add_argument("src", type=Path)
+    c.add_argument("dst", type=Path)
+    c.add_argument("--ranks", type=int, help="aggregate shards into this many ranks")
+    c.add_argument("--steps", type=int, help="resample to this many steps")
+    c.add_argument("--layers", type=int, help="resample to this many layers")
+    c.add_argument("--top-k", type=int, help="for CSV input without a metadata line")
+    c.add_argument("--tokens-per-shard", type=int, help="for CSV input without a metadata line")
+    c.add_argument("--model", default="unknown", help="for CSV input without a metadata line")
+    c.set_defaults(func=cmd_convert)
+
+
+def _spec_from_args(args: argparse.Namespace) -> TraceSpec:
+    fields = {"layers": args.layers, "experts": args.experts, "heads": args.heads,
+              "top_k": args.top_k, "model": args.model}
+    if args.config:
+        m = load_config(args.config).model
+        cfg = {"layers": m.num_layers, "experts": m.num_experts, "heads": m.num_heads,
+               "top_k": m.top_k, "model": m.name}
+        fields = {k: v if v is not None else cfg[k] for k, v in fields.items()}
+    defaults = {"layers": 8, "experts": 64, "heads": 1, "top_k": 8, "model": "synthetic"}
+    fields = {k: v if v is not None else defaults[k] for k, v in fields.items()}
+    params = {name: getattr(args, name) for name in KIND_PARAMS[args.kind]}
+    return TraceSpec(kind=args.kind, steps=args.steps, shards=args.shards,
+                     tokens_per_shard=args.tokens_per_shard, seed=args.seed, params=params,
+                     sampler=args.sampler, **fields)
+
+
+def cmd_gen(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".parquet":
+        raise InputError(args.out, "--out", "trace gen writes Parquet: use a .parquet name")
+    spec = _spec_from_args(args)
+    t0 = time.perf_counter()
+    trace = generate(spec, progress=sys.stderr.isatty())
+    t1 = time.perf_counter()
+    write_trace(trace, args.out)
+    t2 = time.perf_counter()
+    print(f"wrote {args.out}: {spec.steps} steps x {spec.layers} layers x {spec.shards} shards x "
+          f"{spec.heads} heads x {spec.experts} experts, top-{spec.top_k}, "
+          f"{spec.tokens_per_shard} tokens/shard ({trace.meta.generator['sampler']} sampler; "
+          f"generate {t1 - t0:.2f} s, write {t2 - t1:.2f} s)")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    trace = read_trace(args.trace)
+    df = imbalance_table(trace)
+    print(f"{args.trace}: {trace.num_steps} steps, {trace.num_layers} layers, "
+          f"{trace.num_shards} shards, {trace.num_heads} heads, {trace.num_experts} experts, "
+          f"top-{trace.meta.top_k}, source {trace.meta.source}")
+    print(format_table(df))
+    if args.csv:
+        with atomic_path(args.csv) as tmp:
+            df.to_csv(tmp, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    for path, flag in ((args.src, "src"), (args.dst, "dst")):
+        if path.suffix not in (".parquet", ".csv"):
+            raise InputError(path, flag, "use a .parquet or .csv name")
+    if args.src.suffix == ".csv" and (args.top_k or args.tokens_per_shard):
+        if not (args.top_k and args.tokens_per_shard):
+            raise InputError(args.src, "--top-k", "give both --top-k and --tokens-per-shard")
+        meta = TraceMeta(model=args.model, source=f"csv:{args.src.name}",
+                         tokens_per_shard=args.tokens_per_shard, top_k=args.top_k)
+        trace = read_long_csv(args.src, meta)
+    else:
+        trace = read_trace(args.src)
+    if args.ranks:
+        trace = trace.aggregate(args.ranks)
+    if args.steps or args.layers:
+        trace = trace.resample(args.steps, args.layers)
+    if args.dst.suffix == ".csv":
+        write_long_csv(trace, args.dst)
+    else:
+        write_trace(trace, args.dst)
+    print(f"wrote {args.dst}: {trace.num_steps} steps x {trace.num_layers} layers x "
+          f"{trace.num_shards} shards x {trace.num_heads} heads x {trace.num_experts} experts")
+    return 0
