@@ -119,9 +119,10 @@ class Trace:
         totals = c.sum(axis=4, dtype=np.int64)
         bad = np.argwhere(totals != want)
         if len(bad):
-            s, l, sh, h = bad[0]
+            s, ly, sh, h = bad[0]
+            got = totals[s, ly, sh, h]
             raise InputError(source, "tokens",
-                             f"step {s} layer {l} shard {sh} head {h} sends {totals[s, l, sh, h]} "
+                             f"step {s} layer {ly} shard {sh} head {h} sends {got} "
                              f"token-expert pairs; tokens_per_shard x top_k = {want}")
 
     def aggregate(self, ranks: int) -> Trace:
