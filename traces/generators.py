@@ -32,7 +32,7 @@ from moesim.errors import InputError
 from traces.schema import Trace, TraceMeta
 
 AUTO_EXACT_LIMIT = 2**24
-CHUNK_CELLS = 2**23
+CHUNK_CELLS = 2**21  # 8 MB float32 temporaries: reused by malloc, not re-faulted
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def _sample_normal(rng, n: np.ndarray, p: np.ndarray, shards: int) -> np.ndarray
     n32 = n[:, :, None, :, None].astype(np.float32)
     y = rng.standard_normal((*p.shape[:2], shards, *p.shape[2:]), dtype=np.float32)
     y *= np.sqrt(p32)
-    total = y.sum(axis=-1, keepdims=True)
+    total = y @ np.ones((y.shape[-1], 1), np.float32)  # BLAS: faster than a short-axis sum
     y -= p32 * total
     y *= np.sqrt(n32)
     y += n32 * p32
@@ -181,7 +181,7 @@ def _sample(draw, rng, tokens: int, top_k: int, p: np.ndarray, shards: int) -> n
     rest = np.where(full, 0.0, p)
     rest /= np.maximum(rest.sum(axis=-1, keepdims=True), 1e-300)
     c = draw(rng, n, rest, shards)
-    c += np.where(full[:, :, None], np.int32(tokens), np.int32(0))
+    np.add(c, full[:, :, None].astype(np.int32) * np.int32(tokens), out=c)
     return c
 
 
@@ -203,7 +203,7 @@ def _enforce_distinct(c: np.ndarray, tokens: int) -> None:
 def generate(spec: TraceSpec, progress: bool = False) -> Trace:
     """Generate a trace from `spec`: the same spec (seed included) gives the same counts.
 
-    Steps are drawn in chunks of ~2^23 counts, each from its own child seed of `spec.seed`, on
+    Steps are drawn in chunks of ~2^21 counts, each from its own child seed of `spec.seed`, on
     a thread per core (numpy releases the GIL while it draws); the chunking depends only on the
     trace's shape, so the result does not depend on the number of threads.
     """
