@@ -1,0 +1,115 @@
+"""Simulated against measured: a log-log scatter of per-phase (and whole-step) times, one point
+per (strategy, phase), on the y = x line when the simulator is right.
+
+Input: a comparison table with columns `strategy`, `phase`, `measured_s`, `simulated_s` (what
+`moesim validate` reports), or Result tables of both sources, paired here by strategy: the
+phase times (analysis.run_summary.phase_times) of the `real` rows against those of the `sim`
+rows, plus the step time under the phase name "step".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from analysis.inputs import ResultFile, check_columns
+from analysis.run_summary import phase_times, step_times
+from analysis.style import (
+    PHASE_COLOR,
+    PHASE_LABEL,
+    SINGLE_COLUMN_IN,
+    ordered_strategies,
+    paper_style,
+    strategy_label,
+    strategy_marker,
+)
+from analysis.units import time_unit
+from moesim.errors import InputError
+
+REQUIRED = {"strategy": "string", "phase": "string", "measured_s": "number",
+            "simulated_s": "number"}
+BAND = 0.2  # the shaded band: within 20% of measured
+
+
+def comparison_from_results(files: Sequence[ResultFile]) -> pd.DataFrame:
+    """Pair measured and simulated phase and step times by strategy."""
+    frame = pd.concat([f.frame for f in files], ignore_index=True)
+    pt = phase_times(frame).groupby(["source", "strategy", "phase"])["time_s"].sum()
+    st = step_times(frame).groupby(["source", "strategy"])["step_time_s"].mean()
+    st.index = pd.MultiIndex.from_tuples([(s, g, "step") for s, g in st.index],
+                                         names=["source", "strategy", "phase"])
+    t = pd.concat([pt, st.rename("time_s")]).unstack("source")
+    if "sim" not in t.columns or "real" not in t.columns:
+        raise InputError(", ".join(str(f.path) for f in files), "source",
+                         "need both simulated ('sim') and measured ('real') rows")
+    t = t.dropna(subset=["sim", "real"]).reset_index()
+    if t.empty:
+        raise InputError(", ".join(str(f.path) for f in files), "strategy",
+                         "no strategy has both simulated and measured rows")
+    return t.rename(columns={"real": "measured_s", "sim": "simulated_s"})[
+        ["strategy", "phase", "measured_s", "simulated_s"]]
+
+
+def error_stats(comp: pd.DataFrame) -> dict[str, float]:
+    """Mean absolute percentage error of simulated vs measured, over phases (excluding the
+    whole step) and over steps alone; NaN where there are no such rows."""
+    ok = comp[comp["measured_s"] > 0]
+    rel = (ok["simulated_s"] - ok["measured_s"]).abs() / ok["measured_s"]
+    is_step = ok["phase"] == "step"
+    return {"phase_mape": float(rel[~is_step].mean()) if (~is_step).any() else float("nan"),
+            "step_mape": float(rel[is_step].mean()) if is_step.any() else float("nan")}
+
+
+def plot_validation(comp: pd.DataFrame, *, title: str | None = None,
+                    source: str = "comparison") -> Figure:
+    check_columns(comp, REQUIRED, source)
+    comp = comp[(comp["measured_s"] > 0) & (comp["simulated_s"] > 0)]
+    if comp.empty:
+        raise InputError(source, "measured_s", "no row with positive measured and simulated time")
+    lo = float(min(comp["measured_s"].min(), comp["simulated_s"].min())) / 1.6
+    hi = float(max(comp["measured_s"].max(), comp["simulated_s"].max())) * 1.6
+    scale, unit = time_unit(hi)
+    stats = error_stats(comp)
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN_IN, 2.9), layout="constrained")
+        xs = np.geomspace(lo, hi, 50) / scale
+        ax.fill_between(xs, xs * (1 - BAND), xs * (1 + BAND), color="0.88", lw=0,
+                        label=f"±{BAND:.0%}")
+        ax.plot(xs, xs, color="0.3", lw=0.8, ls="--", label="y = x")
+        for _, r in comp.iterrows():
+            step = r["phase"] == "step"
+            ax.scatter(r["measured_s"] / scale, r["simulated_s"] / scale,
+                       marker=strategy_marker(r["strategy"]), s=34 if step else 22,
+                       facecolor="black" if step else PHASE_COLOR.get(r["phase"], "0.5"),
+                       edgecolor="black", linewidth=0.4, zorder=3)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo / scale, hi / scale)
+        ax.set_ylim(lo / scale, hi / scale)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"measured ({unit})")
+        ax.set_ylabel(f"simulated ({unit})")
+        handles = [Line2D([], [], ls="", marker=strategy_marker(s), color="0.4",
+                          label=strategy_label(s)) for s in ordered_strategies(comp["strategy"])]
+        phases = [p for p in PHASE_COLOR if p in set(comp["phase"])]
+        handles += [Line2D([], [], ls="", marker="o", markerfacecolor=PHASE_COLOR[p],
+                           markeredgecolor="black", markeredgewidth=0.4, label=PHASE_LABEL[p])
+                    for p in phases]
+        if (comp["phase"] == "step").any():
+            handles.append(Line2D([], [], ls="", marker="o", color="black", label="whole step"))
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        notes = []
+        if not np.isnan(stats["step_mape"]):
+            notes.append(f"step MAPE {stats['step_mape']:.1%}")
+        if not np.isnan(stats["phase_mape"]):
+            notes.append(f"phase MAPE {stats['phase_mape']:.1%}")
+        ax.text(0.97, 0.04, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=7)
+        if title:
+            ax.set_title(title, loc="left")
+    return fig
