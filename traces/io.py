@@ -47,13 +47,17 @@ def write_trace(trace: Trace, path: str | Path, row_group_steps: int = 64) -> No
                   SHAPE_KEY: json.dumps(shape_meta).encode()},
     )
     grid_layer = np.tile(np.arange(layers, dtype=np.int32), row_group_steps)
+    # One staging buffer for every row group: a fresh large array per group is page-faulted
+    # anew each time, which cost more than the cast itself.
+    stage = np.empty((min(row_group_steps, steps), *c.shape[1:]), dtype=dtype)
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="none", use_dictionary=False,
                               write_statistics=False) as writer:
             for s0 in range(0, steps, row_group_steps):
                 chunk = c[s0:s0 + row_group_steps]
                 rows = chunk.shape[0] * layers
-                buf = np.ascontiguousarray(chunk, dtype=dtype)
+                buf = stage[:chunk.shape[0]]
+                np.copyto(buf, chunk, casting="unsafe")
                 tokens = pa.FixedSizeBinaryArray.from_buffers(
                     pa.binary(block), rows, [None, pa.py_buffer(buf)])
                 step_col = np.repeat(np.arange(s0, s0 + chunk.shape[0], dtype=np.int32), layers)
