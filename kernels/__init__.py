@@ -1,0 +1,30 @@
+"""IO-aware Triton kernels for the MoE runtime, each beside its pure-torch reference.
+
+- ``kernels.router.route``: fused scores, top-k, renormalisation, per-expert counts
+  (single router ``[T, E]`` or Multi-Head LatentMoE ``[T, H, E]``).
+- ``kernels.permute.permute``: token rows into expert- (or rank-) contiguous order.
+- ``kernels.combine.combine`` / ``unpermute``: weighted sum of expert rows back to tokens.
+- ``kernels.grouped_gemm.grouped_mm``: variable-size grouped GEMM, forward and backward.
+
+Each public function takes the Triton kernel on CUDA tensors (and on CPU under
+``TRITON_INTERPRET=1``) and the torch reference otherwise; see ``kernels.backend``.
+"""
+
+from kernels.combine import combine, combine_reference, unpermute
+from kernels.grouped_gemm import grouped_mm, grouped_mm_reference
+from kernels.permute import Permuted, permute, permute_reference
+from kernels.router import Route, route, route_reference
+
+__all__ = [
+    "Permuted",
+    "Route",
+    "combine",
+    "combine_reference",
+    "grouped_mm",
+    "grouped_mm_reference",
+    "permute",
+    "permute_reference",
+    "route",
+    "route_reference",
+    "unpermute",
+]

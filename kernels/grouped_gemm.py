@@ -1,0 +1,309 @@
+"""Grouped GEMM over variable group sizes: ``out[rows of g] = x[rows of g] @ w[g]``.
+
+Public API
+----------
+``grouped_mm(x, w, offsets=None, *, group_sizes=None) -> out``
+
+- ``x``: ``[M, K]`` bf16 (fp16 and fp32 work too), rows of group ``g`` are
+  ``offsets[g] : offsets[g + 1]`` (the ``x_perm`` / ``offsets`` of ``kernels.permute.permute``).
+- ``w``: ``[G, K, N]``, same dtype as ``x``; any strides (a transposed view is fine).
+- ``offsets``: int ``[G + 1]`` with ``offsets[0] == 0``, non-decreasing, ``offsets[G] <= M``
+  (rows past ``offsets[G]`` are left out of every group and get zeros in ``out``); or
+  ``group_sizes``: int ``[G]`` (converted on the device, no host sync). Zero-sized groups are
+  legal: they add no rows, and their weight gradient is zero.
+- ``out``: ``[M, N]`` in ``x``'s dtype; products accumulate in fp32.
+
+Differentiable in ``x`` and ``w`` (``torch.autograd.Function``): ``dX = dY @ w[g]^T`` runs on
+the forward kernel with ``w``'s strides swapped; ``dW[g] = x[rows of g]^T @ dY[rows of g]`` is a
+second kernel whose reduction runs over the group's rows.
+
+Assumptions the kernels make (checked by the launcher): ``x`` and ``out`` have unit stride along
+their last dimension; ``x.shape[1] == w.shape[1]``. Tiles are 128x128 (fp32 accumulator in
+registers), tuned for Hopper; on other GPUs the same code runs, slower.
+
+How the forward finds its tile without a host sync: every program loads the G+1 offsets,
+computes each group's tile count and their prefix sum in registers, and picks its group by
+counting prefix ends ``<= its tile index``. The grid is sized for the worst case,
+``cdiv(M, BM) + G + 1`` row tiles, and surplus programs exit at once. Row indices past a group's end
+are clamped to the group's last row (not masked), so the main loop's loads are unmasked; those
+rows are dropped at the store.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import INTERPRET, use_triton
+
+
+def _tc_configs(stages: tuple[int, ...] = (3, 4)) -> list[triton.Config]:
+    # Hand-picked Hopper candidates (wgmma wants BM a multiple of 64 and 4 or 8 warps);
+    # a short list keeps the autotune compile time inside a device call.
+    cfgs = []
+    for bm, bn, bk, w in ((128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8)):
+        for s in stages:
+            if bm * bn > 128 * 128 and s > 3:
+                continue  # shared memory: (bm + bn) * bk * 2 B * stages must fit in 227 KB
+            cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8},
+                                      num_warps=w, num_stages=s))  # fmt: skip
+    return cfgs
+
+
+@triton.jit
+def _gmm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride_ak, stride_bg,
+                stride_bk, stride_bn, stride_cm, stride_cn, G_PAD: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                UPCAST: tl.constexpr):  # fmt: skip
+    """c[rows of g] = a[rows of g] @ b[g], b[g] is K x N (reduction over K)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    # Supertile order: GROUP_M row tiles walk the N tiles together, so a group's weight and
+    # each A tile are reused from L2.
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    gm = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gm
+    pid_n = (pid % width) // gm
+
+    # Slot G is a pseudo-group for rows [offsets[G], M) that belong to no group: its tiles
+    # write zeros, so `out` needs no memset beforehand.
+    gi = tl.arange(0, G_PAD)
+    starts = tl.load(offs_ptr + gi, mask=gi <= G, other=0)
+    ends = tl.load(offs_ptr + gi + 1, mask=gi < G, other=0)
+    ends = tl.where(gi == G, M, ends)
+    tiles = (ends - starts + BM - 1) // BM
+    cum = tl.cumsum(tiles, axis=0)
+    if pid_m >= tl.sum(tiles, axis=0):
+        return
+    g = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
+    sel = gi == g
+    m_start = tl.sum(tl.where(sel, starts + (pid_m - (cum - tiles)) * BM, 0), axis=0)
+    m_end = tl.sum(tl.where(sel, ends, 0), axis=0)
+
+    rm = m_start + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = (rm < m_end)[:, None] & (rn < N)[None, :]
+    if g == G:
+        tl.store(c_ptrs, tl.zeros((BM, BN), c_ptr.dtype.element_ty), mask=c_mask)
+        return
+
+    rm_ld = tl.minimum(rm, m_end - 1).to(tl.int64)
+    rn_ld = tl.minimum(rn, N - 1)
+    rk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + g.to(tl.int64) * stride_bg
+    b_ptrs += rk[:, None] * stride_bk + rn_ld[None, :] * stride_bn
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        # A K mask (not a branch) keeps the loop body straight for the software pipeliner;
+        # with K a multiple of 16 it still allows 16-byte loads.
+        a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
+        if UPCAST:
+            # Only under TRITON_INTERPRET: its tl.dot multiplies bf16 bit patterns
+            # (triton-lang/triton#11584), so the CPU tests feed it fp32 copies.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BK * stride_ak
+        b_ptrs += BK * stride_bk
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, K, N, stride_xm, stride_xk, stride_ym,
+                   stride_yn, stride_wg, stride_wk, stride_wn, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """dw[g] (K x N) = x[rows of g]^T @ dy[rows of g]; BM tiles K, BK tiles the group's rows."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BN)
+    pid_k = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    start = tl.load(offs_ptr + g)
+    end = tl.load(offs_ptr + g + 1)
+
+    rk = pid_k * BM + tl.arange(0, BM)
+    rk_ld = tl.minimum(rk, K - 1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_ld = tl.minimum(rn, N - 1)
+    rr = tl.arange(0, BK)
+    x_ptrs = x_ptr + (start + rr).to(tl.int64)[None, :] * stride_xm + rk_ld[:, None] * stride_xk
+    y_ptrs = dy_ptr + (start + rr).to(tl.int64)[:, None] * stride_ym + rn_ld[None, :] * stride_yn
+    acc = tl.zeros((BM, BN), tl.float32)
+    # Full row chunks unmasked; the group's tail (rows past `end` would add wrong terms, so
+    # here masking, not clamping) in one masked step after the loop.
+    n_full = (end - start) // BK
+    for _ in range(0, n_full):
+        a = tl.load(x_ptrs)
+        b = tl.load(y_ptrs)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BK * stride_xm
+        y_ptrs += BK * stride_ym
+    rem = end - start - n_full * BK
+    if rem > 0:
+        a = tl.load(x_ptrs, mask=rr[None, :] < rem, other=0.0)
+        b = tl.load(y_ptrs, mask=rr[:, None] < rem, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    w_ptrs = dw_ptr + g.to(tl.int64) * stride_wg + rk[:, None] * stride_wk + rn[None, :] * stride_wn
+    tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(rk < K)[:, None] & (rn < N)[None, :])
+
+
+_gmm_tuned = triton.autotune(configs=_tc_configs(), key=["N", "K", "G_PAD"])(_gmm_kernel)
+_gmm_dw_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=8, num_stages=s)
+        for bm, bn, s in ((128, 128, 3), (128, 128, 4), (128, 256, 3))
+    ],
+    key=["K", "N"],
+)(_gmm_dw_kernel)
+
+# Small tiles for the interpreter: it runs every program in numpy, and the CPU tests only need
+# several tiles per group and several reduction steps to exercise the indexing.
+_INTERP_TILES = {"BM": 16, "BN": 16, "BK": 16}
+
+
+def _mm_launch(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: int,
+               offsets: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """out[M, n] = a @ b[g] per group, with b given as (ptr tensor, strides (g, k, n))."""
+    m, k = a.shape
+    g = offsets.numel() - 1
+    out = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    if m == 0 or n == 0:
+        return out
+    if g == 0 or k == 0:
+        return out.zero_()
+    g_pad = triton.next_power_of_2(g + 1)
+    args = (a, b, out, offsets, g, m, n, k, a.stride(0), a.stride(1), *sb, out.stride(0),
+            out.stride(1))  # fmt: skip
+    if INTERPRET and a.device.type == "cpu":
+        bm = _INTERP_TILES["BM"]
+        grid = ((triton.cdiv(m, bm) + g + 1) * triton.cdiv(n, _INTERP_TILES["BN"]),)
+        _gmm_kernel[grid](*args, G_PAD=g_pad, GROUP_M=2, UPCAST=True, **_INTERP_TILES)
+    else:
+
+        def grid(meta):
+            return ((triton.cdiv(m, meta["BM"]) + g + 1) * triton.cdiv(n, meta["BN"]),)
+
+        _gmm_tuned[grid](*args, G_PAD=g_pad, UPCAST=False)
+    return out
+
+
+def _dw_launch(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
+               like: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    g = offsets.numel() - 1
+    k, n = x.shape[1], dy.shape[1]
+    dw = torch.empty((g, k, n), device=x.device, dtype=like.dtype)
+    if g == 0 or k == 0 or n == 0:
+        return dw
+    args = (x, dy, dw, offsets, k, n, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2))  # fmt: skip
+    if INTERPRET and x.device.type == "cpu":
+        t = _INTERP_TILES
+        grid = (triton.cdiv(k, t["BM"]) * triton.cdiv(n, t["BN"]), g)
+        _gmm_dw_kernel[grid](*args, UPCAST=True, **t)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(k, meta["BM"]) * triton.cdiv(n, meta["BN"]), g)
+
+        _gmm_dw_tuned[grid](*args, UPCAST=False)
+    return dw
+
+
+def grouped_mm_forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton forward (no autograd)."""
+    return _mm_launch(x, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], offsets)
+
+
+def grouped_mm_dx(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton ``dX = dY @ w[g]^T`` per group: the forward kernel on ``w`` with K and N swapped."""
+    return _mm_launch(dy, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], offsets)
+
+
+def grouped_mm_dw(
+    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """Triton ``dW[g] = x[rows of g]^T @ dY[rows of g]`` in ``like``'s dtype (zeros for empty g)."""
+    return _dw_launch(x, dy, offsets, like)
+
+
+def _offsets_of(
+    g: int, offsets: torch.Tensor | None, group_sizes: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    if (offsets is None) == (group_sizes is None):
+        raise ValueError("pass exactly one of offsets [G+1] and group_sizes [G]")
+    if offsets is None:
+        assert group_sizes is not None
+        if group_sizes.shape != (g,):
+            raise ValueError(f"group_sizes must be [G={g}], got {tuple(group_sizes.shape)}")
+        offsets = torch.zeros(g + 1, device=device, dtype=torch.int32)
+        torch.cumsum(group_sizes.to(device), 0, out=offsets[1:])
+    elif offsets.shape != (g + 1,):
+        raise ValueError(f"offsets must be [G+1={g + 1}], got {tuple(offsets.shape)}")
+    return offsets.to(device=device, dtype=torch.int32).contiguous()
+
+
+def grouped_mm_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    *,
+    group_sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure torch: one ``mm`` per group (reads the offsets on the host). Autograd by torch.
+
+    Accumulates in the input's precision path of ``torch.mm`` (float64 for float64 input)."""
+    offs = _offsets_of(w.shape[0], offsets, group_sizes, x.device).tolist()
+    parts = [x.new_zeros((offs[0], w.shape[2]))]
+    for g in range(w.shape[0]):
+        parts.append(x[offs[g] : offs[g + 1]] @ w[g])
+    parts.append(x.new_zeros((x.shape[0] - offs[-1], w.shape[2])))
+    return torch.cat(parts, dim=0)
+
+
+class _GroupedMMFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        ctx.save_for_backward(x, w, offsets)
+        return grouped_mm_forward(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offsets = ctx.saved_tensors
+        if dy.stride(1) != 1:
+            dy = dy.contiguous()
+        dx = grouped_mm_dx(dy, w, offsets) if ctx.needs_input_grad[0] else None
+        dw = grouped_mm_dw(x, dy, offsets, w) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    *,
+    group_sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped ``x @ w[g]`` over row groups: see the module docstring. Differentiable."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"need x [M, K] and w [G, K, N], got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}")  # fmt: skip
+    if x.dtype != w.dtype:
+        raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
+    if not use_triton(x):
+        return grouped_mm_reference(x, w, offsets, group_sizes=group_sizes)
+    offs = _offsets_of(w.shape[0], offsets, group_sizes, x.device)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return _GroupedMMFn.apply(x, w, offs)
