@@ -13,7 +13,8 @@ Definitions, kept in one place so that every figure and table means the same thi
 - communication bytes per GPU: per step the bytes of all comm-stream rows, divided by ranks.
 - load imbalance: per (step, layer) the forward expert-phase tokens of each rank, max / mean - 1
   (0 is perfect balance; 0.3 means the busiest rank does 30% more expert work than average),
-  then the mean over steps and layers.
+  then the mean over steps and layers. `imbalance_cv` is the same per-rank loads' standard
+  deviation / mean (the "std. dev. of workload" some papers quote), averaged the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ RUN_KEYS = ["label", "source", "strategy"]
 SUMMARY_COLUMNS = [
     *RUN_KEYS, "num_gpus", "steps", "tokens_per_step", "step_time_s", "step_time_std_s",
     "throughput_tok_s", "comm_bytes_per_gpu", "comm_time_s", "compute_time_s", "imbalance",
-    "model", "top_k", "num_heads", "num_experts",
+    "imbalance_cv", "model", "top_k", "num_heads", "num_experts",
 ]
 
 
@@ -71,6 +72,15 @@ def load_imbalance(loads: np.ndarray) -> np.ndarray:
     return np.where(mean > 0, out, 0.0)
 
 
+def load_cv(loads: np.ndarray) -> np.ndarray:
+    """std / mean over the last axis (population std); 0 where nothing ran."""
+    loads = np.asarray(loads, dtype=np.float64)
+    mean = loads.mean(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = loads.std(axis=-1) / mean
+    return np.where(mean > 0, out, 0.0)
+
+
 def _tokens_per_step(rf: ResultFile, part: pd.DataFrame, ranks: int) -> float:
     per_rank = meta_param(rf.meta, "run.tokens_per_rank")
     if isinstance(per_rank, (int, float)) and per_rank > 0:
@@ -93,11 +103,12 @@ def summarize(rf: ResultFile) -> pd.DataFrame:
         dur = part["end_s"] - part["start_s"]
         loads = rank_loads(part)
         if loads.empty:
-            imb = float("nan")
+            imb = cv = float("nan")
         else:
             grid = loads.pivot_table(index=["step", "layer"], columns="rank", values="tokens",
                                      fill_value=0).reindex(columns=range(ranks), fill_value=0)
             imb = float(load_imbalance(grid.to_numpy()).mean())
+            cv = float(load_cv(grid.to_numpy()).mean())
         tps = _tokens_per_step(rf, part, ranks)
         step_time = float(st.mean())
         rows.append({
@@ -114,6 +125,7 @@ def summarize(rf: ResultFile) -> pd.DataFrame:
             "comm_time_s": float(dur[part["stream"] == "comm"].sum()) / (steps * ranks),
             "compute_time_s": float(dur[part["stream"] == "compute"].sum()) / (steps * ranks),
             "imbalance": imb,
+            "imbalance_cv": cv,
             "model": meta_param(rf.meta, "model.name"),
             "top_k": meta_param(rf.meta, "model.top_k"),
             "num_heads": meta_param(rf.meta, "model.num_heads"),

@@ -62,6 +62,8 @@ def test_summarize_by_hand():
     assert row["comm_bytes_per_gpu"] == pytest.approx(2 * layers * 2 * (8 << 20))
     assert row["comm_time_s"] == pytest.approx(2 * layers * 8e-4)
     assert row["imbalance"] == pytest.approx(0.2)
+    # loads 120, 80, 100, 100: std = sqrt((400 + 400) / 4) = 14.14, mean 100
+    assert row["imbalance_cv"] == pytest.approx(np.sqrt(200) / 100)
     assert row["top_k"] == 4 and row["model"] == "test-moe"
 
 
