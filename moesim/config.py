@@ -95,7 +95,29 @@ class ClusterConfig:
     gpu: str = _f("h200", doc="GPU kind: selects the compute calibration file")
     nic_gbps: float = _f(400.0, lo=1e-9, doc="per-GPU NIC line rate, Gb/s")
     fabric: str = _f("rail", choices=("rail", "fat-tree"))
-    oversubscription: float = _f(1.0, lo=1.0, doc="fat-tree leaf uplink oversubscription")
+    oversubscription: float = _f(1.0, lo=1.0, doc="leaf downlink / uplink bandwidth ratio")
+    nvlink_gbs: float = _f(450.0, lo=1e-9, doc="NVLink bandwidth per GPU each way, GB/s")
+    nvlink_latency_us: float = _f(0.5, lo=0.0, doc="latency of one GPU-NVSwitch hop")
+    nic_latency_us: float = _f(1.0, lo=0.0, doc="latency of one GPU-leaf hop (PCIe + NIC)")
+    fabric_latency_us: float = _f(0.5, lo=0.0, doc="latency of one leaf-spine hop")
+    gpus_per_leaf: int = _f(32, lo=1, doc="leaf down ports (rail: nodes per rail leaf)")
+    spines: int = _f(4, lo=1, doc="spine switches; each leaf has one uplink to each")
+    bandwidth_efficiency: float = _f(1.0, lo=1e-6, hi=1.0,
+                                     doc="fraction of line rate a flow can reach (protocol)")
+    collective_latency_us: float = _f(10.0, lo=0.0,
+                                      doc="fixed cost of launching and synchronising one "
+                                      "collective (NCCL kernel launch, handshake)")
+    completion_tolerance: float = _f(0.02, lo=0.0, hi=0.5,
+                                     doc="flow-level network: flows finishing within this "
+                                     "fraction of the next completion time end in one event")
+
+    def _check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.nodes > 1 and self.fabric == "fat-tree" and self.gpus_per_leaf % \
+                self.gpus_per_node and self.gpus_per_node % self.gpus_per_leaf:
+            errs.append(("gpus_per_leaf", "fat-tree leaves hold whole nodes: make it a "
+                         f"multiple or divisor of gpus_per_node = {self.gpus_per_node}"))
+        return errs
 
     @property
     def num_gpus(self) -> int:
@@ -110,6 +132,12 @@ class ParallelConfig:
     degree: int = _f(0, lo=0, doc="ranks in the MoE group; 0 means every GPU of the cluster")
     ep_dedup: bool = _f(False, doc="EP: send a token once per node (DeepEP-style dispatch)")
     fsep_chunks: int = _f(4, lo=1, doc="FSEP: chunks that overlap shard gathers with compute")
+    a2a_algorithm: str = _f("direct", choices=("direct", "hierarchical"),
+                            doc="simulator: all-to-all as direct pairwise flows, or intra-node "
+                            "then inter-node (same-rail) stages")
+    dp_grad_sync: bool = _f(True, doc="simulator: all-reduce gradients of parameters replicated "
+                            "across MoE groups (experts when degree < GPUs; router, latent "
+                            "projections) after each layer's backward")
 
 
 @dataclass(frozen=True)
