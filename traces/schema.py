@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,21 +107,32 @@ class Trace:
         if self.meta.top_k > self.num_experts:
             raise InputError(source, "metadata.top_k",
                              f"{self.meta.top_k} exceeds the {self.num_experts} experts per head")
-        # min/max first: one cheap pass each; locate the bad entry only when there is one.
+        # One pass per step slice on a thread per core (numpy releases the GIL): min, max and
+        # the per-shard totals. The bad entry is located only when there is one.
+        want = self.meta.tokens_per_shard * self.meta.top_k
+        cap = self.meta.tokens_per_shard
+
+        def summarise(sl: slice) -> tuple[int, int, bool]:
+            part = c[sl]
+            return int(part.min()), int(part.max()), bool(
+                (part.sum(axis=4, dtype=np.int64) != want).any())
+
+        step = max(1, -(-c.shape[0] // (os.cpu_count() or 1)))
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            parts = list(pool.map(summarise, [slice(i, i + step)
+                                              for i in range(0, c.shape[0], step)]))
         names = ("step", "layer", "shard", "head", "expert")
-        if c.min() < 0:
+        if min(p[0] for p in parts) < 0:
             where = ", ".join(f"{n} {i}" for n, i in zip(names, np.argwhere(c < 0)[0], strict=True))
             raise InputError(source, "tokens", f"negative token count at {where}")
-        if c.max() > self.meta.tokens_per_shard:
-            first = np.argwhere(c > self.meta.tokens_per_shard)[0]
-            where = ", ".join(f"{n} {i}" for n, i in zip(names, first, strict=True))
+        if max(p[1] for p in parts) > cap:
+            where = ", ".join(f"{n} {i}" for n, i in zip(names, np.argwhere(c > cap)[0],
+                                                          strict=True))
             raise InputError(source, "tokens", f"count at {where} exceeds tokens_per_shard = "
-                             f"{self.meta.tokens_per_shard} (a token visits distinct experts)")
-        want = self.meta.tokens_per_shard * self.meta.top_k
-        totals = c.sum(axis=4, dtype=np.int64)
-        bad = np.argwhere(totals != want)
-        if len(bad):
-            s, ly, sh, h = bad[0]
+                             f"{cap} (a token visits distinct experts)")
+        if any(p[2] for p in parts):
+            totals = c.sum(axis=4, dtype=np.int64)
+            s, ly, sh, h = np.argwhere(totals != want)[0]
             got = totals[s, ly, sh, h]
             raise InputError(source, "tokens",
                              f"step {s} layer {ly} shard {sh} head {h} sends {got} "
