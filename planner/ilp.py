@@ -1,0 +1,172 @@
+"""The FSEP re-layout MILP in PuLP, solved by HiGHS (highspy) or CBC, and its LP relaxation.
+
+    minimise    z  +  lambda * sum_{e,r} moved[e, r]
+    subject to  sum_r x[e, r] = 1                            every expert's tokens served
+                x[e, r] <= y[e, r]                           tokens only where materialised
+                sum_e y[e, r] <= C                           slots per rank
+                sum_e w[e, r] x[e, r] + g sum_e y[e, r] <= z  (per-rank time, planner.cost)
+                y binary, 0 <= x <= 1
+    moved[e, r] = 1 - y[e, r] where the previous layout had (e, r), else y[e, r] (linear).
+
+At least one replica per expert follows from the first two constraints. Times are divided by
+`LayoutCost.mean_time_floor()` so the coefficients are O(1). The LP relaxation (y in [0, 1])
+is a lower bound on every layout's z, the ceiling that plans are compared against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import highspy
+import numpy as np
+import pulp
+
+from moesim.errors import InputError
+from planner.cost import LayoutCost
+
+SOLVERS = ("highs", "cbc")
+
+
+@dataclass(frozen=True, eq=False)
+class MilpResult:
+    share: np.ndarray | None  # float[E_total, N], None when no solution was found
+    objective: float  # z (+ penalty) in seconds, as the solver reports it
+    dual_bound: float  # the solver's proven lower bound, seconds
+    status: str  # "optimal" | "time_limit" | "infeasible" | "no_solution"
+    solve_s: float
+    solver: str
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's HiGHS with a MIP start (PuLP's HiGHS API has none) and the solver's dual bound
+    and status kept after the solve."""
+
+    def __init__(self, *args, start: dict[str, float] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = start or {}
+        self.info: dict[str, float] = {}
+
+    def callSolver(self, lp: pulp.LpProblem) -> None:
+        h = lp.solverModel
+        if self.start:
+            idx = [v.index for v in lp.variables() if v.name in self.start]
+            val = [self.start[v.name] for v in lp.variables() if v.name in self.start]
+            h.setSolution(len(idx), np.asarray(idx, np.int32), np.asarray(val, np.float64))
+        h.run()
+        info = h.getInfo()
+        self.info = {"mip_dual_bound": info.mip_dual_bound, "status": h.getModelStatus()}
+
+
+def _build(cost: LayoutCost, slots: int, unit: float, *, relax: bool,
+           previous: np.ndarray | None, change_penalty: float
+           ) -> tuple[pulp.LpProblem, dict, dict, pulp.LpVariable]:
+    e_total, n = cost.w.shape
+    w = cost.w / unit
+    g = cost.g / unit
+    prob = pulp.LpProblem("fsep_relayout", pulp.LpMinimize)
+    cat = pulp.LpContinuous if relax else pulp.LpBinary
+    x = {(e, r): pulp.LpVariable(f"x_{e}_{r}", 0, 1) for e in range(e_total) for r in range(n)}
+    y = {(e, r): pulp.LpVariable(f"y_{e}_{r}", 0, 1, cat=cat)
+         for e in range(e_total) for r in range(n)}
+    z = pulp.LpVariable("z", 0)
+    objective = [(z, 1.0)]
+    const = 0.0
+    if previous is not None and change_penalty > 0:
+        lam = change_penalty / unit
+        for (e, r), v in y.items():
+            if previous[e, r]:
+                objective.append((v, -lam))
+                const += lam
+            else:
+                objective.append((v, lam))
+    prob += pulp.LpAffineExpression(objective, constant=const)
+    for e in range(e_total):
+        prob += pulp.LpAffineExpression([(x[e, r], 1.0) for r in range(n)]) == 1, f"serve_{e}"
+    for (e, r), v in x.items():
+        prob += v - y[e, r] <= 0, f"link_{e}_{r}"
+    for r in range(n):
+        prob += pulp.LpAffineExpression([(y[e, r], 1.0) for e in range(e_total)]) <= slots, \
+            f"slots_{r}"
+        terms = [(x[e, r], float(w[e, r])) for e in range(e_total)]
+        terms += [(y[e, r], g) for e in range(e_total)]
+        terms.append((z, -1.0))
+        prob += pulp.LpAffineExpression(terms) <= 0, f"time_{r}"
+    return prob, x, y, z
+
+
+def solve_milp(cost: LayoutCost, slots: int, *, solver: str = "highs", time_limit_s: float = 10,
+               mip_gap: float = 0.01, threads: int = 1, relax: bool = False,
+               start: np.ndarray | None = None, previous: np.ndarray | None = None,
+               change_penalty: float = 0.0) -> MilpResult:
+    """Solve the re-layout MILP (or, with `relax`, its LP relaxation).
+
+    `start` is a share matrix used as the MIP start; `previous` a bool[E_total, N] layout
+    whose changes cost `change_penalty` seconds per replica added or dropped. A time limit
+    returns the best incumbent with status "time_limit"."""
+    if solver not in SOLVERS:
+        raise InputError("planner", "solver", f"{solver!r} is not one of {', '.join(SOLVERS)}")
+    e_total, n = cost.w.shape
+    if n * slots < e_total:
+        raise InputError("planner", "slots_per_rank",
+                         f"{n} ranks x {slots} slots cannot hold all {e_total} experts "
+                         f"(need at least {-(-e_total // n)} slots a rank)")
+    unit = cost.mean_time_floor() or 1.0
+    t0 = time.perf_counter()
+    prob, x, y, z = _build(cost, slots, unit, relax=relax, previous=previous,
+                           change_penalty=change_penalty)
+    warm: dict[str, float] = {}
+    if start is not None and not relax:
+        t_r = cost.rank_time(start) / unit
+        for (e, r), v in x.items():
+            warm[v.name] = float(start[e, r])
+            warm[y[e, r].name] = float(start[e, r] > 0)
+        warm[z.name] = float(t_r.max())
+    if solver == "highs":
+        s = _WarmHiGHS(mip=not relax, msg=False, gapRel=mip_gap, threads=threads,
+                       timeLimit=time_limit_s, start=warm, random_seed=0)
+    else:
+        for name, val in warm.items():
+            prob.variablesDict()[name].setInitialValue(val)
+        s = pulp.PULP_CBC_CMD(msg=False, gapRel=mip_gap, timeLimit=time_limit_s,
+                              threads=threads, warmStart=bool(warm),
+                              options=["randomSeed 0", "randomCbcSeed 0"])
+    code = prob.solve(s)
+    solve_s = time.perf_counter() - t0
+    status = _status(prob, s, code)
+    if status in ("infeasible", "no_solution"):
+        return MilpResult(None, float("nan"), float("nan"), status, solve_s, solver)
+    share = np.array([[x[e, r].varValue or 0.0 for r in range(n)] for e in range(e_total)])
+    if not relax:
+        hosted = np.array([[(y[e, r].varValue or 0.0) > 0.5 for r in range(n)]
+                           for e in range(e_total)])
+        share = np.where(hosted, np.clip(share, 0, 1), 0.0)
+    objective = float(pulp.value(prob.objective)) * unit
+    bound = objective
+    if isinstance(s, _WarmHiGHS) and not relax:
+        dual = float(s.info.get("mip_dual_bound", objective))
+        bound = dual * unit if np.isfinite(dual) else objective
+    elif not relax:
+        bound = objective / (1 + mip_gap)  # CBC reports no bound through PuLP: the gap's
+    return MilpResult(share, objective, bound, status, solve_s, solver)
+
+
+def _status(prob: pulp.LpProblem, s: pulp.LpSolver, code: int) -> str:
+    if isinstance(s, _WarmHiGHS):
+        st = s.info.get("status")
+        if st == highspy.HighsModelStatus.kOptimal:
+            return "optimal"
+        if st in (highspy.HighsModelStatus.kInfeasible,
+                  highspy.HighsModelStatus.kUnboundedOrInfeasible):
+            return "infeasible"
+        if prob.sol_status == pulp.LpSolutionIntegerFeasible or \
+                (code == pulp.LpStatusOptimal and prob.sol_status > 0):
+            return "time_limit"
+        return "no_solution"
+    if code == pulp.LpStatusInfeasible:
+        return "infeasible"
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        return "optimal"
+    if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        return "time_limit"
+    return "no_solution"

@@ -1,0 +1,131 @@
+"""FSEP re-layout: the one entry point the simulator and the runtime call for an FSEP Placement
+of one (step, layer), from its routing counts.
+
+    placement, stats = fsep_placement(model, planner_cfg, counts, num_ranks, previous=None)
+
+`planner_cfg.solver` picks the method: "highs" / "cbc" (the MILP in planner.ilp, warm-started
+from the better heuristic), "greedy" or "laer" (planner.heuristics). Every result is checked
+against the constraints before it is returned. `lp_bound` gives the LP-relaxation lower bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moesim.config import ModelConfig, PlannerConfig
+from moesim.errors import InputError
+from planner.cost import LayoutCost, layout_cost
+from planner.heuristics import greedy_lpt, laer_fill
+from planner.ilp import solve_milp
+from planner.placement import Placement, replicated_placement
+
+HEURISTICS = {"greedy": greedy_lpt, "laer": laer_fill}
+
+
+@dataclass(frozen=True)
+class SolveStats:
+    """How a layout was found and how good it is. Times in seconds of the planner.cost model;
+    `bound` is the LP-relaxation bound when computed (else NaN), `gap` = objective/bound - 1."""
+
+    solver: str
+    status: str  # "optimal" | "time_limit" | "heuristic"
+    objective: float  # max rank time (+ change penalty)
+    max_time: float
+    mean_time: float
+    bound: float
+    gap: float
+    solve_s: float
+    replicas: int
+    tokens_max_mean: float  # max / mean of per-rank tokens
+    before_tokens_max_mean: float  # the same for plain contiguous EP
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_feasible(num_experts: int, num_ranks: int, slots: int) -> None:
+    if num_ranks * slots < num_experts:
+        raise InputError("planner", "slots_per_rank",
+                         f"{num_ranks} ranks x {slots} slots cannot hold all {num_experts} "
+                         f"experts (need at least {-(-num_experts // num_ranks)} slots a rank)")
+
+
+def lp_bound(cost: LayoutCost, slots: int) -> float:
+    """The LP relaxation's optimum: no layout has a lower max rank time (seconds)."""
+    return solve_milp(cost, slots, relax=True).objective
+
+
+def _cost(model: ModelConfig, planner: PlannerConfig, counts: np.ndarray,
+          num_ranks: int) -> LayoutCost:
+    c = np.asarray(counts)
+    if not planner.locality and c.ndim > 1:
+        c = c.reshape(c.shape[0], -1).sum(axis=0)  # even sources: ranks are symmetric
+    return layout_cost(model, planner, c, num_ranks)
+
+
+def fsep_placement(model: ModelConfig, planner: PlannerConfig, counts: np.ndarray,
+                   num_ranks: int, *, previous: Placement | None = None,
+                   with_bound: bool = True) -> tuple[Placement, SolveStats]:
+    """An FSEP layout for routing `counts` ([N, H, E], [N, E_total] or loads [E_total]).
+
+    Assumes the layout is planned from the counts it will serve (an oracle; pass the previous
+    step's counts to plan ahead as LAER-MoE does). `previous` makes changes cost
+    `planner.change_penalty` seconds a replica (ILP only; heuristics ignore it). Raises
+    InputError when the slots cannot hold every expert."""
+    cost = _cost(model, planner, counts, num_ranks)
+    e_total = cost.num_experts
+    if e_total != model.total_experts:
+        raise InputError("counts", "shape", f"{e_total} experts, the model has "
+                         f"{model.total_experts}")
+    slots = planner.slots_per_rank
+    check_feasible(e_total, num_ranks, slots)
+    t0 = time.perf_counter()
+    if planner.solver in HEURISTICS:
+        share = HEURISTICS[planner.solver](cost, slots)
+        status, objective = "heuristic", float(cost.rank_time(share).max())
+    else:
+        starts = [f(cost, slots) for f in HEURISTICS.values()]
+        start = min(starts, key=lambda s: cost.rank_time(s).max())
+        prev = previous.hosted() if previous is not None else None
+        res = solve_milp(cost, slots, solver=planner.solver, time_limit_s=planner.time_limit_s,
+                         mip_gap=planner.mip_gap, threads=planner.threads, start=start,
+                         previous=prev, change_penalty=planner.change_penalty)
+        if res.share is None:
+            raise InputError("planner", "solver", f"{planner.solver} found no layout "
+                             f"({res.status}) within {planner.time_limit_s} s")
+        share, status, objective = res.share, res.status, res.objective
+        if cost.rank_time(share).max() > cost.rank_time(start).max() * (1 + 1e-9) \
+                and planner.change_penalty == 0:
+            share = start  # a time-limited solve never returns worse than its start
+    solve_s = time.perf_counter() - t0
+    placement = replicated_placement("fsep", num_ranks, share, source="planner")
+    verify_layout(placement, slots)
+    t = cost.rank_time(placement.share_matrix())
+    bound = lp_bound(cost, slots) if with_bound else float("nan")
+    tok = cost.load[:, None] * placement.share_matrix()
+    ep_tok = cost.load.reshape(num_ranks, -1).sum(axis=1) if e_total % num_ranks == 0 \
+        else np.bincount(np.arange(e_total) * num_ranks // e_total, cost.load, num_ranks)
+    stats = SolveStats(
+        solver=planner.solver, status=status, objective=objective, max_time=float(t.max()),
+        mean_time=float(t.mean()), bound=bound,
+        gap=float(t.max() / bound - 1) if with_bound and bound > 0 else float("nan"),
+        solve_s=solve_s, replicas=placement.num_replicas,
+        tokens_max_mean=_max_mean(tok.sum(axis=0)), before_tokens_max_mean=_max_mean(ep_tok))
+    return placement, stats
+
+
+def _max_mean(v: np.ndarray) -> float:
+    m = float(np.mean(v))
+    return float(np.max(v)) / m if m > 0 else 1.0
+
+
+def verify_layout(placement: Placement, slots: int) -> None:
+    """The re-layout constraints: slots per rank (Placement itself checks one replica or more
+    per expert and shares summing to 1)."""
+    used = placement.replicas_per_rank()
+    if used.max(initial=0) > slots:
+        raise AssertionError(f"rank {int(used.argmax())} holds {int(used.max())} replicas, "
+                             f"more than {slots} slots")
