@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.inputs import ResultFile
 from analysis.run_summary import load_imbalance, rank_loads
@@ -139,14 +140,23 @@ def plot_imbalance(panels: Sequence[LoadPanel], *, layer: int = 0,
         cb.set_label("load / mean")
         cb.outline.set_linewidth(0.4)
         strip = axes[-1]
+        seen: dict[str, int] = {}
+        top = 0.0
         for p in panels:
             per_step = load_imbalance(p.loads).mean(axis=1)
+            # Two panels of one strategy (EP, EP + hot replicas) share a colour: tell them
+            # apart by line style.
+            k = seen[p.strategy] = seen.get(p.strategy, -1) + 1
             strip.plot(np.arange(len(per_step)), per_step * 100, color=strategy_color(p.strategy),
-                       lw=1.0, label=p.title)
-        strip.set_ylim(bottom=0)
+                       lw=1.0, ls=("-", "--", ":")[k % 3], label=p.title,
+                       marker="." if len(per_step) <= 30 else None, ms=3)
+            top = max(top, float(per_step.max()) * 100)
+        # Headroom above the lines for the legend.
+        strip.set_ylim(0, max(top, 1.0) * 1.6)
+        strip.xaxis.set_major_locator(MaxNLocator(integer=True))
         strip.set_ylabel("imbalance (%)")
         strip.set_xlabel("training step")
-        strip.legend(loc="upper right", ncols=min(n, 3))
+        strip.legend(loc="upper center", ncols=min(n, 3), fontsize=6.5, borderaxespad=0.2)
         head = f"MoE layer {layer}" + (f" · {title}" if title else "")
         fig.suptitle(head + " (strip: mean over layers)", fontsize=8)
     return fig
