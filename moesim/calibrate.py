@@ -1,0 +1,181 @@
+"""`moesim calibrate`: measure this machine's compute rates and write the calibration CSV that
+the compute model (`moesim.compute.ComputeModel`) reads.
+
+Measured, each as the median of `repeat` timed runs after warm-up, on fresh random inputs:
+- rate hbm: a large device copy (bytes read + written over time);
+- rate gather: `index_select` of token rows in a random order (bytes read + written);
+- overhead kernel: time per launch of a tiny kernel, launched back to back;
+- curve gemm: bf16 square GEMMs from 256 to 8192, efficiency = achieved / best achieved;
+- curve grouped_gemm: a gated expert FFN (up+gate then down grouped GEMMs, `torch._grouped_mm`
+  where the GPU has it, else one matmul per expert) over `experts` groups of t tokens each,
+  for t from 16 to 8192; size = forward FLOPs of one group (6 t d f), the quantity the compute
+  model looks up; efficiency = achieved / best achieved.
+The best achieved rate of each family becomes its `rate` row, so every efficiency is <= 1.
+
+On a machine without CUDA it measures the CPU with small shapes (`--device cpu`): useful to test
+the path and to calibrate CPU runs of the runtime, not to predict GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from moesim.atomic import atomic_path
+from moesim.errors import InputError
+
+GEMM_SIZES_GPU = (256, 512, 1024, 2048, 4096, 8192)
+GEMM_SIZES_CPU = (64, 128, 256, 512)
+GROUP_TOKENS_GPU = (16, 64, 256, 1024, 4096, 8192)
+GROUP_TOKENS_CPU = (4, 16, 64, 256)
+
+
+def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    """Median seconds of `fn` over `repeat` runs (CUDA events on a GPU)."""
+    import torch
+
+    def run(fn: Callable[[], object], repeat: int) -> float:
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(repeat):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return run
+
+
+def _expert_ffn(x, w_up, w_down, offs):
+    """Gated FFN over groups: rows offs[i-1]:offs[i] of x use expert i."""
+    import torch
+    import torch.nn.functional as F
+
+    if hasattr(torch, "_grouped_mm") and x.is_cuda:
+        h = torch._grouped_mm(x, w_up, offs=offs)
+        f = h.shape[1] // 2
+        a = F.silu(h[:, :f]) * h[:, f:]
+        return torch._grouped_mm(a, w_down, offs=offs)
+    outs, start = [], 0
+    for i, end in enumerate(offs.tolist()):
+        h = x[start:end] @ w_up[i]
+        f = h.shape[1] // 2
+        outs.append((F.silu(h[:, :f]) * h[:, f:]) @ w_down[i])
+        start = end
+    return torch.cat(outs)
+
+
+def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 1408,
+            experts: int = 64) -> list[tuple[str, str, float | str, float]]:
+    """Run the measurements; return CSV rows (record, op, size, value)."""
+    import torch
+
+    time_it = _timer(device)
+    gpu = device == "cuda"
+    dt = torch.bfloat16 if gpu else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dt, generator=g)
+
+    rows: list[tuple[str, str, float | str, float]] = []
+    n = (1 << 30 if gpu else 1 << 24) // 2
+    src, dst = rand(n), torch.empty(n, device=device, dtype=dt)
+    t = time_it(lambda src=src, dst=dst: dst.copy_(src), repeat)
+    rows.append(("rate", "hbm", "", 2 * n * src.element_size() / t))
+    tokens, width = (32768, 4096) if gpu else (4096, 256)
+    x = rand(tokens, width)
+    idx = torch.randperm(tokens, device=device, generator=g)
+    t = time_it(lambda: x.index_select(0, idx), repeat)
+    rows.append(("rate", "gather", "", 2 * x.numel() * x.element_size() / t))
+    small = rand(16)
+    launches = 200
+    t = time_it(lambda: [small.add_(1.0) for _ in range(launches)], repeat)
+    rows.append(("overhead", "kernel", "", t / launches))
+
+    gemm = []
+    for s in GEMM_SIZES_GPU if gpu else GEMM_SIZES_CPU:
+        a, b = rand(s, s), rand(s, s)
+        gemm.append((2.0 * s**3, 2.0 * s**3 / time_it(lambda a=a, b=b: a @ b, repeat)))
+    best = max(r for _, r in gemm)
+    rows.append(("rate", "gemm", "", best))
+    rows += [("curve", "gemm", f, r / best) for f, r in gemm]
+
+    d, f, e = (d_model, d_ffn, experts) if gpu else (128, 64, 8)
+    w_up, w_down = rand(e, d, 2 * f), rand(e, f, d)
+    grouped = []
+    for t_per in GROUP_TOKENS_GPU if gpu else GROUP_TOKENS_CPU:
+        xg = rand(e * t_per, d)
+        offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
+        flops_group = 6.0 * t_per * d * f
+        sec = time_it(lambda xg=xg, offs=offs: _expert_ffn(xg, w_up, w_down, offs), repeat)
+        grouped.append((flops_group, e * flops_group / sec))
+    best = max(r for _, r in grouped)
+    rows.append(("rate", "grouped_gemm", "", best))
+    rows += [("curve", "grouped_gemm", f, r / best) for f, r in grouped]
+    return rows
+
+
+def write_calibration(rows: list[tuple[str, str, float | str, float]], path: Path,
+                      machine: str, command: str) -> None:
+    import torch
+
+    header = [
+        f"# moesim compute calibration measured on {machine}",
+        f"# date {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+        f"python {platform.python_version()}",
+        f"# command: {command}",
+        "# record: rate (FLOP/s or bytes/s), overhead (s per launch), curve (size = FLOPs of "
+        "one GEMM or of one expert group, value = fraction of the rate)",
+        "record,op,size,value",
+    ]
+    lines = [f"{r},{op},{'' if size == '' else f'{size:.6g}'},{value:.6g}"
+             for r, op, size, value in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(header + lines) + "\n")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure compute rates into a calibration CSV",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True,
+                   help="CSV to write, e.g. configs/calibration/h200.csv")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--repeat", type=int, default=10)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "cuda", "no CUDA device on this machine")
+    if args.repeat < 1:
+        raise InputError("--repeat", "repeat", "must be >= 1")
+    machine = torch.cuda.get_device_name() if device == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()}"
+    rows = measure(device, args.repeat)
+    write_calibration(rows, args.out, machine, f"moesim calibrate --device {device} "
+                      f"--repeat {args.repeat} --out {args.out}")
+    for r, op, size, value in rows:
+        print(f"{r:9s} {op:13s} {size if size == '' else f'{size:.3g}':>9s} {value:.4g}")
+    print(f"wrote {args.out}")
+    return 0

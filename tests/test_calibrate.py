@@ -1,0 +1,46 @@
+"""`moesim calibrate`: the rows it derives from timings, and that the compute model reads them."""
+
+from __future__ import annotations
+
+import pytest
+
+import moesim.calibrate as cal
+from moesim.cli import main
+from moesim.compute import ComputeModel
+
+
+def test_rows_from_a_known_roofline(tmp_path, monkeypatch):
+    # A fake timer whose GEMMs run at 1e9 FLOP/s plus a fixed 1 ms: efficiency has a closed form.
+    calls = []
+
+    def fake_timer(device):
+        def run(fn, repeat):
+            calls.append(fn)
+            return 1e-3
+        return run
+
+    monkeypatch.setattr(cal, "_timer", fake_timer)
+    rows = cal.measure("cpu", repeat=1)
+    gemm = {size: v for r, op, size, v in rows if r == "curve" and op == "gemm"}
+    best = max(2.0 * s**3 for s in cal.GEMM_SIZES_CPU) / 1e-3
+    rows_rate = {op: v for r, op, _, v in rows if r == "rate"}
+    assert rows_rate["gemm"] == pytest.approx(best)
+    for s in cal.GEMM_SIZES_CPU:
+        assert gemm[2.0 * s**3] == pytest.approx(2.0 * s**3 / 1e-3 / best)
+    assert rows_rate["hbm"] == pytest.approx(2 * (1 << 23) * 4 / 1e-3)
+    assert {op for r, op, _, _ in rows if r == "curve"} == {"gemm", "grouped_gemm"}
+    path = tmp_path / "cpu.csv"
+    cal.write_calibration(rows, path, "fake", "test")
+    model = ComputeModel.load("cpu", path)
+    assert model.rates["gemm"] == pytest.approx(best, rel=1e-5)
+    assert model.launch_overhead == pytest.approx(1e-3 / 200, rel=1e-5)
+
+
+def test_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal cannot be shown")
+    assert main(["calibrate", "--device", "cuda", "--out", str(tmp_path / "x.csv")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
