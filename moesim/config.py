@@ -171,6 +171,33 @@ class RunConfig:
     seed: int = _f(0, lo=0)
     tokens_per_rank: int = _f(4096, lo=1, doc="tokens each rank brings to a step")
     out_dir: str = _f("out")
+    # The fields below drive the real runtime (runtime/); the simulator ignores them.
+    data: str = _f("synthetic", doc="runtime: 'synthetic' (seeded random tokens) or the path "
+                   "of a UTF-8 text file read as byte tokens (vocab 256)")
+    routing: str = _f("learned", choices=("learned", "forced"),
+                      doc="runtime: 'learned' routes by the router's top-k; 'forced' takes each "
+                      "layer's expert choices from a synthetic trace (routing_kind) so that the "
+                      "load is controlled, the router still weighs the chosen experts")
+    routing_kind: str = _f("uniform", choices=("uniform", "zipf", "drifting", "bursty"),
+                           doc="runtime, forced routing: the traces.generators kind")
+    routing_exponent: float = _f(1.2, lo=0.0, doc="runtime, forced zipf/drifting: skew")
+    plan: str = _f("", doc="runtime, FSEP: a plan.json to replay; empty: plan online each step")
+    lr: float = _f(3e-4, lo=0.0, doc="runtime: AdamW learning rate")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"),
+                     doc="runtime: cuda with NCCL when available, else cpu with gloo")
+    timeout_s: float = _f(300.0, lo=1.0, doc="runtime: collective timeout; a dead rank ends "
+                          "the job with an error after this long instead of hanging")
+    checkpoint_every: int = _f(0, lo=0, doc="runtime: checkpoint every N steps; 0: never")
+    log_every: int = _f(1, lo=1, doc="runtime: print the loss every N steps")
+    trace_out: bool = _f(True, doc="runtime: record the routing seen as trace.parquet")
+
+    def _check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.data != "synthetic" and not Path(self.data).is_file():
+            errs.append(("data", f"{self.data!r} is neither 'synthetic' nor a readable file"))
+        if self.plan and not Path(self.plan).is_file():
+            errs.append(("plan", f"{self.plan!r}: no such file"))
+        return errs
 
 
 @dataclass(frozen=True)

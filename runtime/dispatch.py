@@ -1,0 +1,78 @@
+"""From the planner's integer splits to one rank's index tensors for a token all-to-all.
+
+The planner says how many tokens each source sends to each replica (`LayerTraffic.tokens`,
+[N, R]); this module only lays those numbers out in memory, following the contract of
+docs/interfaces.md: a source's assignments to expert g, in (item, slot) order, are cut into
+consecutive chunks for g's replicas in replica order. The send buffer is rank-major and
+replica-minor; the receive buffer arrives source-major, replica-minor and is regrouped
+replica-major (source-minor) so that each local replica's rows are contiguous for the grouped
+GEMM. Nothing here decides who sends what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from planner.placement import Placement
+
+
+@dataclass(frozen=True)
+class TokenRoute:
+    """One rank's layout of a dispatch (and, reversed, of its combine)."""
+
+    send_order: torch.Tensor    # int64 [A]: flat assignment (item * k + slot) of each send row
+    send_splits: list[int]      # rows to each destination rank
+    recv_splits: list[int]      # rows from each source rank
+    recv_to_group: torch.Tensor  # int64 [B]: received row for each grouped row
+    group_sizes: list[int]      # grouped rows per local replica, replica order
+    local_replicas: np.ndarray  # replica indices hosted here, replica order
+
+
+def _exclusive_cumsum(a: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(a)
+    np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+def build_route(placement: Placement, tokens: np.ndarray, rank: int,
+                assign_expert: torch.Tensor, device: torch.device) -> TokenRoute:
+    """`tokens` [N, R] from planner.traffic; `assign_expert` int [A] on the device: the global
+    expert of each of this rank's flat assignments (item * k + slot). The per-assignment work
+    stays on the device; only the small [N, R] split matrix is read on the host."""
+    rep_e, rep_r = placement.replica_expert, placement.replica_rank
+    n = placement.num_ranks
+    mine = tokens[rank]
+    # Replicas in (expert, replica index) order; repeating each by its token count labels the
+    # expert-sorted assignments with their replica.
+    rep_order = np.lexsort((np.arange(len(rep_e)), rep_e))
+    if int(mine.sum()) != assign_expert.numel():
+        raise RuntimeError(f"rank {rank}: planner splits cover {int(mine.sum())} assignments, "
+                           f"routing made {assign_expert.numel()}")
+    # Assignments sorted by expert (stable: item order within an expert).
+    by_expert = torch.argsort(assign_expert, stable=True)
+    replica_of = torch.repeat_interleave(torch.from_numpy(rep_order).to(device),
+                                         torch.from_numpy(mine[rep_order]).to(device))
+    # Send buffer: destination-major, then replica index, then the expert-sorted order.
+    rep_r_dev = torch.from_numpy(rep_r).to(device)
+    key = rep_r_dev[replica_of] * len(rep_e) + replica_of
+    send_order = by_expert[torch.argsort(key, stable=True)]
+    send_splits = np.bincount(rep_r, weights=mine, minlength=n).astype(np.int64)
+    local = np.flatnonzero(rep_r == rank)
+    blocks = tokens[:, local]  # [N, m]: rows from source s for local replica j
+    recv_splits = blocks.sum(axis=1)
+    starts = _exclusive_cumsum(blocks.reshape(-1)).reshape(blocks.shape)
+    lengths = blocks.T.reshape(-1)  # replica-major
+    first = starts.T.reshape(-1)
+    total = int(lengths.sum())
+    recv_to_group = np.repeat(first - _exclusive_cumsum(lengths), lengths) + np.arange(total)
+    return TokenRoute(
+        send_order=send_order,
+        send_splits=send_splits.tolist(),
+        recv_splits=recv_splits.tolist(),
+        recv_to_group=torch.from_numpy(recv_to_group.astype(np.int64)).to(device),
+        group_sizes=blocks.sum(axis=0).tolist(),
+        local_replicas=local,
+    )

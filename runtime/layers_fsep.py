@@ -1,0 +1,137 @@
+"""Fully Sharded Expert Parallel with per-step re-layout (LAER-MoE, arXiv 2602.11686).
+
+Every expert's weights are split evenly over the N ranks along the FFN hidden size: rank j
+holds columns j*F/N..(j+1)*F/N of each expert's gate and up projections and the same rows of
+its down projection, flattened into one shard row per expert ([E_total, 3*dim*F/N]).
+
+Each step a layout (a planner Placement with replicas and token shares) says which ranks
+materialise which experts. The layer then
+  1. gathers weights: an all-to-all in which rank j sends its shard of expert g to every rank
+     hosting a replica of g; a rank concatenates the N shards of each of its replicas;
+  2. dispatches tokens to replicas with the planner's integer splits (as EP does);
+  3. runs its replicas, combines as EP does;
+  4. in backward, the gather's autograd is the reverse all-to-all: each replica's weight
+     gradient is cut into shards and sent back to their owners, which sum them over replicas
+     (the grad_scatter phase).
+The materialised weights are kept from forward to backward (not re-gathered, as an FSDP-style
+implementation would do to save memory): the planner's ("bwd", "weight_gather") bytes are not
+moved by this runtime.
+
+The layout comes from `layout(counts, layer)`, a callable: a plan replayed from plan.json, or
+the online planner fed with the counts of this layer's previous step (the first step uses its
+own counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from moesim.config import ModelConfig
+from moesim.errors import InputError
+from planner.placement import Placement
+from runtime.comm import DistEnv, all_to_all
+from runtime.moe_layer import MoELayerBase
+
+Layout = Callable[[np.ndarray, int], Placement]
+
+
+def shard_experts(w1: torch.Tensor, w2: torch.Tensor, n: int, j: int) -> torch.Tensor:
+    """Rank j's shard rows [E, 3*dim*F/n] of full weights w1 [E, dim, 2F], w2 [E, F, dim]."""
+    e, f2 = w1.shape[0], w1.shape[2]
+    f = f2 // 2
+    fs = f // n
+    cols = slice(j * fs, (j + 1) * fs)
+    return torch.cat([w1[:, :, :f][:, :, cols].reshape(e, -1),
+                      w1[:, :, f:][:, :, cols].reshape(e, -1),
+                      w2[:, cols, :].reshape(e, -1)], dim=1)
+
+
+def unshard(recv: torch.Tensor, n: int, dim: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """recv [n, m, 3*dim*F/n] (source j's shard of each of m replicas) -> w1 [m, dim, 2F],
+    w2 [m, F, dim]."""
+    fs = f // n
+    m = recv.shape[1]
+    a = dim * fs
+    gate = recv[..., :a].reshape(n, m, dim, fs).permute(1, 2, 0, 3).reshape(m, dim, f)
+    up = recv[..., a:2 * a].reshape(n, m, dim, fs).permute(1, 2, 0, 3).reshape(m, dim, f)
+    w2 = recv[..., 2 * a:].reshape(n, m, fs, dim).permute(1, 0, 2, 3).reshape(m, f, dim)
+    return torch.cat([gate, up], dim=2), w2
+
+
+class FSEPMoE(MoELayerBase):
+    strategy = "fsep"
+
+    def __init__(self, m: ModelConfig, weights: dict[str, torch.Tensor], layer: int,
+                 env: DistEnv, layout: Layout | None = None) -> None:
+        super().__init__(m, weights, layer, env)
+        if m.d_ffn % env.world:
+            raise InputError("config", "model.d_ffn", f"FSEP shards the FFN hidden size over "
+                             f"the {env.world} ranks: {m.d_ffn} is not a multiple")
+        self.router = nn.Parameter(weights["router"].clone())
+        self.shard = nn.Parameter(shard_experts(weights["w1"], weights["w2"], env.world,
+                                                env.rank))
+        self.layout = layout or default_layout(m, env.world)
+        self.prev_counts: np.ndarray | None = None
+        self.last_placement: Placement | None = None
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return [*super().replicated_parameters(), self.router]
+
+    def _plan(self, counts: np.ndarray) -> Placement:
+        placement = self.layout(self.prev_counts if self.prev_counts is not None else counts,
+                                self.layer)
+        self.prev_counts = counts
+        self.last_placement = placement
+        return placement
+
+    def materialise(self, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight all-to-all: full weights of this rank's replicas, in replica order."""
+        m, n, lay, tm = self.m, self.world, self.layer, self.timer
+        rep_e, rep_r = placement.replica_expert, placement.replica_rank
+        with tm.fwd(lay, "weight_gather") as rec:
+            send_experts = np.concatenate([rep_e[rep_r == d] for d in range(n)])
+            send_splits = np.bincount(rep_r, minlength=n).tolist()
+            mine = int(send_splits[self.rank])
+            shard = tm.bwd_in(self.shard, lay, "weight_gather")
+            rows = shard.index_select(0, torch.from_numpy(send_experts).to(shard.device))
+            recv = all_to_all(rows, send_splits, [mine] * n)
+            w1, w2 = unshard(recv.view(n, mine, -1), n, m.expert_dim, m.d_ffn)
+            w1 = tm.bwd_out(w1, lay, "weight_gather")
+            row_bytes = self.shard.shape[1] * self.shard.element_size()
+            rec.bytes = (sum(send_splits) - mine) * row_bytes
+            rec.bwd["bytes"] = (n - 1) * mine * row_bytes
+        return w1, w2
+
+    def forward(self, x: torch.Tensor, forced: np.ndarray | None = None) -> torch.Tensor:
+        m, lay = self.m, self.layer
+        t = x.shape[0]
+        z = self.to_items(x)
+        with self.timer.fwd(lay, "router") as rec:
+            heads = [self.route_head(z[:, h], self.router[h],
+                                     None if forced is None else [forced[self.rank, h]])
+                     for h in range(m.num_heads)]
+            experts = torch.stack([e + h * m.num_experts for h, (e, _) in enumerate(heads)], 1)
+            gates = torch.stack([g for _, g in heads], 1)
+            rec.tokens = t * m.num_heads
+        y = self.exchange(z.reshape(t * m.num_heads, -1), experts.view(t * m.num_heads, -1),
+                          gates.view(t * m.num_heads, -1), self._plan,
+                          lambda route: self.materialise(self.last_placement))
+        return self.from_items(y.view(t, m.num_heads, -1))
+
+    def reference_grads(self, ref: nn.Module):
+        yield "router", self.router.grad, ref.w["router"].grad
+        want = shard_experts(ref.w["w1"].grad, ref.w["w2"].grad, self.world, self.rank)
+        yield "shard", self.shard.grad, want
+        if self.latent:
+            yield "down", self.down.grad, ref.w["down"].grad
+            yield "up", self.up.grad, ref.w["up"].grad
+
+
+def default_layout(m: ModelConfig, n: int) -> Layout:
+    """The online planner: the planner's LAER-style fill over this layer's recent counts."""
+    from runtime.plans import online_layout
+    return online_layout(m, n)

@@ -1,0 +1,116 @@
+"""Head Parallel for Multi-Head LatentMoE (arXiv 2602.04870).
+
+Every token is projected down to its latent (H heads of head_dim) on its own rank; head h and
+all of its experts live on rank h mod N (planner.placement.hp_placement). One all-to-all sends
+each rank every token's sub-tokens of the heads it holds: T * heads_on(dst) * head_dim elements
+to every destination, fixed by the batch, so no sizes are exchanged and the bytes do not depend
+on top-k or on the routing. Routing, the per-expert sort and the expert FFNs are then local to
+the head's rank; the weighted per-head outputs come back by the reverse all-to-all, are
+concatenated and projected up.
+
+Replicated: the latent projections (gradients summed by the training loop). Owned by the head's
+rank: the head's router and experts (no gradient exchange).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from moesim.config import ModelConfig
+from planner.placement import hp_placement
+from runtime.comm import DistEnv, all_gather_counts, all_to_all
+from runtime.experts import expert_ffn
+from runtime.moe_layer import MoELayerBase, inverse_perm, weighted_sum
+from runtime.routing import local_counts
+
+
+class HPMoE(MoELayerBase):
+    strategy = "hp"
+
+    def __init__(self, m: ModelConfig, weights: dict[str, torch.Tensor], layer: int,
+                 env: DistEnv) -> None:
+        super().__init__(m, weights, layer, env)
+        self.placement = hp_placement(m, env.world)
+        e = m.num_experts
+        head_rank = {int(g // e): int(r) for g, r in zip(self.placement.replica_expert,
+                                                          self.placement.replica_rank,
+                                                          strict=True)}
+        self.heads_of = [sorted(h for h, r in head_rank.items() if r == d)
+                         for d in range(env.world)]
+        self.my_heads = self.heads_of[env.rank]
+        # Head order of the send buffer (destination-major), and its inverse for the return.
+        self.send_heads = torch.tensor([h for hs in self.heads_of for h in hs])
+        self.recv_heads = inverse_perm(self.send_heads)
+        mine = torch.tensor(self.my_heads)
+        experts = (mine[:, None] * e + torch.arange(e)).reshape(-1)
+        self.router = nn.Parameter(weights["router"][mine].clone())
+        self.w1 = nn.Parameter(weights["w1"][experts].clone())
+        self.w2 = nn.Parameter(weights["w2"][experts].clone())
+
+    def forward(self, x: torch.Tensor, forced: np.ndarray | None = None) -> torch.Tensor:
+        m, lay, tm, n = self.m, self.layer, self.timer, self.world
+        t, nh, dh, k = x.shape[0], len(self.my_heads), m.head_dim, m.top_k
+        z = self.to_items(x)  # [T, H, dh]
+        splits = [t * len(hs) for hs in self.heads_of]
+        width = dh * z.element_size()
+        with tm.fwd(lay, "dispatch") as rec:
+            z = tm.bwd_in(z, lay, "dispatch")
+            send = z.index_select(1, self.send_heads.to(z.device)).view(t, n, nh, dh)
+            send = send.transpose(0, 1).reshape(n * t * nh, dh)
+            recv = tm.bwd_out(all_to_all(send, splits, [t * nh] * n), lay, "dispatch")
+            rec.bytes = rec.bwd["bytes"] = (sum(splits) - splits[self.rank]) * width
+            rec.tokens = sum(splits)
+        items = recv.view(n * t, nh, dh)  # item (source, token, local head)
+        with tm.fwd(lay, "router") as rec:
+            routed = [self.route_head(items[:, j], self.router[j],
+                                      None if forced is None else list(forced[:, h]))
+                      for j, h in enumerate(self.my_heads)]
+            assign = torch.stack([ex + j * m.num_experts for j, (ex, _) in enumerate(routed)], 1)
+            gates = torch.stack([g for _, g in routed], 1).reshape(n * t * nh, k)
+            rec.tokens = n * t * nh
+        flat = assign.reshape(-1)
+        self.last_counts = torch.stack([local_counts(assign[s * t:(s + 1) * t],
+                                                     nh * m.num_experts)
+                                        for s in range(n)]).view(n, nh, m.num_experts)
+        with tm.fwd(lay, "permute") as rec:
+            order = torch.argsort(flat, stable=True)
+            sizes = torch.bincount(flat, minlength=nh * m.num_experts)
+            rows_in = tm.bwd_in(items.reshape(n * t * nh, dh), lay, "permute")
+            rows = tm.bwd_out(rows_in.index_select(0, order // k), lay, "permute")
+            rec.tokens = rec.bwd["tokens"] = flat.numel()
+        with tm.fwd(lay, "expert") as rec:
+            rows = tm.bwd_in(rows, lay, "expert")
+            out = tm.bwd_out(expert_ffn(rows, sizes, self.w1, self.w2), lay, "expert")
+            rec.tokens = rec.bwd["tokens"] = flat.numel()
+            rec.flops = 6.0 * flat.numel() * dh * m.d_ffn
+            rec.bwd["flops"] = 2 * rec.flops
+        with tm.fwd(lay, "combine") as rec:
+            out = tm.bwd_in(out, lay, "combine")
+            y = weighted_sum(out, inverse_perm(order).view(n * t * nh, k), gates)
+            back = all_to_all(y, [t * nh] * n, splits).view(n, t, nh, dh)
+            back = back.transpose(0, 1).reshape(t, n * nh, dh)
+            y = tm.bwd_out(back.index_select(1, self.recv_heads.to(back.device)), lay,
+                           "combine")
+            rec.bytes = rec.bwd["bytes"] = (sum(splits) - splits[self.rank]) * width
+            rec.tokens = sum(splits)
+        return self.from_items(y)
+
+    def seen_counts(self) -> np.ndarray:
+        """Global [N, H, E]: every head's owner contributes its heads' counts."""
+        parts = all_gather_counts(self.last_counts).cpu().numpy()  # [owner, N, nh, E]
+        out = np.zeros((self.world, self.m.num_heads, self.m.num_experts), dtype=np.int64)
+        for d, heads in enumerate(self.heads_of):
+            out[:, heads] = parts[d]
+        return out
+
+    def reference_grads(self, ref: nn.Module):
+        mine = torch.tensor(self.my_heads)
+        e = self.m.num_experts
+        experts = (mine[:, None] * e + torch.arange(e)).reshape(-1)
+        yield "router", self.router.grad, ref.w["router"].grad[mine]
+        yield "w1", self.w1.grad, ref.w["w1"].grad[experts]
+        yield "w2", self.w2.grad, ref.w["w2"].grad[experts]
+        yield "down", self.down.grad, ref.w["down"].grad
+        yield "up", self.up.grad, ref.w["up"].grad

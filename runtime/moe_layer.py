@@ -1,0 +1,171 @@
+"""What every distributed MoE layer shares: the latent projections of Multi-Head LatentMoE, the
+routing of items, the token exchange through planner splits, and the weighted combine.
+
+A layer is called on this rank's tokens x [T, d_model] and returns y [T, d_model]; with the
+same full weights (runtime.experts.init_moe_weights) every strategy computes the same function
+as runtime.experts.ReferenceMoE on the concatenation of all ranks' tokens. `forced` is the
+global counts [N, H, E] of this (step, layer) under forced routing, else None. After a forward,
+`last_counts` holds the counts the layer saw (this rank's row for EP/FSEP, gathered lazily for
+the trace recorder by `seen_counts()`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moesim.config import ModelConfig
+from planner.traffic import LayerTraffic, layer_traffic
+from runtime.comm import DistEnv, all_gather_counts, all_to_all
+from runtime.dispatch import build_route
+from runtime.experts import expert_ffn
+from runtime.routing import choose, local_counts, router_probs
+from runtime.timing import PhaseTimer
+
+
+def inverse_perm(p: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(p)
+    inv[p] = torch.arange(p.numel(), device=p.device)
+    return inv
+
+
+class MoELayerBase(nn.Module):
+    strategy = ""
+
+    def __init__(self, m: ModelConfig, weights: dict[str, torch.Tensor], layer: int,
+                 env: DistEnv) -> None:
+        super().__init__()
+        self.m, self.layer, self.env = m, layer, env
+        self.rank, self.world = env.rank, env.world
+        self.timer = PhaseTimer(torch.device("cpu"), enabled=False)
+        self.latent = m.num_heads > 1
+        if self.latent:
+            self.down = nn.Parameter(weights["down"].clone())
+            self.up = nn.Parameter(weights["up"].clone())
+        self.last_counts: torch.Tensor | None = None  # int64 [N, H, E] or this rank's [H, E]
+        self.last_traffic: LayerTraffic | None = None
+
+    # Parameters every rank holds a full copy of: their gradients are summed over the ranks.
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return [self.down, self.up] if self.latent else []
+
+    def to_items(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, d_model] -> items [T, H, dim] (the latent's heads, or the tokens themselves)."""
+        if not self.latent:
+            return x.unsqueeze(1)
+        with self.timer.fwd(self.layer, "latent_down") as rec:
+            x = self.timer.bwd_in(x, self.layer, "latent_down")
+            z = self.timer.bwd_out(x @ self.down, self.layer, "latent_down")
+            rec.flops = rec.bwd["flops"] = 2.0 * x.shape[0] * self.down.numel()
+            rec.bwd["flops"] *= 2
+        return z.view(x.shape[0], self.m.num_heads, self.m.head_dim)
+
+    def from_items(self, y: torch.Tensor) -> torch.Tensor:
+        t = y.shape[0]
+        y = y.reshape(t, -1)
+        if not self.latent:
+            return y
+        with self.timer.fwd(self.layer, "latent_up") as rec:
+            y = self.timer.bwd_in(y, self.layer, "latent_up")
+            out = self.timer.bwd_out(y @ self.up, self.layer, "latent_up")
+            rec.flops = 2.0 * t * self.up.numel()
+            rec.bwd["flops"] = 2 * rec.flops
+        return out
+
+    def route_head(self, x: torch.Tensor, router: torch.Tensor,
+                   forced: list[np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route items x [n, dim] of one head. `forced`: counts [E] for each of len(forced)
+        equal contiguous blocks of the items (one per source rank)."""
+        probs = router_probs(x @ router, self.m.router)
+        if forced is None:
+            return choose(probs, self.m.top_k, None)
+        size = x.shape[0] // len(forced)
+        parts = [choose(probs[i * size:(i + 1) * size], self.m.top_k, f)
+                 for i, f in enumerate(forced)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def exchange(self, items: torch.Tensor, assign: torch.Tensor, gates: torch.Tensor,
+                 placement, expert_weights) -> torch.Tensor:
+        """The EP/FSEP token path: items [n, dim], assign [n, k] global experts, gates [n, k].
+        The "permute" phase holds the size exchange (every rank's per-expert counts), the
+        planner's splits and the local gather. `expert_weights(route)` returns the (w1, w2) of
+        the local replicas, in replica order."""
+        k, lay, tm = self.m.top_k, self.layer, self.timer
+        n, dim = items.shape
+        with tm.fwd(lay, "permute") as rec:
+            m = self.m
+            counts_local = local_counts(assign, m.total_experts).view(m.num_heads, m.num_experts)
+            counts = gather_global_counts(counts_local)
+            self.last_counts = torch.from_numpy(counts)
+            if callable(placement):  # FSEP: the layout may depend on this step's counts
+                placement = placement(counts)
+            traffic = layer_traffic(self.m, placement, counts)
+            self.last_traffic = traffic
+            route = build_route(placement, traffic.tokens, self.rank, assign.reshape(-1),
+                                items.device)
+            items = tm.bwd_in(items, lay, "permute")
+            send = tm.bwd_out(items.index_select(0, route.send_order // k), lay, "permute")
+            rec.tokens = rec.bwd["tokens"] = n * k
+        width = dim * send.element_size()
+        with tm.fwd(lay, "dispatch") as rec:
+            send = tm.bwd_in(send, lay, "dispatch")
+            recv = tm.bwd_out(all_to_all(send, route.send_splits, route.recv_splits), lay,
+                              "dispatch")
+            rec.bytes = _sent(route.send_splits, self.rank) * width
+            rec.bwd["bytes"] = _sent(route.recv_splits, self.rank) * width
+            rec.tokens = sum(route.send_splits)
+        w1, w2 = expert_weights(route)
+        with tm.fwd(lay, "expert") as rec:
+            recv = tm.bwd_in(recv, lay, "expert")
+            grouped = recv.index_select(0, route.recv_to_group)
+            out = expert_ffn(grouped, route.group_sizes, w1, w2)
+            out = out.index_select(0, inverse_perm(route.recv_to_group))
+            out = tm.bwd_out(out, lay, "expert")
+            rows = int(sum(route.group_sizes))
+            rec.tokens = rec.bwd["tokens"] = rows
+            rec.flops = 6.0 * rows * dim * self.m.d_ffn
+            rec.bwd["flops"] = 2 * rec.flops
+        with tm.fwd(lay, "combine") as rec:
+            out = tm.bwd_in(out, lay, "combine")
+            back = all_to_all(out, route.recv_splits, route.send_splits)
+            row_map = inverse_perm(route.send_order).view(n, k)
+            y = tm.bwd_out(weighted_sum(back, row_map, gates), lay, "combine")
+            rec.bytes = _sent(route.recv_splits, self.rank) * width
+            rec.bwd["bytes"] = _sent(route.send_splits, self.rank) * width
+            rec.tokens = n * k
+        return y
+
+    def seen_counts(self) -> np.ndarray:
+        """Global counts [N, H, E] of the last forward (for the trace recorder)."""
+        c = self.last_counts
+        if c.dim() == 2:
+            c = all_gather_counts(c)
+        return c.cpu().numpy()
+
+
+def _sent(splits: list[int], rank: int) -> int:
+    """Rows that leave the rank (the self-block is a local copy, not network traffic)."""
+    return int(sum(splits) - splits[rank])
+
+
+def weighted_sum(rows: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """out[i] = sum_j gates[i, j] * rows[row_map[i, j]]: the combine of kernels/ when it is
+    there (one fused pass), else index_select and a sum."""
+    try:
+        from kernels.combine import combine
+    except ImportError:
+        combine = None
+    if combine is not None:
+        return combine(rows, row_map.to(torch.int32), gates.to(torch.float32))
+    n, k = row_map.shape
+    picked = rows.index_select(0, row_map.reshape(-1)).view(n, k, -1)
+    return (picked * gates.unsqueeze(-1).to(rows.dtype)).sum(1)
+
+
+def gather_global_counts(local: torch.Tensor) -> np.ndarray:
+    """The size exchange before an EP/FSEP dispatch: every rank's [H, E] counts -> [N, H, E]."""
+    if dist.get_world_size() == 1:
+        return local.unsqueeze(0).cpu().numpy()
+    return all_gather_counts(local).cpu().numpy()

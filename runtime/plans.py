@@ -1,0 +1,53 @@
+"""Where FSEP layouts come from: the planner's online heuristics fed with recent counts, or a
+plan file replayed step by step. The runtime only asks; planner/ decides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from moesim.config import ModelConfig, PlannerConfig
+from moesim.errors import InputError
+from planner.placement import Placement, replicated_placement
+
+# The heuristics run on the device path: they need neither pulp nor highspy (the GPU machines
+# have neither), unlike the ILP.
+HEURISTICS = ("laer", "greedy", "best_fit")
+
+
+def online_layout(m: ModelConfig, n: int, planner: PlannerConfig | None = None,
+                  solver: str | None = None) -> Callable[[np.ndarray, int], Placement]:
+    """A layout function (counts [N, H, E], layer) -> Placement, solving each call."""
+    from planner import heuristics
+    from planner.cost import layout_cost
+    planner = planner or PlannerConfig()
+    name = solver or (planner.solver if planner.solver in HEURISTICS else "laer")
+    fn = {"laer": heuristics.laer_fill, "greedy": heuristics.greedy_lpt,
+          "best_fit": getattr(heuristics, "best_fit_split", None)}[name]
+    if fn is None:
+        raise InputError("config", "planner.solver", f"{name!r} is not in this planner")
+    # A rank must hold at least its even part of the experts; 25% more slots leave the solver
+    # room to replicate the hot ones.
+    even = -(-m.total_experts // n)
+    slots = max(planner.slots_per_rank, even + -(-even // 4))
+
+    def layout(counts: np.ndarray, layer: int) -> Placement:
+        cost = layout_cost(m, planner, counts, n)
+        return replicated_placement("fsep", n, fn(cost, slots), source="online planner")
+
+    return layout
+
+
+def plan_layout(path: str, n: int) -> Callable[[np.ndarray, int], Placement]:
+    """Replay plan.json: the k-th call for a layer gets the plan's step k (cycling)."""
+    from planner import plan as plan_io
+    plan = plan_io.read_plan(path)
+    calls: dict[int, int] = {}
+
+    def layout(counts: np.ndarray, layer: int) -> Placement:
+        step = calls.get(layer, 0)
+        calls[layer] = step + 1
+        return plan_io.placement_at(plan, step, layer)
+
+    return layout
