@@ -60,6 +60,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     im = kind("imbalance", "per-rank expert load over steps (heatmaps), e.g. EP vs FSEP")
     im.add_argument("--layer", type=int, default=0,
                     help="which MoE layer the heatmaps show (index among recorded layers)")
+    src = im._mutually_exclusive_groups[0]
+    src.add_argument("--trace", type=Path, metavar="FILE",
+                     help="a routing trace: lay it out by EP and by the FSEP planner instead")
+    im.add_argument("--config", type=Path,
+                    help="with --trace: model and planner settings (solver, slots, hot "
+                    "replicas) and the rank count")
+    im.add_argument("--ranks", type=int, help="with --trace: ranks (default: the config's)")
+    im.add_argument("--plan-ahead", action="store_true",
+                    help="with --trace: lay out step s from step s-1's routing")
     kind("validation", "simulated vs measured phase and step times",
          table=True)
     pl = kind("planner", "planner solve time vs problem size", results=False, table=True)
@@ -75,6 +84,18 @@ def _summary(args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
     return summarize_files(files), ", ".join(str(p) for p in args.results)
 
 
+def _trace_panels(args: argparse.Namespace) -> list[imbalance.LoadPanel]:
+    from moesim.config import load_config
+    from traces.io import read_trace
+
+    if args.config is None:
+        raise InputError("--trace", "--config", "needs --config for the model and planner")
+    cfg = load_config(args.config)
+    trace = read_trace(args.trace)
+    ranks = args.ranks or cfg.num_ranks
+    return imbalance.panels_from_trace(trace, cfg, ranks, plan_ahead=args.plan_ahead)
+
+
 def build_figure(args: argparse.Namespace) -> Figure:
     kind = args.plot_kind
     if kind in ("scaling", "comm"):
@@ -87,7 +108,10 @@ def build_figure(args: argparse.Namespace) -> Figure:
     if kind == "breakdown":
         return breakdown.plot_breakdown(read_result_files(args.results), title=args.title)
     if kind == "imbalance":
-        panels = imbalance.panels_from_results(read_result_files(args.results))
+        if args.trace is not None:
+            panels = _trace_panels(args)
+        else:
+            panels = imbalance.panels_from_results(read_result_files(args.results))
         return imbalance.plot_imbalance(panels, layer=args.layer, title=args.title)
     if kind == "validation":
         if args.table is not None:

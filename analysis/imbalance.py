@@ -29,7 +29,9 @@ from matplotlib.ticker import MaxNLocator
 from analysis.inputs import ResultFile
 from analysis.run_summary import load_imbalance, rank_loads
 from analysis.style import SINGLE_COLUMN_IN, paper_style, strategy_color, strategy_label
+from moesim.config import Config
 from moesim.errors import InputError
+from traces.schema import Trace
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,45 @@ def panel_from_trace(title: str, strategy: str, expert_load: np.ndarray,
             grid[s, layer] = placement_rank_loads(expert_load[s, layer], p.replica_expert,
                                                   p.replica_rank, p.replica_share, num_ranks)
     return LoadPanel(title, strategy, grid)
+
+
+def panels_from_trace(trace: Trace, cfg: Config, num_ranks: int, *,
+                      plan_ahead: bool = False) -> list[LoadPanel]:
+    """EP (contiguous blocks), EP with hot replicas (when `planner.ep_hot_replicas` > 0) and
+    FSEP (the planner's re-layout with `cfg.planner`) on a trace aggregated to `num_ranks`.
+
+    With `plan_ahead`, step s is laid out from step s-1's routing (as LAER-MoE plans from
+    recent statistics; step 0 from its own), else from the routing it serves (an oracle)."""
+    from planner.placement import ep_hot_replicas, ep_placement
+    from planner.relayout import fsep_placement
+
+    t = trace.aggregate(num_ranks)
+    steps, layers = t.num_steps, t.num_layers
+    counts = t.counts.reshape(steps, layers, num_ranks, -1)  # [S, L, N, E_total]
+    load = counts.sum(axis=2, dtype=np.int64)  # [S, L, E_total]
+    e_total = load.shape[-1]
+    if e_total != cfg.model.total_experts:
+        raise InputError(cfg.source, "model.num_experts",
+                         f"the trace has {e_total} experts in all, the model "
+                         f"{cfg.model.total_experts}")
+    ep = ep_placement(e_total, num_ranks)
+    panels = [panel_from_trace("EP", "ep", load, lambda s, ly: ep, num_ranks)]
+
+    def seen(s: int, ly: int) -> np.ndarray:
+        return counts[max(s - 1, 0) if plan_ahead else s, ly]
+
+    extra = cfg.planner.ep_hot_replicas
+    if extra > 0:
+        panels.append(panel_from_trace(
+            "EP + hot replicas", "ep", load,
+            lambda s, ly: ep_hot_replicas(seen(s, ly).sum(axis=0), num_ranks, extra),
+            num_ranks))
+    panels.append(panel_from_trace(
+        "FSEP (re-layout)", "fsep", load,
+        lambda s, ly: fsep_placement(cfg.model, cfg.planner, seen(s, ly), num_ranks,
+                                     with_bound=False)[0],
+        num_ranks))
+    return panels
 
 
 def imbalance_table(panels: Sequence[LoadPanel]) -> pd.DataFrame:

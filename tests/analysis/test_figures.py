@@ -109,3 +109,21 @@ def test_save_figure_is_deterministic(tmp_path):
     for pa, pb in zip(a, b, strict=True):
         assert pa.read_bytes() == pb.read_bytes(), pa.name
     assert not list((tmp_path / "a").glob(".*.tmp"))  # atomic: no temporaries left
+
+
+def test_imbalance_panels_from_trace_use_planner_placements():
+    from moesim.config import config_from_dict
+    from traces.generators import TraceSpec, generate
+
+    trace = generate(TraceSpec(kind="zipf", steps=3, layers=2, shards=8, experts=8, top_k=2,
+                               tokens_per_shard=16384, params={"exponent": 1.0}))
+    cfg = config_from_dict({"model": {"num_experts": 8, "top_k": 2, "num_layers": 2},
+                            "planner": {"solver": "laer", "slots_per_rank": 4,
+                                        "ep_hot_replicas": 2}})
+    ep, hot, fsep = imbalance.panels_from_trace(trace, cfg, 4)
+    # EP on 4 ranks: rank r holds experts 2r and 2r+1
+    load = trace.expert_load()[:, :, 0, :]  # [S, L, E]
+    np.testing.assert_array_equal(ep.loads, load.reshape(3, 2, 4, 2).sum(axis=-1))
+    for p in (hot, fsep):  # tokens are conserved by every placement
+        np.testing.assert_allclose(p.loads.sum(axis=-1), ep.loads.sum(axis=-1))
+    assert fsep.imbalance < hot.imbalance < ep.imbalance
