@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analysis import breakdown, comm, imbalance, scaling
 from analysis.figure_files import save_figure
 from analysis.inputs import read_result_files
-from analysis.run_summary import SUMMARY_COLUMNS, summarize_files
+from analysis.run_summary import SUMMARY_COLUMNS, load_cv, summarize_files
 from moesim.atomic import atomic_path, write_text_atomic
 from moesim.config import config_from_dict
 from moesim.errors import InputError
@@ -123,7 +124,11 @@ ASSUMPTIONS = {
         "Routing: a drifting Zipf trace whose hot experts move every 5 steps, skew chosen so "
         "that EP's per-GPU load CV is near the paper's ~30%.",
         "Baselines: plain EP, and EP with extra replicas of the hottest experts "
-        "(FlexMoE/SmartMoE-style), standing in for 'the best MoE trainer'.",
+        "(FlexMoE/SmartMoE-style), standing in for 'the best MoE trainer'. Both balancing "
+        "schemes get 2 expert slots per GPU (8 extra replicas; FSEP slots_per_rank = 2).",
+        "FSEP's planner is the LAER-style heuristic (planner solver 'laer'). In the "
+        "planner-only re-layout study each step is laid out from the previous step's routing "
+        "(LAER plans from recent statistics), so a moving hot set costs one step of lag.",
     ],
 }
 
@@ -156,9 +161,11 @@ def hp_arms() -> list[Arm]:
 
 def fsep_arms() -> list[Arm]:
     arms = []
+    # Both balancing schemes get 2 expert slots per GPU (EP holds 1): 8 hot replicas over 8
+    # GPUs for the baseline, at most 2 materialised experts per GPU for FSEP.
     for name, strategy, planner in (("ep", "ep", {}),
                                     ("ep-hot", "ep", {"ep_hot_replicas": 8}),
-                                    ("fsep", "fsep", {"solver": "laer"})):
+                                    ("fsep", "fsep", {"solver": "laer", "slots_per_rank": 2})):
         cfg = _base(FSEP_MODEL, FSEP_CLUSTER, strategy, FSEP_TOKENS_PER_RANK, FSEP_STEPS)
         cfg["planner"] = dict(planner)
         arms.append(Arm("fsep", name, cfg, FSEP_TRACE, {"variant": name}))
@@ -273,6 +280,51 @@ def simulate_arm(arm: Arm, out: Path, cache: Path) -> Path:
     return result
 
 
+# The planner-only re-layout study: no simulator, the LAER setup's trace laid out by EP, EP with
+# hot replicas and the FSEP planner; per-rank loads saved for the heatmap and the imbalance row.
+RELAYOUT_FILE = "relayout_loads.parquet"
+RELAYOUT_COLUMNS = ["panel", "strategy", "step", "layer", "rank", "tokens"]
+
+
+def run_relayout(out: Path, cache: Path) -> Path:
+    from traces.io import read_trace
+
+    arm = next(a for a in fsep_arms() if a.name == "fsep")
+    cfg = config_from_dict(arm.config, arm.key)
+    hot = next(a for a in fsep_arms() if a.name == "ep-hot").config["planner"]
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(
+        cfg.planner, ep_hot_replicas=hot["ep_hot_replicas"]))
+    trace = read_trace(make_trace(arm, cache / "relayout.trace.parquet"))
+    panels = imbalance.panels_from_trace(trace, cfg, cfg.num_ranks, plan_ahead=True)
+    frames = []
+    for p in panels:
+        s, ly, r = np.indices(p.loads.shape).reshape(3, -1)
+        frames.append(pd.DataFrame({"panel": p.title, "strategy": p.strategy, "step": s,
+                                    "layer": ly, "rank": r, "tokens": p.loads.reshape(-1)}))
+    path = out / RELAYOUT_FILE
+    with atomic_path(path) as tmp:
+        pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
+    return path
+
+
+def load_relayout(out: Path) -> list[imbalance.LoadPanel]:
+    path = out / RELAYOUT_FILE
+    if not path.exists():
+        raise InputError(path, "file", "no re-layout result: run python -m analysis.reproduce "
+                         "--studies relayout first")
+    df = pd.read_parquet(path)
+    missing = [c for c in RELAYOUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(path, missing[0], "missing column")
+    panels = []
+    for title, d in df.groupby("panel", sort=False):
+        shape = (d["step"].max() + 1, d["layer"].max() + 1, d["rank"].max() + 1)
+        grid = np.zeros(shape)
+        grid[d["step"], d["layer"], d["rank"]] = d["tokens"]
+        panels.append(imbalance.LoadPanel(str(title), str(d["strategy"].iloc[0]), grid))
+    return panels
+
+
 # ---------------------------------------------------------------------------------------------
 # From result files to the headline numbers, the figures and the doc.
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +347,8 @@ def load_summary(out: Path, arms: list[Arm]) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def headline(summary: pd.DataFrame) -> pd.DataFrame:
+def headline(summary: pd.DataFrame,
+             relayout: list[imbalance.LoadPanel] | None = None) -> pd.DataFrame:
     """The paper-vs-simulation numbers, one row per claim."""
     def st(study: str, arm: str) -> float:
         r = summary[(summary["study"] == study) & (summary["arm"] == arm)]
@@ -324,20 +377,36 @@ def headline(summary: pd.DataFrame) -> pd.DataFrame:
         rows.append({"claim": "FSEP vs baseline speed-up",
                      "paper": "1.45-1.69x", "sim_value": s_ep,
                      "sim": f"{s_ep:.2f}x vs EP, {s_hot:.2f}x vs EP + hot replicas"})
-        rows.append({"claim": "load imbalance (CV of per-GPU load), baseline -> FSEP",
+        rows.append({"claim": "load imbalance (CV of per-GPU load), EP -> FSEP, simulated",
                      "paper": "~30% -> ~10%", "sim_value": fsep["imbalance_cv"],
                      "sim": f"{ep['imbalance_cv']:.0%} -> {fsep['imbalance_cv']:.0%} "
                             f"(max/mean - 1: {ep['imbalance']:.0%} -> {fsep['imbalance']:.0%})"})
+    if relayout:
+        by = {p.title: p for p in relayout}
+        ep, fsep = by["EP"], by["FSEP (re-layout)"]
+        hot = by.get("EP + hot replicas")
+        cv = {k: float(load_cv(p.loads).mean()) for k, p in by.items()}
+        text = (f"{cv['EP']:.0%} -> {cv['FSEP (re-layout)']:.0%} "
+                f"(max/mean - 1: {ep.imbalance:.0%} -> {fsep.imbalance:.0%})")
+        if hot is not None:
+            text += f"; EP + hot replicas {cv['EP + hot replicas']:.0%}"
+        rows.append({"claim": "load imbalance (CV of per-GPU load), EP -> FSEP, planner on "
+                              "the trace", "paper": "~30% -> ~10%",
+                     "sim_value": cv["FSEP (re-layout)"], "sim": text})
     return pd.DataFrame(rows, columns=["claim", "paper", "sim", "sim_value"])
 
 
-def render_figures(out: Path, figures: Path, summary: pd.DataFrame) -> list[Path]:
+def render_figures(out: Path, figures: Path, summary: pd.DataFrame,
+                   relayout: list[imbalance.LoadPanel] | None) -> list[Path]:
     written: list[Path] = []
+    if relayout:
+        written += save_figure(imbalance.plot_imbalance(relayout, layer=0), figures,
+                               "imbalance_relayout")
 
     def results(study: str, names: list[str]) -> list:
         return read_result_files([out / "results" / f"{study}-{n}.parquet" for n in names])
 
-    studies = set(summary["study"])
+    studies = set(summary["study"]) if not summary.empty else set()
     if "scaling" in studies:
         s = summary[summary["study"] == "scaling"]
         written += save_figure(scaling.plot_scaling(s), figures, "scaling")
@@ -368,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--render-only", action="store_true",
                    help="do not simulate; re-render from the committed result files")
-    p.add_argument("--studies", nargs="+", choices=sorted(STUDIES), default=list(STUDIES))
+    p.add_argument("--studies", nargs="+", choices=[*sorted(STUDIES), "relayout"],
+                   default=[*STUDIES, "relayout"])
     p.add_argument("--out", type=Path, default=REPRO)
     p.add_argument("--figures", type=Path, default=FIGURES)
     p.add_argument("--doc", type=Path, default=DOCS / "reproduction.md")
@@ -376,24 +446,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the (regenerable, uncommitted) traces go")
     args = p.parse_args(argv)
     try:
-        arms = [a for s in args.studies for a in STUDIES[s]()]
+        arms = [a for s in args.studies if s in STUDIES for a in STUDIES[s]()]
         if not args.render_only:
             args.cache.mkdir(parents=True, exist_ok=True)
+            if "relayout" in args.studies:
+                t0 = time.perf_counter()
+                run_relayout(args.out, args.cache)
+                print(f"re-layout study in {time.perf_counter() - t0:.1f} s", flush=True)
             for arm in arms:
                 t0 = time.perf_counter()
                 simulate_arm(arm, args.out, args.cache)
                 print(f"simulated {arm.key} in {time.perf_counter() - t0:.1f} s", flush=True)
-        summary = load_summary(args.out, arms)
+        relayout = load_relayout(args.out) if "relayout" in args.studies else None
+        summary = load_summary(args.out, arms) if arms else pd.DataFrame(
+            columns=["study", "arm", *SUMMARY_COLUMNS])
         cols = ["study", "arm", *SUMMARY_COLUMNS,
                 *sorted({k for a in arms for k in a.labels})]
-        write_csv(summary[[c for c in cols if c in summary.columns]],
-                  args.out / "summary.csv")
-        head = headline(summary)
+        if arms:
+            write_csv(summary[[c for c in cols if c in summary.columns]],
+                      args.out / "summary.csv")
+        head = headline(summary, relayout)
         write_csv(head, args.out / "headline.csv")
-        for path in render_figures(args.out, args.figures, summary):
+        for path in render_figures(args.out, args.figures, summary, relayout):
             print(f"wrote {path}")
         from analysis.reproduction_doc import render_doc
-        write_text_atomic(args.doc, render_doc(summary, head, arms, args.doc, args.figures))
+        write_text_atomic(args.doc, render_doc(summary, head, arms, args.doc, args.figures,
+                                               relayout))
         print(f"wrote {args.doc}")
     except InputError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import reproduce as R
+from analysis.run_summary import load_cv, load_imbalance
 
 PAPERS = {
     "hp": "Multi-Head LatentMoE and Head Parallel (arXiv 2602.04870)",
@@ -68,6 +69,11 @@ def _why(summary: pd.DataFrame, claim: str) -> str:
                 "bytes here. H200 compute with A100 NVLink makes communication relatively "
                 "dearer than on the paper's A100s, and the paper's baseline is a full "
                 "training system (attention, optimizer), not an MoE-layer-only EP.")
+    if claim.startswith("load imbalance") and claim.endswith("trace"):
+        return ("Token-level balance from the planner alone, before any timing: FSEP's planner "
+                "minimises modelled step time (compute plus weight and token traffic), not token "
+                "spread, so it stops replicating once a replica costs more than it saves; and "
+                "it plans from the previous step, so each move of the hot set costs a step.")
     if claim.startswith("load imbalance"):
         return ("Same metric family (spread of per-GPU expert load); the paper does not say "
                 "whether it is std/mean or max/mean, so both are given. Residual FSEP imbalance "
@@ -76,7 +82,7 @@ def _why(summary: pd.DataFrame, claim: str) -> str:
 
 
 def render_doc(summary: pd.DataFrame, head: pd.DataFrame, arms: list[R.Arm], doc: Path,
-               figures: Path) -> str:
+               figures: Path, relayout: list | None = None) -> str:
     out: list[str] = []
     w = out.append
     w("# Reproducing the seed papers' headline results in simulation\n")
@@ -85,8 +91,14 @@ def render_doc(summary: pd.DataFrame, head: pd.DataFrame, arms: list[R.Arm], doc
       "result files, which are committed under `docs/reproduction/`:\n")
     w("```sh\npython -m analysis.reproduce               # simulate all arms, then render\n"
       "python -m analysis.reproduce --render-only # re-render from the committed results\n```\n")
-    w(f"{len(arms)} simulated runs; configs in `docs/reproduction/configs/`, Result tables in "
-      "`docs/reproduction/results/`, per-run summary in `docs/reproduction/summary.csv`.\n")
+    if arms:
+        w(f"{len(arms)} simulated runs; configs in `docs/reproduction/configs/`, Result tables "
+          "in `docs/reproduction/results/`, per-run summary in "
+          "`docs/reproduction/summary.csv`.\n")
+    else:
+        w("**No simulator runs are included in this rendering** (only the planner-only "
+          "re-layout study); the simulated comparisons appear once `moesim simulate` results "
+          "are committed.\n")
 
     w("## Headline comparison\n")
     if head.empty:
@@ -100,7 +112,33 @@ def render_doc(summary: pd.DataFrame, head: pd.DataFrame, arms: list[R.Arm], doc
         })
         w(_md_table(t) + "\n")
 
-    if "hp" in set(summary["study"]):
+    studies = set(summary["study"]) if not summary.empty else set()
+    if relayout:
+        w("## Re-layout on the LAER setup's routing (planner only)\n")
+        m = R.FSEP_MODEL
+        w(f"The LAER-MoE setup (8 GPUs; {m['num_layers']} MoE layers of {m['num_experts']} "
+          f"experts, top-{m['top_k']}; {R.FSEP_TOKENS_PER_RANK} tokens per GPU; a drifting "
+          f"Zipf({R.FSEP_TRACE['exponent']}) trace whose hot experts move every "
+          f"{R.FSEP_TRACE['period']} steps) laid out three ways by `planner/`: EP's "
+          "contiguous blocks, EP plus replicas of the hottest experts, and the FSEP re-layout, "
+          "each step planned from the previous step's routing. Per-GPU load is the tokens its "
+          "replicas take (expert load x token share), the quantity the simulator turns into "
+          "expert-GEMM time.\n")
+        rows = []
+        for p in relayout:
+            rows.append({"layout": p.title,
+                         "load CV": _pct(float(load_cv(p.loads).mean())),
+                         "max/mean - 1": _pct(p.imbalance),
+                         "worst step, max/mean - 1": _pct(float(
+                             load_imbalance(p.loads).mean(axis=1).max()))})
+        w(_md_table(pd.DataFrame(rows)) + "\n")
+        w(f"![Per-GPU load, EP vs FSEP re-layout]"
+          f"({_rel(figures / 'imbalance_relayout.png', doc)})\n")
+        w("*Per-GPU expert load over 20 steps (MoE layer 0) relative to the step's mean. The "
+          "hot experts move every 5 steps; the re-layout, planned from the previous step, "
+          "catches up one step later (the spikes in the strip).*\n")
+
+    if "hp" in studies:
         w(f"## HP vs EP: {PAPERS['hp']}\n")
         w("Assumptions (the paper's exact shapes were not available to us):\n")
         w("\n".join(f"- {a}" for a in R.ASSUMPTIONS["hp"]) + "\n")
@@ -126,7 +164,7 @@ def render_doc(summary: pd.DataFrame, head: pd.DataFrame, arms: list[R.Arm], doc
           "granularity (mean over ranks and steps; the black mark is the wall-clock step, "
           "hatched segments are communication).*\n")
 
-    if "fsep" in set(summary["study"]):
+    if "fsep" in studies:
         w(f"## FSEP vs EP: {PAPERS['fsep']}\n")
         w("Assumptions:\n")
         w("\n".join(f"- {a}" for a in R.ASSUMPTIONS["fsep"]) + "\n")
@@ -150,13 +188,13 @@ def render_doc(summary: pd.DataFrame, head: pd.DataFrame, arms: list[R.Arm], doc
         w(f"![Step-time breakdown, FSEP study]({_rel(figures / 'breakdown_fsep.png', doc)})\n")
         w("*Step-time breakdown of the 1.2B model on 8 GPUs.*\n")
 
-    if "topk" in set(summary["study"]):
+    if "topk" in studies:
         w("## Communication vs top-k\n")
         w(f"![Communication vs top-k]({_rel(figures / 'comm_vs_topk.png', doc)})\n")
         w("*Bytes each GPU sends per step and the time spent communicating, 16 GPUs (2 nodes), "
           "a 4-layer slice of a d_model 2048, 64-expert model. EP grows with k; HP's latent "
           "all-to-all does not depend on k; FSEP adds k-independent weight traffic.*\n")
-    if "scaling" in set(summary["study"]):
+    if "scaling" in studies:
         w("## Throughput vs GPUs\n")
         w(f"![Throughput vs GPUs]({_rel(figures / 'scaling.png', doc)})\n")
         w("*Weak scaling (4096 tokens per GPU) from 1 to 8 nodes; HP uses one head per GPU. "
