@@ -13,6 +13,7 @@ from moesim.errors import InputError
 # Each module has `register(subparsers)`; a subcommand is listed only once it works.
 COMMAND_MODULES = [
     "traces.cli",
+    "planner.cli",
     "moesim.calibrate",
     "analysis.cli",
 ]
