@@ -13,11 +13,16 @@ matrix-vector products, and every link that fills in a round freezes its flows a
 rounds per solve are the distinct bottleneck levels, not the flows.
 
 Completion batching (the only approximation on top of the fluid model): at each event the flows
-whose time to finish is within (1 + tolerance) of the earliest finish end in the same event, at
-their exact times under the current rates; the bandwidth they release is handed to the others
-only at the end of the batch. The others therefore finish no earlier than the exact fluid
-solution and at most `tolerance` of the batch length later: a bounded, conservative error.
-With tolerance 0 every distinct finish time is its own event (the exact fluid solution).
+that would finish within a horizon end in the same event, at their exact times under the
+current rates; the bandwidth they release is handed to the others only at the end of the
+batch. The horizon is the earliest finish plus the larger of `tolerance` times it and a quantum
+of `tolerance` times the set's lower bound (busiest link's bytes over its capacity): a
+collective costs about 1/tolerance events however many distinct flow sizes it has. Withheld
+bandwidth makes the makespan later, never earlier (individual flows can move either way: max-min
+is not monotone per flow); tests/simulator bound both within 2 x tolerance of the collective's
+time against tolerance 0, where every distinct finish time is its own event (the exact fluid
+solution). Measured on zipf-1.2 EP dispatch on 32 GPUs: +1.0% at 0.02 (25 events instead of
+900), +0.3% at 0.005.
 
 Ignored: packets, MTU and header overheads (fold them into the link bandwidth), congestion
 control dynamics (fairness is reached instantly), switch buffers and head-of-line blocking,
@@ -63,22 +68,26 @@ class FlowResult:
     rounds: int             # progressive-filling rounds over all events
 
 
-def max_min_rates(by_flow: csr_matrix, capacity: np.ndarray) -> tuple[np.ndarray, int]:
+def max_min_rates(by_flow: csr_matrix, capacity: np.ndarray,
+                  active: np.ndarray | None = None,
+                  by_link: csr_matrix | None = None) -> tuple[np.ndarray, int]:
     """Max-min fair rates of the flows (rows of `by_flow`, [F, L] fractions) under `capacity`
-    (bytes/s per link), by vectorised progressive filling. Returns (rates, rounds)."""
+    (bytes/s per link), by vectorised progressive filling; flows outside `active` get rate 0
+    and take no capacity. `by_link` is `by_flow` transposed to CSR, when the caller has it.
+    Returns (rates, rounds)."""
     f = by_flow.shape[0]
     rates = np.zeros(f)
     if f == 0:
         return rates, 0
-    by_link = by_flow.T.tocsr()  # [L, F]
-    used_links = np.unique(by_flow.indices)
+    if by_link is None:
+        by_link = by_flow.T.tocsr()  # [L, F]
+    unfrozen = np.ones(f, dtype=bool) if active is None else active.copy()
     res = capacity.astype(np.float64).copy()
-    unfrozen = np.ones(f, dtype=bool)
     rounds = 0
     while unfrozen.any():
         rounds += 1
         load = by_link @ unfrozen.astype(np.float64)  # weighted unfrozen flows per link
-        lk = used_links[load[used_links] > 0]
+        lk = np.nonzero(load > 0)[0]
         if not len(lk):  # flows without links (cannot happen for src != dst): unbounded
             rates[unfrozen] = np.inf
             break
@@ -130,42 +139,45 @@ class FlowNetwork:
         """Advance the flows to completion; finish times are relative to the set's start."""
         f = fs.num_flows
         finish = np.zeros(f)
-        link_bytes = np.asarray(fs.by_flow.T @ fs.nbytes).ravel() if f else \
-            np.zeros(self.topo.num_links)
+        by_link = fs.by_flow.T.tocsr()
+        link_bytes = by_link @ fs.nbytes if f else np.zeros(self.topo.num_links)
         if f == 0:
             return FlowResult(finish, link_bytes, 0, 0)
+        cap = self.capacity
+        # The time quantum of completion batching: a fraction of the set's lower bound (the
+        # busiest link's bytes over its capacity), so a collective takes about 1/tolerance
+        # events however many distinct flow sizes it has.
+        quantum = self.tolerance * float((link_bytes / cap).max())
         remaining = fs.nbytes.copy()
         done = np.zeros(f, dtype=bool)
         arrivals = np.unique(fs.start)
-        ai = 0
         t = float(arrivals[0])
         ai = 1
         events = rounds = 0
-        cap = self.capacity
         while not done.all():
-            active = np.nonzero((fs.start <= t) & ~done)[0]
+            active = (fs.start <= t) & ~done
             next_arr = float(arrivals[ai]) if ai < len(arrivals) else np.inf
-            if not len(active):
+            if not active.any():
                 t, ai = next_arr, ai + 1
                 continue
-            rates, r = max_min_rates(fs.by_flow[active], cap)
+            rates, r = max_min_rates(fs.by_flow, cap, active, by_link)
             events += 1
             rounds += r
-            ttf = remaining[active] / rates
+            idx = np.nonzero(active)[0]
+            ra = rates[idx]
+            ttf = remaining[idx] / ra
             t_min = float(ttf.min())
             if next_arr - t < t_min:  # a flow starts first: move to it, then recompute
                 dt = next_arr - t
-                remaining[active] -= rates * dt
+                remaining[idx] -= ra * dt
                 t, ai = next_arr, ai + 1
                 continue
-            batch = ttf <= t_min * (1 + self.tolerance)
+            horizon = min(max(t_min * (1 + self.tolerance), t_min + quantum), next_arr - t)
+            batch = ttf <= horizon
             dt = float(ttf[batch].max())
-            if next_arr - t < dt:
-                dt = next_arr - t
-                batch = ttf <= dt
-            fin = active[batch]
+            fin = idx[batch]
             finish[fin] = t + ttf[batch]
-            remaining[active] -= rates * dt
+            remaining[idx] -= ra * dt
             remaining[fin] = 0.0
             done[fin] = True
             t += dt

@@ -1,0 +1,357 @@
+"""The step programs of EP, HP and FSEP, and the discrete-event executor that runs them.
+
+A program is a list of operations in issue order, each on one stream of every rank ("compute"
+or "comm") with explicit dependencies on earlier operations. The executor runs one SimPy
+process per stream, vectorised over ranks: an operation's start on rank r is the later of its
+stream being free on r and its dependencies having finished on r, so per-rank skew (a rank with
+more expert tokens finishes later) carries through. Overlap comes only from the dependencies
+and the two streams: nothing is assumed to hide behind anything else.
+
+Assumptions (see docs/simulator.md):
+- A collective starts when its last participant is ready (NCCL semantics, a barrier at the
+  start); ranks finish it at different times (`Collectives.rank_end`). One comm stream per
+  rank, so collectives run one at a time on the network and never share it with each other.
+- Traffic and token counts come from `planner.traffic.layer_traffic` for each MoE group and
+  layer; nothing here computes traffic. Byte matrices of the groups are laid block-diagonally
+  over the cluster's ranks (group g holds ranks g*G .. g*G + G - 1).
+- Compute times come from `moesim.compute`; the attention and dense parts of the model are not
+  simulated (the MoE part of a step only).
+- Parameters replicated across MoE groups (experts when the group is smaller than the cluster)
+  all-reduce their gradients per layer over the data-parallel rings (same local index); the
+  router and HP latent projections, replicated on every rank, all-reduce once per step in one
+  bucket after the last backward layer (DDP-style), on the comm stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from moesim.collectives import CollectiveResult
+from moesim.compute import ComputeModel
+from moesim.config import Config
+
+
+@dataclass
+class Op:
+    """One operation on every rank of the cluster."""
+
+    layer: int
+    pass_: str                 # "fwd" | "bwd"
+    phase: str                 # moesim.results.PHASES
+    stream: str                # "compute" | "comm"
+    deps: list[int]
+    dur: np.ndarray | None = None                                  # compute: seconds per rank
+    comm: Callable[[], CollectiveResult] | None = None             # comm: the collective
+    nbytes: np.ndarray | None = None                               # int64[N]: bytes sent
+    tokens: np.ndarray | None = None                               # int64[N]
+    flops: np.ndarray | None = None                                # float64[N]
+    chunk: int = -1
+    # Filled by the executor.
+    start: np.ndarray = field(default=None, repr=False)            # type: ignore[assignment]
+    end: np.ndarray = field(default=None, repr=False)              # type: ignore[assignment]
+    result: CollectiveResult | None = field(default=None, repr=False)
+
+
+class Program:
+    """Builder: `add` returns the op's index for later dependencies."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.ops: list[Op] = []
+
+    def add(self, op: Op) -> int:
+        z = np.zeros(self.n, dtype=np.int64)
+        op.nbytes = z if op.nbytes is None else op.nbytes
+        op.tokens = z if op.tokens is None else op.tokens
+        op.flops = np.zeros(self.n) if op.flops is None else op.flops
+        self.ops.append(op)
+        return len(self.ops) - 1
+
+
+def execute(prog: Program) -> float:
+    """Run the program; fill every op's per-rank start/end. Returns the step time."""
+    env = simpy.Environment()
+    n = prog.n
+    done = [env.event() for _ in prog.ops]
+
+    def stream(name: str):
+        free = np.zeros(n)
+        for i, op in enumerate(prog.ops):
+            if op.stream != name:
+                continue
+            if op.deps:
+                yield simpy.AllOf(env, [done[d] for d in op.deps])
+            ready = free.copy()
+            for d in op.deps:
+                np.maximum(ready, prog.ops[d].end, out=ready)
+            if name == "compute":
+                op.start = ready
+                op.end = ready + op.dur
+                free = op.end
+                yield env.timeout(max(float(op.end.max()) - env.now, 0.0))
+            else:
+                t0 = max(float(ready.max()), env.now)
+                yield env.timeout(t0 - env.now)
+                res = op.comm()
+                op.result = res
+                op.start = np.full(n, t0)
+                op.end = t0 + res.rank_end
+                free = np.full(n, t0 + res.duration)
+                yield env.timeout(res.duration)
+            done[i].succeed()
+
+    env.process(stream("compute"))
+    env.process(stream("comm"))
+    env.run()
+    missing = [i for i, e in enumerate(done) if not e.triggered]
+    if missing:  # a dependency on a later op of the other stream: a program bug
+        raise RuntimeError(f"step program deadlocked at op {missing[0]}: {prog.ops[missing[0]]}")
+    return float(max(op.end.max() for op in prog.ops)) if prog.ops else 0.0
+
+
+@dataclass
+class LayerInputs:
+    """What one layer needs, over all ranks of the cluster (groups laid block-diagonally)."""
+
+    phases: dict[tuple[str, str], np.ndarray]  # (pass, phase) -> int64[N, N] bytes
+    expert_tokens: np.ndarray                  # int64[N, E_total]
+    tokens: np.ndarray                         # int64[N]: tokens each rank brings
+    routed: np.ndarray                         # int64[N]: (sub-)tokens each rank routes
+    dp_bytes: float                            # gradient bytes per rank replicated over groups
+
+
+@dataclass
+class StrategyContext:
+    cfg: Config
+    compute: ComputeModel
+    a2a: Callable[[np.ndarray], CollectiveResult]
+    dp_all_reduce: Callable[[float], CollectiveResult]
+    all_reduce_all: Callable[[float], CollectiveResult]
+    replicated_bytes: float                    # router / latent weights per layer, per rank
+    groups: int = 1                            # data-parallel copies of the MoE group
+
+
+def _sent(m: np.ndarray) -> np.ndarray:
+    return m.sum(axis=1) - np.diagonal(m)
+
+
+def _comm(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
+          phase: str, deps: list[int], matrix: np.ndarray | None = None, chunk: int = -1) -> int:
+    m = lin.phases[(pass_, phase)] if matrix is None else matrix
+    return prog.add(Op(layer, pass_, phase, "comm", deps, comm=lambda m=m: ctx.a2a(m),
+                       nbytes=_sent(m), chunk=chunk))
+
+
+def _cmp(prog: Program, layer: int, pass_: str, phase: str, deps: list[int],
+         dur: np.ndarray, flops: np.ndarray | None = None, tokens: np.ndarray | None = None,
+         chunk: int = -1) -> int:
+    return prog.add(Op(layer, pass_, phase, "compute", deps, dur=dur, flops=flops,
+                       tokens=tokens, chunk=chunk))
+
+
+def _expert(ctx: StrategyContext, lin: LayerInputs, backward: bool):
+    m = ctx.cfg.model
+    return ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
+                                  backward=backward)
+
+
+def _permute_bytes(ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
+    """Bytes a rank's permute (or unpermute) writes: every routed row, once per expert."""
+    m = ctx.cfg.model
+    return lin.routed * m.top_k * m.expert_dim * m.dtype_bytes
+
+
+def _grad_sync(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int,
+               deps: list[int]) -> None:
+    if (("bwd", "grad_sync") in lin.phases and
+            (lin.phases[("bwd", "grad_sync")] > 0).any()):
+        _comm(prog, ctx, lin, layer, "bwd", "grad_sync", deps)
+    if ctx.cfg.parallel.dp_grad_sync and lin.dp_bytes > 0:
+        d = max(ctx.groups, 1)
+        sent = np.full(prog.n, int(2 * (d - 1) / d * lin.dp_bytes), dtype=np.int64)
+        prog.add(Op(layer, "bwd", "grad_sync", "comm", deps,
+                    comm=lambda b=lin.dp_bytes: ctx.dp_all_reduce(b), nbytes=sent))
+
+
+def _router(ctx: StrategyContext, lin: LayerInputs, backward: bool):
+    """Gate scores of every (sub-)token a rank routes: [routed x expert_dim] @ [dim x E]."""
+    m = ctx.cfg.model
+    return ctx.compute.gemm(lin.routed, m.expert_dim, m.num_experts, m.dtype_bytes, backward)
+
+
+def _latent(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
+            phase: str, deps: list[int]) -> list[int]:
+    """Multi-Head LatentMoE's projection to (latent_down) or from (latent_up) the latent, on a
+    model with heads; standard MoE has none (returns `deps` unchanged)."""
+    m = ctx.cfg.model
+    if m.num_heads < 2:
+        return deps
+    k, n = (m.d_model, m.latent_dim) if phase == "latent_down" else (m.latent_dim, m.d_model)
+    t, f = ctx.compute.gemm(lin.tokens, k, n, m.dtype_bytes, backward=pass_ == "bwd")
+    return [_cmp(prog, layer, pass_, phase, deps, t, f, lin.tokens)]
+
+
+def build_ep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
+    """EP: router, permute, dispatch, experts, combine; backward mirrors it, with the expert
+    weight gradients inside the expert backward."""
+    gpu = ctx.compute
+    last = []
+    for li, lin in enumerate(layers):
+        rt, rf = _router(ctx, lin, False)
+        down = _latent(prog, ctx, lin, li, "fwd", "latent_down", last)
+        a = _cmp(prog, li, "fwd", "router", down, rt, rf, lin.tokens)
+        b = _cmp(prog, li, "fwd", "permute", [a], gpu.gather(_permute_bytes(ctx, lin)))
+        c = _comm(prog, ctx, lin, li, "fwd", "dispatch", [b])
+        et, ef = _expert(ctx, lin, False)
+        d = _cmp(prog, li, "fwd", "expert", [c], et, ef, lin.expert_tokens.sum(1))
+        e = _comm(prog, ctx, lin, li, "fwd", "combine", [d])
+        f = _cmp(prog, li, "fwd", "combine", [e], gpu.gather(_permute_bytes(ctx, lin)))
+        last = _latent(prog, ctx, lin, li, "fwd", "latent_up", [f])
+    for li in reversed(range(len(layers))):
+        lin = layers[li]
+        up = _latent(prog, ctx, lin, li, "bwd", "latent_up", last)
+        a = _cmp(prog, li, "bwd", "combine", up, gpu.gather(_permute_bytes(ctx, lin)))
+        b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
+        et, ef = _expert(ctx, lin, True)
+        c = _cmp(prog, li, "bwd", "expert", [b], et, ef, lin.expert_tokens.sum(1))
+        d = _comm(prog, ctx, lin, li, "bwd", "dispatch", [c])
+        e = _cmp(prog, li, "bwd", "permute", [d], gpu.gather(_permute_bytes(ctx, lin)))
+        rt, rf = _router(ctx, lin, True)
+        f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.tokens)
+        _grad_sync(prog, ctx, lin, li, [c])
+        last = _latent(prog, ctx, lin, li, "bwd", "latent_down", [f])
+    _final_sync(prog, ctx, last)
+
+
+def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
+    """HP (Multi-Head LatentMoE): project down to the latent, all-to-all the latent (each rank
+    gets its heads' slices of every token), route and run experts locally, all-to-all back,
+    project up. The all-to-all bytes are the planner's (fixed by the batch)."""
+    gpu, m = ctx.compute, ctx.cfg.model
+    db, lat = m.dtype_bytes, m.latent_dim
+    last = []
+    for li, lin in enumerate(layers):
+        dt, df = gpu.gemm(lin.tokens, m.d_model, lat, db)
+        a = _cmp(prog, li, "fwd", "latent_down", last, dt, df, lin.tokens)
+        b = _comm(prog, ctx, lin, li, "fwd", "dispatch", [a])
+        rt, rf = _router(ctx, lin, False)
+        c = _cmp(prog, li, "fwd", "router", [b], rt, rf, lin.routed)
+        d = _cmp(prog, li, "fwd", "permute", [c], gpu.gather(_permute_bytes(ctx, lin)))
+        et, ef = _expert(ctx, lin, False)
+        e = _cmp(prog, li, "fwd", "expert", [d], et, ef, lin.expert_tokens.sum(1))
+        f = _cmp(prog, li, "fwd", "combine", [e], gpu.gather(_permute_bytes(ctx, lin)))
+        g = _comm(prog, ctx, lin, li, "fwd", "combine", [f])
+        ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db)
+        h = _cmp(prog, li, "fwd", "latent_up", [g], ut, uf, lin.tokens)
+        last = [h]
+    for li in reversed(range(len(layers))):
+        lin = layers[li]
+        ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db, backward=True)
+        a = _cmp(prog, li, "bwd", "latent_up", last, ut, uf, lin.tokens)
+        b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
+        c = _cmp(prog, li, "bwd", "combine", [b], gpu.gather(_permute_bytes(ctx, lin)))
+        et, ef = _expert(ctx, lin, True)
+        d = _cmp(prog, li, "bwd", "expert", [c], et, ef, lin.expert_tokens.sum(1))
+        e = _cmp(prog, li, "bwd", "permute", [d], gpu.gather(_permute_bytes(ctx, lin)))
+        rt, rf = _router(ctx, lin, True)
+        f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.routed)
+        g = _comm(prog, ctx, lin, li, "bwd", "dispatch", [f])
+        dt, df = gpu.gemm(lin.tokens, m.d_model, lat, db, backward=True)
+        h = _cmp(prog, li, "bwd", "latent_down", [g], dt, df, lin.tokens)
+        _grad_sync(prog, ctx, lin, li, [d])
+        last = [h]
+    _final_sync(prog, ctx, last)
+
+
+def _chunks(m: np.ndarray, k: int) -> list[np.ndarray]:
+    """Split integer bytes into k parts that sum exactly."""
+    return [(m * (c + 1)) // k - (m * c) // k for c in range(k)]
+
+
+def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
+    """FSEP (LAER-MoE): experts' weights are sharded over the group; each layer the ranks
+    gather the shards of the replicas the re-layout gave them (in `fsep_chunks` chunks), the
+    tokens go to the replicas, and chunk c's expert GEMMs start once chunk c's weights and the
+    tokens are in, overlapping the later chunks' gathers. Backward re-gathers the weights
+    (FSDP-style), and scatters the weight-gradient shards back to their owners chunk by chunk
+    as each chunk's backward GEMMs finish. The first chunk's gather has no dependency on the
+    layer's compute, so it prefetches while the router runs."""
+    gpu = ctx.compute
+    k = ctx.cfg.parallel.fsep_chunks
+    last: list[int] = []
+    for li, lin in enumerate(layers):
+        gathers = _chunks(lin.phases[("fwd", "weight_gather")], k)
+        g0 = _comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[0], chunk=0)
+        rt, rf = _router(ctx, lin, False)
+        down = _latent(prog, ctx, lin, li, "fwd", "latent_down", last)
+        a = _cmp(prog, li, "fwd", "router", down, rt, rf, lin.tokens)
+        b = _cmp(prog, li, "fwd", "permute", [a], gpu.gather(_permute_bytes(ctx, lin)))
+        c = _comm(prog, ctx, lin, li, "fwd", "dispatch", [b])
+        g = [g0] + [_comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[j], chunk=j)
+                    for j in range(1, k)]
+        et, ef = _expert(ctx, lin, False)
+        prev = []
+        for j in range(k):
+            prev = [_cmp(prog, li, "fwd", "expert", [c, g[j], *prev], et / k, ef / k,
+                         lin.expert_tokens.sum(1) // k + (j < lin.expert_tokens.sum(1) % k),
+                         chunk=j)]
+        e = _comm(prog, ctx, lin, li, "fwd", "combine", prev)
+        f = _cmp(prog, li, "fwd", "combine", [e], gpu.gather(_permute_bytes(ctx, lin)))
+        last = _latent(prog, ctx, lin, li, "fwd", "latent_up", [f])
+    pending: list[tuple[int, list[int], list[np.ndarray], LayerInputs]] = []
+    for li in reversed(range(len(layers))):
+        lin = layers[li]
+        gathers = _chunks(lin.phases[("bwd", "weight_gather")], k)
+        scatters = _chunks(lin.phases[("bwd", "grad_scatter")], k)
+        g0 = _comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[0], chunk=0)
+        up = _latent(prog, ctx, lin, li, "bwd", "latent_up", last)
+        a = _cmp(prog, li, "bwd", "combine", up, gpu.gather(_permute_bytes(ctx, lin)))
+        b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
+        g = [g0] + [_comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[j], chunk=j)
+                    for j in range(1, k)]
+        # The previous layer's gradient scatters go after this layer's gathers on the comm
+        # stream, so they overlap this layer's expert backward.
+        for pli, pdeps, pscat, plin in pending:
+            for j in range(k):
+                _comm(prog, ctx, plin, pli, "bwd", "grad_scatter", [pdeps[j]], pscat[j],
+                      chunk=j)
+            _grad_sync(prog, ctx, plin, pli, pdeps[-1:])
+        pending = []
+        et, ef = _expert(ctx, lin, True)
+        chunks_done = []
+        prev = []
+        for j in range(k):
+            prev = [_cmp(prog, li, "bwd", "expert", [b, g[j], *prev], et / k, ef / k,
+                         lin.expert_tokens.sum(1) // k + (j < lin.expert_tokens.sum(1) % k),
+                         chunk=j)]
+            chunks_done.append(prev[0])
+        d = _comm(prog, ctx, lin, li, "bwd", "dispatch", prev)
+        e = _cmp(prog, li, "bwd", "permute", [d], gpu.gather(_permute_bytes(ctx, lin)))
+        rt, rf = _router(ctx, lin, True)
+        f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.tokens)
+        pending.append((li, chunks_done, scatters, lin))
+        last = _latent(prog, ctx, lin, li, "bwd", "latent_down", [f])
+    for pli, pdeps, pscat, plin in pending:
+        for j in range(k):
+            _comm(prog, ctx, plin, pli, "bwd", "grad_scatter", [pdeps[j]], pscat[j], chunk=j)
+        _grad_sync(prog, ctx, plin, pli, pdeps[-1:])
+    _final_sync(prog, ctx, last)
+
+
+def _final_sync(prog: Program, ctx: StrategyContext, deps: list[int]) -> None:
+    """One bucketed all-reduce of the weights every rank holds (router, HP latent projections)
+    over all ranks, after the last backward layer."""
+    nlayers = ctx.cfg.model.num_layers
+    total = ctx.replicated_bytes * nlayers
+    if ctx.cfg.parallel.dp_grad_sync and total > 0 and prog.n > 1:
+        n = prog.n
+        sent = np.full(n, int(2 * (n - 1) / n * total), dtype=np.int64)
+        prog.add(Op(0, "bwd", "grad_sync", "comm", deps,
+                    comm=lambda: ctx.all_reduce_all(total), nbytes=sent))
+
+
+BUILDERS = {"ep": build_ep, "hp": build_hp, "fsep": build_fsep}

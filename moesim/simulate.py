@@ -1,0 +1,347 @@
+"""One simulated training step (the MoE layers, forward and backward) for a strategy: from a
+config and a routing trace to the Result table, a summary and a timeline.
+
+How the cluster is split: the MoE group has G = `parallel.degree` ranks (0: every GPU), and the
+cluster holds N / G groups side by side (data parallel). Group g runs ranks g*G .. g*G+G-1 and
+replays the trace aggregated to G shards at trace step (step + g) mod steps, so that groups see
+different (but equally distributed) routing. Each group's placement and traffic come from
+planner/ (EP: contiguous blocks, or the hot-replica baseline; HP: head h on rank h mod G;
+FSEP: the re-layout of `planner.relayout` when present, else the LAER-MoE heuristic of
+`planner.heuristics` chosen by `planner.solver`). The model's layers are the trace's,
+resampled evenly when the model has more or fewer layers than the trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from moesim.collectives import CollectiveResult, Collectives
+from moesim.compute import ComputeModel
+from moesim.config import Config
+from moesim.errors import InputError
+from moesim.network import FlowNetwork
+from moesim.programs import BUILDERS, LayerInputs, Program, StrategyContext, execute
+from moesim.results import COLUMNS
+from moesim.topology import LINK_KINDS, Topology, build_topology
+from planner.placement import ep_hot_replicas, ep_placement, hp_placement
+from planner.traffic import layer_traffic
+from traces.schema import Trace
+
+
+@dataclass
+class StepOutcome:
+    strategy: str
+    step: int
+    step_time: float
+    frame: pd.DataFrame
+    link_bytes: np.ndarray           # per LINK_KINDS
+    comm_bytes: float                # network bytes of all collectives
+    comm_time: float                 # summed collective durations
+    flows: int
+    events: int
+    imbalance: float                 # mean over layers of max/mean - 1 of expert tokens
+    wall_s: float = 0.0              # host seconds this step took to simulate
+    phase_time: dict[tuple[str, str], float] = field(default_factory=dict)  # mean per rank
+    ops: list = field(default_factory=list, repr=False)
+
+
+def _check_trace(cfg: Config, trace: Trace, source: str, g: int) -> None:
+    m = cfg.model
+    if trace.num_heads != m.num_heads:
+        raise InputError(source, "heads", f"the trace has {trace.num_heads} heads, the model "
+                         f"{m.num_heads} ({cfg.source}: model.num_heads)")
+    if trace.num_experts != m.num_experts:
+        raise InputError(source, "experts", f"the trace has {trace.num_experts} experts per "
+                         f"head, the model {m.num_experts} ({cfg.source}: model.num_experts)")
+    if trace.meta.top_k != m.top_k:
+        raise InputError(source, "metadata.top_k", f"the trace routes top-{trace.meta.top_k}, "
+                         f"the model top-{m.top_k} ({cfg.source}: model.top_k)")
+    if trace.num_shards % g:
+        raise InputError(source, "shards", f"the MoE group of {g} ranks does not divide the "
+                         f"trace's {trace.num_shards} shards (set parallel.degree)")
+
+
+def _fsep_placement(cfg: Config, counts: np.ndarray, g: int):
+    """FSEP re-layout from planner/: `planner.relayout.relayout(model, planner, counts, N)`
+    when that module exists, else the heuristic named by planner.solver (laer_fill for the
+    ILP solvers, whose time per layer does not fit a 1000-layer sweep)."""
+    try:
+        relayout = importlib.import_module("planner.relayout")
+    except ImportError:
+        relayout = None
+    if relayout is not None and hasattr(relayout, "relayout"):
+        return relayout.relayout(cfg.model, cfg.planner, counts, g)
+    from planner.cost import layout_cost
+    from planner.heuristics import greedy_lpt, laer_fill
+    from planner.placement import replicated_placement
+    cost = layout_cost(cfg.model, cfg.planner, counts, g)
+    fill = greedy_lpt if cfg.planner.solver == "greedy" else laer_fill
+    return replicated_placement("fsep", g, fill(cost, cfg.planner.slots_per_rank),
+                                source="planner.heuristics")
+
+
+class Simulator:
+    """Simulates steps of one config and trace on one cluster; reusable over strategies."""
+
+    def __init__(self, cfg: Config, trace: Trace, trace_source: str,
+                 topo: Topology | None = None) -> None:
+        self.cfg = cfg
+        self.n = cfg.cluster.num_gpus
+        self.g = cfg.parallel.degree or self.n
+        if self.n % self.g:
+            raise InputError(cfg.source, "parallel.degree",
+                             f"{self.g} does not divide the cluster's {self.n} GPUs")
+        _check_trace(cfg, trace, trace_source, self.g)
+        self.trace = trace.aggregate(self.g)
+        if self.trace.num_layers != cfg.model.num_layers:
+            self.trace = self.trace.resample(num_layers=cfg.model.num_layers)
+        self.trace_source = trace_source
+        self.topo = topo or build_topology(cfg.cluster, cfg.source)
+        if self.topo.num_gpus != self.n:
+            raise InputError(cfg.source, "cluster.nodes", f"the topology has "
+                             f"{self.topo.num_gpus} GPUs, nodes x gpus_per_node = {self.n}")
+        self.compute = ComputeModel.load(cfg.cluster.gpu)
+        self.net = FlowNetwork(self.topo, cfg.cluster.completion_tolerance)
+        self.coll = Collectives(self.net, cfg.cluster.collective_latency_us * 1e-6)
+        self._traffic: dict = {}
+
+    # --- planner -----------------------------------------------------------------------
+    def _placement(self, strategy: str, counts: np.ndarray):
+        m, g = self.cfg.model, self.g
+        if strategy == "hp":
+            if m.num_heads < 2:
+                raise InputError(self.cfg.source, "model.num_heads", "HP needs a Multi-Head "
+                                 "LatentMoE model (num_heads > 1); give HP its own config "
+                                 "and trace (--hp-config, --hp-trace)")
+            return hp_placement(m, g)
+        if strategy == "ep":
+            extra = self.cfg.planner.ep_hot_replicas
+            if extra:
+                return ep_hot_replicas(counts.sum(axis=0).reshape(-1), g, extra)
+            return ep_placement(m.total_experts, g)
+        return _fsep_placement(self.cfg, counts, g)
+
+    def _layer_traffic(self, strategy: str, tstep: int, layer: int):
+        key = (strategy, tstep, layer)
+        if key not in self._traffic:
+            counts = self.trace.counts[tstep, layer]
+            placement = self._placement(strategy, counts)
+            gpn = self.cfg.cluster.gpus_per_node if (strategy == "ep" and
+                                                     self.cfg.parallel.ep_dedup) else 0
+            if gpn and self.g % gpn:
+                gpn = 0  # a group inside one node: nothing to deduplicate
+            self._traffic[key] = layer_traffic(self.cfg.model, placement, counts,
+                                               gpus_per_node=gpn)
+        return self._traffic[key]
+
+    def layer_inputs(self, strategy: str, step: int, layer: int) -> LayerInputs:
+        n, g = self.n, self.g
+        groups = n // g
+        m = self.cfg.model
+        phases: dict[tuple[str, str], np.ndarray] = {}
+        et = np.zeros((n, m.total_experts), dtype=np.int64)
+        tokens = np.zeros(n, dtype=np.int64)
+        routed = np.zeros(n, dtype=np.int64)
+        for gi in range(groups):
+            tstep = (step + gi) % self.trace.num_steps
+            lt = self._layer_traffic(strategy, tstep, layer)
+            sl = slice(gi * g, (gi + 1) * g)
+            for key, mat in lt.phases.items():
+                if key not in phases:
+                    phases[key] = np.zeros((n, n), dtype=np.int64)
+                phases[key][sl, sl] = mat
+            et[sl] = lt.expert_tokens
+            counts = self.trace.counts[tstep, layer]
+            tokens[sl] = counts[:, 0, :].sum(axis=1) // m.top_k
+            if strategy == "hp":
+                # Sub-tokens a rank routes: its heads' slices of every token of the group.
+                heads_on = np.bincount(np.arange(m.num_heads) % g, minlength=g)
+                routed[sl] = tokens[sl].sum() * heads_on
+            else:
+                routed[sl] = tokens[sl] * m.num_heads
+        db = m.dtype_bytes
+        if groups > 1:
+            # Weights replicated over groups: each rank's experts (EP, HP) or expert shards
+            # (FSEP), all-reduced over the ranks of the same local index.
+            per_rank = m.total_experts * m.expert_params * db / g
+        else:
+            per_rank = 0.0
+        return LayerInputs(phases, et, tokens, routed, per_rank)
+
+    def _replicated_bytes(self, strategy: str) -> float:
+        """Weights of one layer held by every rank: router, and HP's latent projections."""
+        m = self.cfg.model
+        db = m.dtype_bytes
+        if strategy == "hp":
+            # Per-head routers live with their heads (replicated over groups only, small);
+            # the latent down and up projections are on every rank.
+            return 2.0 * m.d_model * m.latent_dim * db
+        return float(m.d_model * m.total_experts * db)
+
+    # --- collectives -------------------------------------------------------------------
+    def _dp_rings(self) -> np.ndarray:
+        g, groups = self.g, self.n // self.g
+        return np.arange(self.n).reshape(groups, g).T  # [G rings, groups members]
+
+    def simulate_step(self, strategy: str, step: int) -> StepOutcome:
+        cfg = self.cfg
+        layers = [self.layer_inputs(strategy, step, li) for li in range(cfg.model.num_layers)]
+        stats = {"link": np.zeros(len(LINK_KINDS)), "bytes": 0.0, "time": 0.0, "flows": 0,
+                 "events": 0}
+
+        def account(res: CollectiveResult) -> CollectiveResult:
+            stats["link"] += res.link_bytes
+            stats["bytes"] += res.bytes
+            stats["time"] += res.duration
+            stats["flows"] += res.flows
+            stats["events"] += res.events
+            return res
+
+        algo = cfg.parallel.a2a_algorithm
+        if algo == "hierarchical" and len(set(np.bincount(self.topo.machine))) != 1:
+            raise InputError(cfg.source, "parallel.a2a_algorithm",
+                             "hierarchical all-to-all needs machines of equal size")
+        ctx = StrategyContext(
+            cfg=cfg, compute=self.compute,
+            a2a=lambda mtx: account(self.coll.all_to_all(mtx, algo)),
+            dp_all_reduce=lambda b: account(self.coll.all_reduce(self._dp_rings(), b)),
+            all_reduce_all=lambda b: account(self.coll.all_reduce(
+                np.arange(self.n)[None, :], b)),
+            replicated_bytes=self._replicated_bytes(strategy),
+            groups=self.n // self.g,
+        )
+        prog = Program(self.n)
+        BUILDERS[strategy](prog, ctx, layers)
+        step_time = execute(prog)
+        frame, phase_time = self._frame(prog, strategy, step)
+        loads = np.stack([lin.expert_tokens.sum(axis=1) for lin in layers]).astype(float)
+        mean = loads.mean(axis=1)
+        imb = float(np.mean(np.where(mean > 0, loads.max(axis=1) / np.maximum(mean, 1e-300)
+                                     - 1.0, 0.0)))
+        return StepOutcome(strategy, step, step_time, frame, stats["link"], stats["bytes"],
+                           stats["time"], stats["flows"], stats["events"], imb, phase_time,
+                           prog.ops)
+
+    def _frame(self, prog: Program, strategy: str, step: int):
+        n = self.n
+        ops = prog.ops
+        k = len(ops)
+        rank = np.tile(np.arange(n), k)
+        cols = {
+            "source": np.full(k * n, "sim", dtype=object),
+            "strategy": np.full(k * n, strategy, dtype=object),
+            "step": np.full(k * n, step, dtype=np.int64),
+            "layer": np.repeat([o.layer for o in ops], n).astype(np.int64),
+            "rank": rank.astype(np.int64),
+            "pass": np.repeat(np.array([o.pass_ for o in ops], dtype=object), n),
+            "phase": np.repeat(np.array([o.phase for o in ops], dtype=object), n),
+            "stream": np.repeat(np.array([o.stream for o in ops], dtype=object), n),
+            "start_s": np.concatenate([o.start for o in ops]),
+            "end_s": np.concatenate([o.end for o in ops]),
+            "bytes": np.concatenate([o.nbytes for o in ops]).astype(np.int64),
+            "tokens": np.concatenate([o.tokens for o in ops]).astype(np.int64),
+            "flops": np.concatenate([o.flops for o in ops]).astype(np.float64),
+        }
+        df = pd.DataFrame(cols)[list(COLUMNS)]
+        # Rows of zero duration and zero work are kept: they say the phase ran (empty) there.
+        dur = df["end_s"] - df["start_s"]
+        pt = dur.groupby([df["pass"], df["phase"], df["stream"]]).sum() / n
+        phase_time = {(p, ph, s): float(v) for (p, ph, s), v in pt.items()}
+        return df, phase_time
+
+
+def run_strategies(sims: dict[str, Simulator], steps: list[int],
+                   progress: bool = False) -> list[StepOutcome]:
+    """Simulate every (strategy, step); strategies may use different Simulators (HP has its
+    own model and trace)."""
+    from tqdm import tqdm
+    out = []
+    jobs = [(s, st) for s in sims for st in steps]
+    for s, st in tqdm(jobs, desc="simulate", unit="step", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        o = sims[s].simulate_step(s, st)
+        o.wall_s = time.perf_counter() - t0
+        out.append(o)
+    return out
+
+
+def summarize(outcomes: list[StepOutcome], n: dict[str, int]) -> pd.DataFrame:
+    """One row per strategy: means over steps."""
+    rows = []
+    by: dict[str, list[StepOutcome]] = {}
+    for o in outcomes:
+        by.setdefault(o.strategy, []).append(o)
+    for s, os_ in by.items():
+        df = pd.concat([o.frame for o in os_])
+        ranks = n[s]
+        steps = len(os_)
+        dur = df["end_s"] - df["start_s"]
+        comm = df["stream"] == "comm"
+        busy = dur.groupby([df["step"], df["rank"], df["stream"]]).sum()
+        compute_busy = busy.xs("compute", level="stream").groupby("step").max().mean()
+        sent = float(df.loc[comm, "bytes"].sum())
+        row = {
+            "strategy": s,
+            "gpus": ranks,
+            "step_ms": 1e3 * float(np.mean([o.step_time for o in os_])),
+            "compute_ms": 1e3 * float(compute_busy),
+            "comm_ms": 1e3 * float(dur[comm].sum()) / (ranks * steps),
+            "exposed_comm_ms": 1e3 * (float(np.mean([o.step_time for o in os_]))
+                                      - float(compute_busy)),
+        }
+        for ph in ("dispatch", "combine", "weight_gather", "grad_scatter", "grad_sync",
+                   "expert"):
+            sel = df["phase"] == ph
+            row[f"{ph}_ms"] = 1e3 * float(dur[sel].sum()) / (ranks * steps)
+        row["sent_GB_per_gpu"] = sent / (ranks * steps) / 1e9
+        link = np.sum([o.link_bytes for o in os_], axis=0) / steps
+        for k, name in enumerate(LINK_KINDS):
+            row[f"{name}_GB"] = float(link[k]) / 1e9
+        ctime = float(np.mean([o.comm_time for o in os_]))
+        row["achieved_GBps_per_gpu"] = (float(np.mean([o.comm_bytes for o in os_])) / ranks
+                                        / ctime / 1e9) if ctime > 0 else 0.0
+        row["imbalance"] = float(np.mean([o.imbalance for o in os_]))
+        row["flows"] = int(np.mean([o.flows for o in os_]))
+        row["events"] = int(np.mean([o.events for o in os_]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def chrome_trace(outcomes: list[StepOutcome], max_ranks: int) -> dict:
+    """Chrome/Perfetto trace: a process per (strategy, rank), a thread per stream; steps laid
+    one after another. Only the first `max_ranks` ranks are written (a 1024-GPU step has
+    millions of slices)."""
+    events: list[dict] = []
+    pid_of: dict[tuple[str, int], int] = {}
+    offset: dict[str, float] = {}
+    for o in outcomes:
+        base = offset.get(o.strategy, 0.0)
+        for op in o.ops:
+            for r in range(min(max_ranks, len(op.start))):
+                key = (o.strategy, r)
+                if key not in pid_of:
+                    pid = len(pid_of)
+                    pid_of[key] = pid
+                    events.append({"ph": "M", "name": "process_name", "pid": pid,
+                                   "args": {"name": f"{o.strategy} rank {r}"}})
+                    for tid, s in enumerate(("compute", "comm")):
+                        events.append({"ph": "M", "name": "thread_name", "pid": pid,
+                                       "tid": tid, "args": {"name": s}})
+                start, end = float(op.start[r]), float(op.end[r])
+                if end <= start:
+                    continue
+                name = f"{op.pass_} {op.phase}" + (f" c{op.chunk}" if op.chunk >= 0 else "")
+                events.append({
+                    "ph": "X", "name": name, "cat": op.stream, "pid": pid_of[key],
+                    "tid": 0 if op.stream == "compute" else 1,
+                    "ts": round((base + start) * 1e6, 3), "dur": round((end - start) * 1e6, 3),
+                    "args": {"layer": op.layer, "step": o.step, "bytes": int(op.nbytes[r]),
+                             "tokens": int(op.tokens[r]), "flops": float(op.flops[r])},
+                })
+        offset[o.strategy] = base + o.step_time
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
