@@ -105,3 +105,16 @@ def all_reduce_grads(params: list[torch.nn.Parameter], group=None) -> None:
     for g in grads:
         g.copy_(flat[off:off + g.numel()].view_as(g))
         off += g.numel()
+
+
+_SIDE_GROUP = None
+
+
+def side_group():
+    """A second communicator over all ranks, for collectives that overlap the main stream's
+    (FSEP's weight gather): NCCL runs one communicator's operations in order, so overlap needs
+    its own. Created on first use; every rank reaches it at the same point of the same step."""
+    global _SIDE_GROUP
+    if _SIDE_GROUP is None:
+        _SIDE_GROUP = dist.new_group(list(range(dist.get_world_size())))
+    return _SIDE_GROUP

@@ -53,10 +53,10 @@ def build_route(placement: Placement, tokens: np.ndarray, rank: int,
                            f"routing made {assign_expert.numel()}")
     # Assignments sorted by expert (stable: item order within an expert).
     by_expert = torch.argsort(assign_expert, stable=True)
-    replica_of = torch.repeat_interleave(torch.from_numpy(rep_order).to(device),
-                                         torch.from_numpy(mine[rep_order]).to(device))
+    replica_of = torch.repeat_interleave(torch.as_tensor(np.array(rep_order), device=device),
+                                         torch.as_tensor(np.array(mine[rep_order]), device=device))
     # Send buffer: destination-major, then replica index, then the expert-sorted order.
-    rep_r_dev = torch.from_numpy(rep_r).to(device)
+    rep_r_dev = torch.as_tensor(np.array(rep_r), device=device)
     key = rep_r_dev[replica_of] * len(rep_e) + replica_of
     send_order = by_expert[torch.argsort(key, stable=True)]
     send_splits = np.bincount(rep_r, weights=mine, minlength=n).astype(np.int64)

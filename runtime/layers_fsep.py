@@ -19,7 +19,9 @@ moved by this runtime.
 
 The layout comes from `layout(counts, layer)`, a callable: a plan replayed from plan.json, or
 the online planner fed with the counts of this layer's previous step (the first step uses its
-own counts).
+own counts). Planning ahead lets the weight all-to-all run on a side CUDA stream over a second
+communicator, overlapping routing and the token dispatch (LAER-MoE's communication overlap, at
+the granularity of one gather per layer; `parallel.fsep_chunks` is not used yet).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import Placement
-from runtime.comm import DistEnv, all_to_all
+from runtime.comm import DistEnv, all_to_all, side_group
 from runtime.moe_layer import MoELayerBase
 
 Layout = Callable[[np.ndarray, int], Placement]
@@ -81,14 +83,16 @@ class FSEPMoE(MoELayerBase):
     def replicated_parameters(self) -> list[nn.Parameter]:
         return [*super().replicated_parameters(), self.router]
 
-    def _plan(self, counts: np.ndarray) -> Placement:
-        placement = self.layout(self.prev_counts if self.prev_counts is not None else counts,
-                                self.layer)
-        self.prev_counts = counts
-        self.last_placement = placement
-        return placement
+    def _gather_ahead(self, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.shard.is_cuda:
+            return self.materialise(placement)
+        if not hasattr(self, "_side"):
+            self._side = torch.cuda.Stream()
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            return self.materialise(placement, group=side_group())
 
-    def materialise(self, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    def materialise(self, placement: Placement, group=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight all-to-all: full weights of this rank's replicas, in replica order."""
         m, n, lay, tm = self.m, self.world, self.layer, self.timer
         rep_e, rep_r = placement.replica_expert, placement.replica_rank
@@ -98,17 +102,42 @@ class FSEPMoE(MoELayerBase):
             mine = int(send_splits[self.rank])
             shard = tm.bwd_in(self.shard, lay, "weight_gather")
             rows = shard.index_select(0, torch.from_numpy(send_experts).to(shard.device))
-            recv = all_to_all(rows, send_splits, [mine] * n)
+            recv = all_to_all(rows, send_splits, [mine] * n, group=group)
             w1, w2 = unshard(recv.view(n, mine, -1), n, m.expert_dim, m.d_ffn)
             w1 = tm.bwd_out(w1, lay, "weight_gather")
             row_bytes = self.shard.shape[1] * self.shard.element_size()
             rec.bytes = (sum(send_splits) - mine) * row_bytes
             rec.bwd["bytes"] = (n - 1) * mine * row_bytes
+            rec.bwd["phase"] = "grad_scatter"
         return w1, w2
 
     def forward(self, x: torch.Tensor, forced: np.ndarray | None = None) -> torch.Tensor:
         m, lay = self.m, self.layer
         t = x.shape[0]
+        # Plan ahead (LAER-MoE): with last step's counts the layout is known before routing,
+        # so the weight all-to-all starts now, on a side stream and its own communicator, and
+        # overlaps the latent projection, routing, size exchange and token dispatch. The first
+        # step has no history: it plans from its own counts, in line.
+        ahead = None
+        if self.prev_counts is not None:
+            placement = self.layout(self.prev_counts, lay)
+            self.last_placement = placement
+            ahead = self._gather_ahead(placement)
+
+        def plan(counts: np.ndarray) -> Placement:
+            self.prev_counts = counts
+            if ahead is not None:
+                return self.last_placement
+            self.last_placement = self.layout(counts, lay)
+            return self.last_placement
+
+        def weights(route) -> tuple[torch.Tensor, torch.Tensor]:
+            if ahead is None:
+                return self.materialise(self.last_placement)
+            if x.is_cuda:
+                torch.cuda.current_stream().wait_stream(self._side)
+            return ahead
+
         z = self.to_items(x)
         with self.timer.fwd(lay, "router") as rec:
             heads = [self.route_head(z[:, h], self.router[h],
@@ -118,8 +147,7 @@ class FSEPMoE(MoELayerBase):
             gates = torch.stack([g for _, g in heads], 1)
             rec.tokens = t * m.num_heads
         y = self.exchange(z.reshape(t * m.num_heads, -1), experts.view(t * m.num_heads, -1),
-                          gates.view(t * m.num_heads, -1), self._plan,
-                          lambda route: self.materialise(self.last_placement))
+                          gates.view(t * m.num_heads, -1), plan, weights)
         return self.from_items(y.view(t, m.num_heads, -1))
 
     def reference_grads(self, ref: nn.Module):

@@ -41,13 +41,16 @@ def online_layout(m: ModelConfig, n: int, planner: PlannerConfig | None = None,
 
 def plan_layout(path: str, n: int) -> Callable[[np.ndarray, int], Placement]:
     """Replay plan.json: the k-th call for a layer gets the plan's step k (cycling)."""
-    from planner import plan as plan_io
-    plan = plan_io.read_plan(path)
+    from planner.plan import read_plan
+    plan = read_plan(path)
+    if plan.num_ranks != n:
+        raise InputError(path, "num_ranks", f"plan is for {plan.num_ranks} ranks, the job has {n}")
+    steps = sorted({s for s, _ in plan.placements})
     calls: dict[int, int] = {}
 
     def layout(counts: np.ndarray, layer: int) -> Placement:
-        step = calls.get(layer, 0)
-        calls[layer] = step + 1
-        return plan_io.placement_at(plan, step, layer)
+        k = calls.get(layer, 0)
+        calls[layer] = k + 1
+        return plan.placement(steps[k % len(steps)], layer)
 
     return layout

@@ -42,7 +42,8 @@ class PhaseRecord:
     bytes: int = 0
     tokens: int = 0
     flops: float = 0.0
-    bwd: dict = field(default_factory=dict)  # the same keys for the backward row
+    bwd: dict = field(default_factory=dict)  # the same keys for the backward row, and
+    # "phase" when the backward has another name (weight_gather's is grad_scatter)
 
 
 class PhaseTimer:
@@ -87,7 +88,7 @@ class PhaseTimer:
         span.end = self._now()
         span.bytes, span.tokens, span.flops = rec.bytes, rec.tokens, rec.flops
         self._spans.append(span)
-        bwd = _Span(layer, "bwd", phase, bytes=rec.bwd.get("bytes", 0),
+        bwd = _Span(layer, "bwd", rec.bwd.get("phase", phase), bytes=rec.bwd.get("bytes", 0),
                     tokens=rec.bwd.get("tokens", 0), flops=rec.bwd.get("flops", 0.0))
         self._open_bwd[(layer, phase)] = bwd
 

@@ -1,0 +1,93 @@
+"""The run directory (docs/interfaces.md): what a real run leaves for `moesim validate` and
+`analysis`. Written by rank 0 only, every file atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moesim.atomic import atomic_path, write_text_atomic
+from moesim.config import Config, config_to_dict
+from moesim.results import empty_frame, write_results
+
+
+def versions() -> dict:
+    v = {"torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+        v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        v["gpu"] = torch.cuda.get_device_name()
+        v["gpus"] = torch.cuda.device_count()
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def machine_meta(world: int, backend: str, device: str) -> dict:
+    return {"host": socket.gethostname(), "machine": os.environ.get("MOESIM_MACHINE", ""),
+            "world": world, "backend": backend, "device": device,
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **versions()}
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(cfg: dict) -> str:
+    lines = []
+    for section, values in cfg.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_run_dir(out: Path, cfg: Config, world: int, rows: list[dict], counts: list[np.ndarray],
+                  placements: dict, meta: dict, losses: list[float] | None = None) -> None:
+    """rows: Result rows of every rank; counts: per step [layers, N, H, E]; placements:
+    (step, layer) -> Placement (FSEP)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    as_dict = config_to_dict(dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, degree=world)))
+    write_text_atomic(out / "config.toml", to_toml(as_dict))
+    df = pd.DataFrame(rows) if rows else empty_frame()
+    write_results(df, out / "results.parquet",
+                  {"source": "real", "strategy": cfg.parallel.strategy, "config": as_dict,
+                   "machine": meta.get("machine", ""), "date": meta.get("date", "")})
+    if losses is not None:
+        with atomic_path(out / "losses.csv") as tmp:
+            pd.DataFrame({"step": range(len(losses)), "loss": losses}).to_csv(tmp, index=False)
+    if counts:
+        from traces.io import write_trace
+        from traces.schema import Trace, TraceMeta
+        m = cfg.model
+        tmeta = TraceMeta(model=m.name, source=f"runtime:{cfg.parallel.strategy}",
+                          tokens_per_shard=cfg.run.tokens_per_rank, top_k=m.top_k,
+                          generator={"routing": cfg.run.routing, "kind": cfg.run.routing_kind})
+        write_trace(Trace(np.stack(counts).astype(np.int32), tmeta), out / "trace.parquet")
+    if placements:
+        from planner.plan import Plan, write_plan
+        first = next(iter(placements.values()))
+        write_plan(Plan("fsep", world, first.num_experts, cfg.planner.slots_per_rank,
+                        dict(placements), meta={"source": "runtime"}), out / "plan.json")
+    write_text_atomic(out / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
