@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "planner.cli",
     "moesim.calibrate",
     "analysis.cli",
+    "runtime.cli",
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2

@@ -34,8 +34,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     backend = "nccl" if use_cuda else "gloo"
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized():  # a caller (a test, a notebook) made the group already
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if "MASTER_ADDR" not in os.environ:  # plain `python -m runtime.train`: a job of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
