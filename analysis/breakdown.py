@@ -2,9 +2,10 @@
 measured runs are shown together), a segment per phase, and the wall-clock step time marked on
 each bar.
 
-Communication that overlaps compute makes the stack taller than the step: the gap between the
-top of the bar and the step-time mark is time hidden by overlap (FSEP's chunked weight gathers),
-and a bar that ends at the mark has none hidden. Phase time is defined in
+Communication that overlaps compute makes the stack taller than the step: a stack above the
+step-time mark shows time hidden by overlap (FSEP's chunked weight gathers). A stack below the
+mark means the average rank sat idle for the rest of the step, waiting for the slowest rank or
+the network; that gap is drawn as a dotted "waiting" segment. Phase time is defined in
 analysis.run_summary (mean over steps and ranks, summed over layers and both passes).
 """
 
@@ -30,9 +31,11 @@ from analysis.units import time_unit
 from moesim.results import PHASES
 
 
-def breakdown_tables(files: list[ResultFile]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def breakdown_tables(files: list[ResultFile], names: dict[str, str] | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(phases, steps): phases has one row per (bar, phase) with time_s and stream; steps one
-    row per bar with step_time_s. A bar is a (file, source, strategy)."""
+    row per bar with step_time_s. A bar is a (file, source, strategy); `names` maps a file's
+    label (its stem) to the bar's name, else bars are named by strategy."""
     phase_rows, step_rows = [], []
     for f in files:
         pt = phase_times(f.frame).assign(label=f.label)
@@ -43,6 +46,9 @@ def breakdown_tables(files: list[ResultFile]) -> tuple[pd.DataFrame, pd.DataFram
     phases = pd.concat(phase_rows, ignore_index=True)
     steps = pd.concat(step_rows, ignore_index=True)
     _name_bars(steps)
+    if names:
+        steps["bar"] = [names.get(lab, bar) for lab, bar in zip(steps["label"], steps["bar"],
+                                                                strict=True)]
     phases = phases.merge(steps[["label", "source", "strategy", "bar", "order"]],
                           on=["label", "source", "strategy"])
     # A phase may run on both streams (e.g. a fused op): one segment per phase is enough.
@@ -74,14 +80,15 @@ def _name_bars(steps: pd.DataFrame) -> None:
     steps["order"] = steps["order"].rank(method="dense").astype(int)
 
 
-def plot_breakdown(files: list[ResultFile], *, title: str | None = None) -> Figure:
-    phases, steps = breakdown_tables(files)
+def plot_breakdown(files: list[ResultFile], *, title: str | None = None,
+                   names: dict[str, str] | None = None) -> Figure:
+    phases, steps = breakdown_tables(files, names)
     scale, unit = time_unit(float(max(steps["step_time_s"].max(),
                                        phases.groupby("bar")["time_s"].sum().max())))
     bars = list(steps["bar"])
     x = np.arange(len(bars))
     present = [p for p in PHASES if p in set(phases["phase"][phases["time_s"] > 0])]
-    width = max(SINGLE_COLUMN_IN, 1.0 + 0.55 * len(bars) + 1.3)
+    width = max(SINGLE_COLUMN_IN, 1.0 + 0.75 * len(bars) + 1.3)
     with paper_style():
         fig, ax = plt.subplots(figsize=(width, 2.6), layout="constrained")
         bottom = np.zeros(len(bars))
@@ -94,6 +101,12 @@ def plot_breakdown(files: list[ResultFile], *, title: str | None = None) -> Figu
                    linewidth=0.4, hatch="////" if comm else None, label=PHASE_LABEL[p])
             bottom += h
         st = steps["step_time_s"].to_numpy() / scale
+        # Where the busiest phases of an average rank end below the wall-clock step, the rest
+        # of the step is that rank waiting (for the slowest rank's experts, for the network).
+        idle = np.clip(st - bottom, 0, None)
+        if (idle > 0).any():
+            ax.bar(x, idle, 0.62, bottom=bottom, color="white", edgecolor="0.55",
+                   linewidth=0.5, hatch="....")
         ax.hlines(st, x - 0.40, x + 0.40, color="black", lw=1.4, zorder=5)
         for xi, v in zip(x, st, strict=True):
             ax.text(xi, max(v, bottom[int(xi)]) * 1.015, f"{v:.3g}", ha="center", va="bottom",
@@ -106,6 +119,9 @@ def plot_breakdown(files: list[ResultFile], *, title: str | None = None) -> Figu
         handles = [Patch(facecolor=PHASE_COLOR[p], edgecolor="white",
                          hatch="////" if (phases[phases["phase"] == p]["stream"] == "comm").any()
                          else None, label=PHASE_LABEL[p]) for p in reversed(present)]
+        if (idle > 0).any():
+            handles.insert(0, Patch(facecolor="white", edgecolor="0.55", hatch="....",
+                                    label="waiting"))
         handles.append(plt.Line2D([], [], color="black", lw=1.4, label="step time"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         if title:

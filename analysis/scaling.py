@@ -82,7 +82,7 @@ def plot_scaling(summary: pd.DataFrame, *, title: str | None = None,
         ax.legend(loc="upper left")
         if ax2 is not None:
             ax2.axhline(1.0, color=strategy_color("ep"), lw=0.8, ls="--")
-            ax2.text(gpus[0], 1.0, " EP", va="bottom", ha="left", fontsize=7,
+            ax2.text(gpus[-1], 1.0, "EP ", va="bottom", ha="right", fontsize=7,
                      color=strategy_color("ep"))
             ax2.set_ylabel("speed-up over EP")
             ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.2g}×"))
