@@ -61,28 +61,35 @@ def _why(summary: pd.DataFrame, claim: str) -> str:
                 "attention or dense compute to dilute the saving), so our speed-ups are upper "
                 "bounds for a whole model; the paper's IO-aware kernels are not modelled.")
     if claim.startswith("HP (2x"):
-        return ("At doubled granularity HP keeps its bytes but runs twice the experts at half "
-                "the width: smaller grouped GEMMs lose efficiency in the compute model and the "
-                "router scores twice the experts. The paper's smaller gain (1.11x) also "
-                "includes kernel overheads we do not model.")
+        big = list(R.HP_SIZES)[-1]
+        hp, hp2 = _arm(summary, "hp", f"{big}-hp"), _arm(summary, "hp", f"{big}-hp2x")
+        return (f"Doubling granularity costs HP {hp2['step_time_s'] / hp['step_time_s'] - 1:.0%} "
+                f"of its step here ({big}; the paper: 1.61x -> 1.11x, about 31%): the bytes "
+                "stay, but twice the experts at half the width make smaller, less efficient "
+                "grouped GEMMs in the compute model. The absolute figure inherits the 2-node "
+                "EP baseline's large communication share (row 1); router and kernel overheads "
+                "of finer experts are not modelled.")
     if claim.startswith("FSEP vs"):
-        ep, fs = _arm(summary, "fsep", "ep"), _arm(summary, "fsep", "fsep")
-        return (f"Imbalance in our synthetic trace (EP load CV {_pct(ep['imbalance_cv'])}) is "
-                "set to the paper's stated ~30%, but the paper's real routing has heavier "
-                "tails in some layers; FSEP's weight all-to-all costs "
-                f"{fs['comm_bytes_per_gpu'] / max(ep['comm_bytes_per_gpu'], 1):.1f}x EP's "
-                "bytes here. H200 compute with A100 NVLink makes communication relatively "
-                "dearer than on the paper's A100s, and the paper's baseline is a full "
-                "training system (attention, optimizer), not an MoE-layer-only EP.")
+        ep, hot, fs = (_arm(summary, "fsep", a) for a in ("ep", "ep-hot", "fsep"))
+        more = fs["comm_bytes_per_gpu"] / max(ep["comm_bytes_per_gpu"], 1)
+        return (f"Inside the paper's range because the setup was matched to it: EP load CV "
+                f"{_pct(ep['imbalance_cv'])} as the paper states (~30%), 8 GPUs, a 1.2B "
+                "Mixtral-style model. The speed-up comes from removing EP's wait for the "
+                f"busiest GPU (see the breakdown); FSEP pays {more:.1f}x "
+                "EP's bytes for weight gathers, mostly hidden under expert compute. Against "
+                f"hot-replica EP the gain is {hot['step_time_s'] / fs['step_time_s']:.2f}x; "
+                "the paper's baselines are whole training systems, and we use H200 compute "
+                "with A100 NVLink bandwidth (no A100 calibration).")
     if claim.startswith("load imbalance") and claim.endswith("trace"):
-        return ("Token-level balance from the planner alone, before any timing: FSEP's planner "
+        return ("Close to the paper. Token-level balance from the planner alone: FSEP's planner "
                 "minimises modelled step time (compute plus weight and token traffic), not token "
                 "spread, so it stops replicating once a replica costs more than it saves; and "
                 "it plans from the previous step, so each move of the hot set costs a step.")
     if claim.startswith("load imbalance"):
-        return ("Same metric family (spread of per-GPU expert load); the paper does not say "
-                "whether it is std/mean or max/mean, so both are given. Residual FSEP imbalance "
-                "comes from the planner's per-GPU expert-slot limit and integer token splits.")
+        return ("Matches. The paper's metric is described as the spread of expert workload; we "
+                "give per-GPU load CV (std/mean) and max/mean - 1. The simulator lays each step "
+                "out from the routing it serves; the residual comes from the planner trading "
+                "balance against replica cost and the 2-slot limit per GPU.")
     return ""
 
 
