@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "traces.cli",
     "planner.cli",
     "moesim.calibrate",
+    "moesim.validate",
     "analysis.cli",
     "runtime.cli",
 ]
