@@ -24,9 +24,9 @@ def _args(out: str, *sets: str, resume: bool = False) -> argparse.Namespace:
 
 
 def _train(out: str, *sets: str, resume: bool = False) -> list[float]:
-    from runtime.train import Trainer
     from moesim.config import load_config, parse_override, with_overrides
     from runtime.comm import init_distributed
+    from runtime.train import Trainer
     a = _args(out, *sets, resume=resume)
     cfg = load_config(a.config, dict(parse_override(s) for s in a.set))
     cfg = with_overrides(cfg, {"run.out_dir": out})
@@ -62,7 +62,7 @@ def test_resume_gives_identical_losses_and_a_complete_run_dir():
         from traces.io import read_trace
         cfg = load_config(out / "config.toml")
         assert cfg.parallel.degree == 2 and cfg.parallel.strategy == "fsep"
-        df, meta = read_results(out / "results.parquet")
+        df, _ = read_results(out / "results.parquet")
         assert set(df["source"]) == {"real"} and set(df["rank"]) == {0, 1}
         assert set(df["step"]) == set(range(6))  # resumed runs keep the earlier steps' rows
         assert {"dispatch", "combine", "expert", "weight_gather", "grad_scatter"} \
