@@ -32,6 +32,7 @@ than the collective latency added by `moesim.collectives`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,8 @@ class FlowSet:
     start: np.ndarray       # float64[F], seconds after the set starts
     latency: np.ndarray     # float64[F], added to the fluid finish time
     by_flow: csr_matrix     # [F, L]: fraction of flow f on link l
+    solve: tuple            # (entry flow, entry link, fraction) over distinct-constraint links
+    solve_cap: np.ndarray   # float64[L']
 
     @property
     def num_flows(self) -> int:
@@ -69,36 +72,66 @@ class FlowResult:
 
 
 def max_min_rates(by_flow: csr_matrix, capacity: np.ndarray,
-                  active: np.ndarray | None = None,
-                  by_link: csr_matrix | None = None) -> tuple[np.ndarray, int]:
+                  active: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Max-min fair rates of the flows (rows of `by_flow`, [F, L] fractions) under `capacity`
     (bytes/s per link), by vectorised progressive filling; flows outside `active` get rate 0
-    and take no capacity. `by_link` is `by_flow` transposed to CSR, when the caller has it.
-    Returns (rates, rounds)."""
+    and take no capacity. Returns (rates, rounds)."""
     f = by_flow.shape[0]
+    ent_flow = np.repeat(np.arange(f), np.diff(by_flow.indptr))
+    return _fill(ent_flow, by_flow.indices.astype(np.int64), by_flow.data, f, capacity, active)
+
+
+def _fill(ent_flow: np.ndarray, ent_link: np.ndarray, ent_w: np.ndarray, f: int,
+          capacity: np.ndarray, active: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Progressive filling over the incidence entries (flow, link, fraction): each round is two
+    weighted bincounts; the entries shrink to the unfrozen flows as they freeze."""
     rates = np.zeros(f)
     if f == 0:
         return rates, 0
-    if by_link is None:
-        by_link = by_flow.T.tocsr()  # [L, F]
-    unfrozen = np.ones(f, dtype=bool) if active is None else active.copy()
+    nl = len(capacity)
+    if active is not None:
+        keep = active[ent_flow]
+        ent_flow, ent_link, ent_w = ent_flow[keep], ent_link[keep], ent_w[keep]
+        unfrozen = active.copy()
+    else:
+        unfrozen = np.ones(f, dtype=bool)
     res = capacity.astype(np.float64).copy()
     rounds = 0
-    while unfrozen.any():
+    while len(ent_flow):
         rounds += 1
-        load = by_link @ unfrozen.astype(np.float64)  # weighted unfrozen flows per link
+        load = np.bincount(ent_link, weights=ent_w, minlength=nl)  # unfrozen flows per link
         lk = np.nonzero(load > 0)[0]
-        if not len(lk):  # flows without links (cannot happen for src != dst): unbounded
-            rates[unfrozen] = np.inf
-            break
         share = res[lk] / load[lk]
         delta = max(float(share.min()), 0.0)
         rates[unfrozen] += delta
         res[lk] -= load[lk] * delta
-        full = np.zeros(len(res))
-        full[lk[share <= delta * (1 + _FILL_RTOL) + 1e-300]] = 1.0
-        unfrozen &= ~((by_flow @ full) > 0)
+        full = np.zeros(nl, dtype=bool)
+        full[lk[share <= delta * (1 + _FILL_RTOL) + 1e-300]] = True
+        hit = ent_flow[full[ent_link]]
+        unfrozen[hit] = False
+        keep = unfrozen[ent_flow]
+        ent_flow, ent_link, ent_w = ent_flow[keep], ent_link[keep], ent_w[keep]
+    if active is not None:
+        rates[~active] = 0.0
     return rates, rounds
+
+
+def _distinct_constraints(by_flow: csr_matrix, capacity: np.ndarray
+                          ) -> tuple[csr_matrix, np.ndarray]:
+    """Drop links whose constraint duplicates another's (same flows, same fractions, same
+    capacity): the S parallel leaf-spine links of an even ECMP split carry identical shares of
+    the same flows, so one of them stands for all. Exact for max-min; it only removes rows.
+    Duplicates are found by two seeded random projections of each link's column (equal columns
+    give equal projections; unequal ones collide with probability ~0)."""
+    by_link = by_flow.T.tocsr()
+    used = np.nonzero(np.diff(by_link.indptr))[0]
+    rng = np.random.default_rng(12345)
+    v = rng.random((by_flow.shape[0], 2))
+    proj = by_link[used] @ v
+    keys = np.column_stack([proj, capacity[used]])
+    _, first = np.unique(keys, axis=0, return_index=True)
+    keep = used[np.sort(first)]
+    return by_link[keep].T.tocsr(), capacity[keep]
 
 
 class FlowNetwork:
@@ -110,6 +143,9 @@ class FlowNetwork:
         self.capacity = topo.capacity
         self.events = 0
         self.flows = 0
+        # Routes and reduced constraints per (src, dst) pattern: collectives repeat patterns
+        # (every EP layer's dispatch covers the same pairs) with different sizes.
+        self._patterns: dict[bytes, tuple] = {}
 
     def flowset(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray,
                 start: np.ndarray | None = None, latency_hops: float = 1.0) -> FlowSet:
@@ -131,16 +167,25 @@ class FlowNetwork:
             grp = np.cumsum(new) - 1
             nbytes = np.bincount(grp, weights=nbytes)
             src, dst, start = src[new], dst[new], start[new]
-        r = self.topo.routes(src, dst)
-        by_flow = csr_matrix((r.weights, r.links, r.ptr), shape=(len(src), self.topo.num_links))
-        return FlowSet(src, dst, nbytes, start, r.latency * latency_hops, by_flow)
+        key = hashlib.sha1(src.tobytes() + b"|" + dst.tobytes()).digest()
+        pat = self._patterns.get(key)
+        if pat is None:
+            r = self.topo.routes(src, dst)
+            by_flow = csr_matrix((r.weights, r.links, r.ptr),
+                                 shape=(len(src), self.topo.num_links))
+            sf, sc = _distinct_constraints(by_flow, self.capacity)
+            ent = (np.repeat(np.arange(len(src)), np.diff(sf.indptr)),
+                   sf.indices.astype(np.int64), sf.data)
+            pat = (by_flow, r.latency, ent, sc)
+            self._patterns[key] = pat
+        by_flow, lat, ent, solve_cap = pat
+        return FlowSet(src, dst, nbytes, start, lat * latency_hops, by_flow, ent, solve_cap)
 
     def run(self, fs: FlowSet) -> FlowResult:
         """Advance the flows to completion; finish times are relative to the set's start."""
         f = fs.num_flows
         finish = np.zeros(f)
-        by_link = fs.by_flow.T.tocsr()
-        link_bytes = by_link @ fs.nbytes if f else np.zeros(self.topo.num_links)
+        link_bytes = fs.by_flow.T @ fs.nbytes if f else np.zeros(self.topo.num_links)
         if f == 0:
             return FlowResult(finish, link_bytes, 0, 0)
         cap = self.capacity
@@ -160,7 +205,7 @@ class FlowNetwork:
             if not active.any():
                 t, ai = next_arr, ai + 1
                 continue
-            rates, r = max_min_rates(fs.by_flow, cap, active, by_link)
+            rates, r = _fill(*fs.solve, f, fs.solve_cap, active)
             events += 1
             rounds += r
             idx = np.nonzero(active)[0]

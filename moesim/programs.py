@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from moesim.collectives import CollectiveResult
+from moesim.collectives import CollectiveResult, Traffic
 from moesim.compute import ComputeModel
 from moesim.config import Config
 
@@ -117,7 +117,7 @@ def execute(prog: Program) -> float:
 class LayerInputs:
     """What one layer needs, over all ranks of the cluster (groups laid block-diagonally)."""
 
-    phases: dict[tuple[str, str], np.ndarray]  # (pass, phase) -> int64[N, N] bytes
+    phases: dict[tuple[str, str], Traffic]     # (pass, phase) -> bytes between ranks
     expert_tokens: np.ndarray                  # int64[N, E_total]
     tokens: np.ndarray                         # int64[N]: tokens each rank brings
     routed: np.ndarray                         # int64[N]: (sub-)tokens each rank routes
@@ -128,22 +128,18 @@ class LayerInputs:
 class StrategyContext:
     cfg: Config
     compute: ComputeModel
-    a2a: Callable[[np.ndarray], CollectiveResult]
+    a2a: Callable[[Traffic], CollectiveResult]
     dp_all_reduce: Callable[[float], CollectiveResult]
     all_reduce_all: Callable[[float], CollectiveResult]
     replicated_bytes: float                    # router / latent weights per layer, per rank
     groups: int = 1                            # data-parallel copies of the MoE group
 
 
-def _sent(m: np.ndarray) -> np.ndarray:
-    return m.sum(axis=1) - np.diagonal(m)
-
-
 def _comm(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
-          phase: str, deps: list[int], matrix: np.ndarray | None = None, chunk: int = -1) -> int:
-    m = lin.phases[(pass_, phase)] if matrix is None else matrix
-    return prog.add(Op(layer, pass_, phase, "comm", deps, comm=lambda m=m: ctx.a2a(m),
-                       nbytes=_sent(m), chunk=chunk))
+          phase: str, deps: list[int], traffic: Traffic | None = None, chunk: int = -1) -> int:
+    t = lin.phases[(pass_, phase)] if traffic is None else traffic
+    return prog.add(Op(layer, pass_, phase, "comm", deps, comm=lambda t=t: ctx.a2a(t),
+                       nbytes=t.sent(prog.n), chunk=chunk))
 
 
 def _cmp(prog: Program, layer: int, pass_: str, phase: str, deps: list[int],
@@ -167,8 +163,7 @@ def _permute_bytes(ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
 
 def _grad_sync(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int,
                deps: list[int]) -> None:
-    if (("bwd", "grad_sync") in lin.phases and
-            (lin.phases[("bwd", "grad_sync")] > 0).any()):
+    if ("bwd", "grad_sync") in lin.phases and lin.phases[("bwd", "grad_sync")].total > 0:
         _comm(prog, ctx, lin, layer, "bwd", "grad_sync", deps)
     if ctx.cfg.parallel.dp_grad_sync and lin.dp_bytes > 0:
         d = max(ctx.groups, 1)
@@ -267,9 +262,10 @@ def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> 
     _final_sync(prog, ctx, last)
 
 
-def _chunks(m: np.ndarray, k: int) -> list[np.ndarray]:
-    """Split integer bytes into k parts that sum exactly."""
-    return [(m * (c + 1)) // k - (m * c) // k for c in range(k)]
+def _chunks(t: Traffic, k: int) -> list[Traffic]:
+    """k equal chunks (fractional bytes: the fluid network does not care, and equal chunks
+    are solved once, see Collectives._fluid)."""
+    return [t.scaled(1.0 / k)] * k
 
 
 def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from moesim.collectives import CollectiveResult, Collectives
+from moesim.collectives import CollectiveResult, Collectives, Traffic
 from moesim.compute import ComputeModel
 from moesim.config import Config
 from moesim.errors import InputError
@@ -135,26 +135,25 @@ class Simulator:
                                                      self.cfg.parallel.ep_dedup) else 0
             if gpn and self.g % gpn:
                 gpn = 0  # a group inside one node: nothing to deduplicate
-            self._traffic[key] = layer_traffic(self.cfg.model, placement, counts,
-                                               gpus_per_node=gpn)
+            lt = layer_traffic(self.cfg.model, placement, counts, gpus_per_node=gpn)
+            self._traffic[key] = (lt, {k: Traffic.dense(v) for k, v in lt.phases.items()})
         return self._traffic[key]
 
     def layer_inputs(self, strategy: str, step: int, layer: int) -> LayerInputs:
         n, g = self.n, self.g
         groups = n // g
         m = self.cfg.model
-        phases: dict[tuple[str, str], np.ndarray] = {}
+        parts: dict[tuple[str, str], list[Traffic]] = {}
         et = np.zeros((n, m.total_experts), dtype=np.int64)
         tokens = np.zeros(n, dtype=np.int64)
         routed = np.zeros(n, dtype=np.int64)
         for gi in range(groups):
             tstep = (step + gi) % self.trace.num_steps
-            lt = self._layer_traffic(strategy, tstep, layer)
+            lt, local = self._layer_traffic(strategy, tstep, layer)
             sl = slice(gi * g, (gi + 1) * g)
-            for key, mat in lt.phases.items():
-                if key not in phases:
-                    phases[key] = np.zeros((n, n), dtype=np.int64)
-                phases[key][sl, sl] = mat
+            for key, t in local.items():
+                parts.setdefault(key, []).append(Traffic(t.src + gi * g, t.dst + gi * g,
+                                                         t.nbytes))
             et[sl] = lt.expert_tokens
             counts = self.trace.counts[tstep, layer]
             tokens[sl] = counts[:, 0, :].sum(axis=1) // m.top_k
@@ -171,6 +170,7 @@ class Simulator:
             per_rank = m.total_experts * m.expert_params * db / g
         else:
             per_rank = 0.0
+        phases = {k: Traffic.concat(v) for k, v in parts.items()}
         return LayerInputs(phases, et, tokens, routed, per_rank)
 
     def _replicated_bytes(self, strategy: str) -> float:
