@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "planner.cli",
     "moesim.calibrate",
     "moesim.validate",
+    "moesim.simulate_cli",
     "analysis.cli",
     "runtime.cli",
 ]

@@ -6,14 +6,12 @@ cluster holds N / G groups side by side (data parallel). Group g runs ranks g*G 
 replays the trace aggregated to G shards at trace step (step + g) mod steps, so that groups see
 different (but equally distributed) routing. Each group's placement and traffic come from
 planner/ (EP: contiguous blocks, or the hot-replica baseline; HP: head h on rank h mod G;
-FSEP: the re-layout of `planner.relayout` when present, else the LAER-MoE heuristic of
-`planner.heuristics` chosen by `planner.solver`). The model's layers are the trace's,
+FSEP: `planner.relayout.fsep_placement` by `planner.solver`). The model's layers are the trace's,
 resampled evenly when the model has more or fewer layers than the trace.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 
@@ -67,22 +65,11 @@ def _check_trace(cfg: Config, trace: Trace, source: str, g: int) -> None:
 
 
 def _fsep_placement(cfg: Config, counts: np.ndarray, g: int):
-    """FSEP re-layout from planner/: `planner.relayout.relayout(model, planner, counts, N)`
-    when that module exists, else the heuristic named by planner.solver (laer_fill for the
-    ILP solvers, whose time per layer does not fit a 1000-layer sweep)."""
-    try:
-        relayout = importlib.import_module("planner.relayout")
-    except ImportError:
-        relayout = None
-    if relayout is not None and hasattr(relayout, "relayout"):
-        return relayout.relayout(cfg.model, cfg.planner, counts, g)
-    from planner.cost import layout_cost
-    from planner.heuristics import greedy_lpt, laer_fill
-    from planner.placement import replicated_placement
-    cost = layout_cost(cfg.model, cfg.planner, counts, g)
-    fill = greedy_lpt if cfg.planner.solver == "greedy" else laer_fill
-    return replicated_placement("fsep", g, fill(cost, cfg.planner.slots_per_rank),
-                                source="planner.heuristics")
+    """FSEP re-layout from planner/ (`planner.relayout.fsep_placement`, method by
+    planner.solver; the presets use "laer", the MILP solvers take seconds a layer)."""
+    from planner.relayout import fsep_placement
+    placement, _stats = fsep_placement(cfg.model, cfg.planner, counts, g, with_bound=False)
+    return placement
 
 
 class Simulator:
