@@ -1,0 +1,375 @@
+"""Check and time every kernel in ``kernels/`` on one GPU, in one run.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py [--out DIR] [--small]
+
+1. Ceilings, re-measured in the same run: device-to-device copy bandwidth (bytes read + written)
+   and ``torch._grouped_mm`` on the grouped-GEMM shape.
+2. Checks (the GPU test script): every kernel against a float64 (or, for the full-size GEMM,
+   fp32 non-tf32) torch reference on fresh random inputs, outputs drawn from a NaN-poisoned
+   allocator cache so unwritten elements show; forward and backward.
+3. Timings: medians of ``triton.testing.do_bench`` (it flushes L2 between repetitions), against
+   the torch reference and ``torch._grouped_mm``, as TB/s or TFLOP/s against the ceilings.
+
+Prints a compact table last and writes every number to ``DIR/kernels.json`` (default ``$OUT``
+or ``./out``). ``--small`` shrinks the shapes (a smoke run; also runs on CPU under
+``TRITON_INTERPRET=1``, with host-clock timings that mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.combine import combine_backward, combine_reference, gather_reduce
+from kernels.grouped_gemm import (
+    grouped_mm,
+    grouped_mm_dw,
+    grouped_mm_dx,
+    grouped_mm_forward,
+    grouped_mm_reference,
+)
+from kernels.permute import permute, permute_indices, permute_reference, scatter_rows
+from kernels.router import route_reference, route_triton
+
+# Measured on one nvidia-h200-x2 machine, 2026-11-23 (shared/DESIGN.md).
+DESIGN_COPY_TBPS = 4.2
+DESIGN_GATHER_TBPS = 3.7
+DESIGN_GROUPED_MM_TFLOPS = 609.0
+
+RESULTS: dict[str, dict] = {}
+CHECKS: list[tuple[str, str, float, float]] = []  # (name, what, error, tolerance)
+
+
+def bench(fn: Callable[[], object], dev: torch.device) -> float:
+    """Median milliseconds per call."""
+    if dev.type == "cuda":
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def poison(dev: torch.device) -> None:
+    """Fill free allocator blocks with NaN so a kernel that skips an element is caught."""
+    if dev.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info()
+    n = int(min(free * 0.6, 24 * 2**30)) // 2
+    buf = torch.empty(n, dtype=torch.bfloat16, device=dev)
+    buf.fill_(float("nan"))
+    del buf
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+
+
+def check(name: str, what: str, err: float, tol: float) -> None:
+    CHECKS.append((name, what, err, tol))
+    flag = "ok" if err <= tol else "FAIL"
+    print(f"check {name:<28} {what:<22} err {err:.2e} (tol {tol:.0e}) {flag}", flush=True)
+
+
+def exact(name: str, what: str, same: bool) -> None:
+    check(name, what, 0.0 if same else float("inf"), 0.0)
+
+
+def record(key: str, ms: float, *, bytes_: float = 0.0, flops: float = 0.0, **extra) -> None:
+    row = {"ms": ms, **extra}
+    if bytes_:
+        row["TB/s"] = bytes_ / (ms * 1e-3) / 1e12
+        row["bytes"] = bytes_
+    if flops:
+        row["TFLOP/s"] = flops / (ms * 1e-3) / 1e12
+        row["flops"] = flops
+    RESULTS[key] = row
+    rate = f"{row['TB/s']:.2f} TB/s" if bytes_ else (f"{row['TFLOP/s']:.0f} TFLOP/s" if flops
+                                                      else "")  # fmt: skip
+    print(f"time  {key:<44} {ms:9.4f} ms  {rate}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+def ceilings(dev: torch.device, small: bool) -> None:
+    n = (2**20 if small else 2**30) // 2  # bf16 elements: 2 GiB buffers on the GPU
+    src = torch.randn(n, device=dev).bfloat16()
+    dst = torch.empty_like(src)
+    ms = bench(lambda src=src, dst=dst: dst.copy_(src), dev)
+    record("ceiling/copy", ms, bytes_=2 * src.numel() * 2)
+    del src, dst
+
+
+def bench_router(dev: torch.device, small: bool) -> None:
+    t, e, k = (512, 64, 8) if small else (32768, 64, 8)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = "fp32" if dtype == torch.float32 else "bf16"
+        for shape, score in (((t, e), "softmax"), ((t, e), "sigmoid"), ((t, 4, e), "softmax")):
+            poison(dev)
+            logits = (2 * torch.randn(shape, device=dev, generator=gen)).to(dtype)
+            out = route_triton(logits, k, score)
+            ref = route_reference(logits.double(), k, score)
+            name = f"router[{'x'.join(map(str, shape))},{score},{tag}]"
+            exact(name, "experts", torch.equal(out.experts, ref.experts))
+            exact(name, "counts", torch.equal(out.counts, ref.counts))
+            check(name, "weights", rel_err(out.weights, ref.weights), 1e-5)
+            # Fresh logits for timing (the check's are still cached in nothing: do_bench
+            # flushes L2 between calls).
+            ms_k = bench(lambda logits=logits, score=score: route_triton(logits, k, score), dev)
+            ms_r = bench(lambda logits=logits, score=score: route_reference(logits, k, score),
+                         dev)  # fmt: skip
+            nbytes = logits.numel() * logits.element_size() + t * k * 12
+            record(f"router/{'x'.join(map(str, shape))}/{score}/{tag}/triton", ms_k,
+                   bytes_=nbytes, speedup_vs_torch=ms_r / ms_k)  # fmt: skip
+            record(f"router/{'x'.join(map(str, shape))}/{score}/{tag}/torch", ms_r)
+
+
+def bench_permute_combine(dev: torch.device, small: bool) -> None:
+    t, d, e, k = (256, 512, 64, 8) if small else (32768, 4096, 64, 8)
+    gen = torch.Generator(device=dev).manual_seed(2)
+    x = torch.randn(t, d, device=dev, generator=gen).bfloat16()
+    logits = torch.randn(t, e, device=dev, generator=gen)
+    r = route_triton(logits, k)
+    experts, weights = r.experts, r.weights
+
+    # -- checks: exact permutation; combine and both backwards against float64.
+    poison(dev)
+    out = permute(x, experts, e)
+    ref = permute_reference(x, experts, e)
+    exact("permute", "row_map", torch.equal(out.row_map, ref.row_map))
+    exact("permute", "offsets", torch.equal(out.offsets, ref.offsets))
+    exact("permute", "x_perm", torch.equal(out.x_perm, ref.x_perm))
+    y = torch.randn(t * k, d, device=dev, generator=gen).bfloat16()
+    poison(dev)
+    c = gather_reduce(y, out.row_map, weights)
+    c_ref = combine_reference(y.double(), out.row_map, weights.double())
+    check("combine", "out", rel_err(c, c_ref), 1e-2)
+    g = torch.randn(t, d, device=dev, generator=gen).bfloat16()
+    poison(dev)
+    gy, gw = combine_backward(g, y, out.row_map, weights)
+    y64 = y.double().requires_grad_(True)
+    w64 = weights.double().requires_grad_(True)
+    (combine_reference(y64, out.row_map, w64) * g.double()).sum().backward()
+    check("combine.backward", "grad_y", rel_err(gy, y64.grad), 1e-2)
+    check("combine.backward", "grad_w", rel_err(gw, w64.grad), 1e-4)
+    del y64, w64, c_ref
+    poison(dev)
+    gx = gather_reduce(out.x_perm, out.row_map, None)
+    check("permute.backward", "grad_x", rel_err(gx, ref.x_perm.double().view(-1, d)[
+        out.row_map.long()].sum(1)), 1e-2)  # fmt: skip
+    del ref
+
+    # -- timings.
+    esz = x.element_size()
+    perm_bytes = t * d * esz + t * k * d * esz  # read each token once, write k copies
+    row_map = out.row_map
+    x_perm = torch.empty((t * k, d), device=dev, dtype=x.dtype)
+    record("permute/full (index + copy)", bench(lambda: permute(x, experts, e), dev),
+           bytes_=perm_bytes, vs_copy_ceiling=None)  # fmt: skip
+    record("permute/copy only", bench(lambda: scatter_rows(x, row_map, x_perm), dev),
+           bytes_=perm_bytes)  # fmt: skip
+    record("permute/index only", bench(lambda: permute_indices(experts, e), dev))
+    record("permute/torch reference", bench(lambda: permute_reference(x, experts, e), dev),
+           bytes_=perm_bytes)  # fmt: skip
+    src = torch.div(torch.sort(experts.reshape(-1), stable=True).indices, k,
+                    rounding_mode="floor")  # fmt: skip
+    record("permute/torch index_select only", bench(lambda: x.index_select(0, src), dev),
+           bytes_=t * k * d * esz * 2)  # fmt: skip
+    comb_bytes = t * k * d * esz + t * d * esz
+    record("combine/triton", bench(lambda: gather_reduce(y, row_map, weights), dev),
+           bytes_=comb_bytes)  # fmt: skip
+    record("combine/torch reference", bench(lambda: combine_reference(y, row_map, weights), dev),
+           bytes_=comb_bytes)  # fmt: skip
+    # Backward: reads grad_out and y (T*k*D), writes grad_y (T*k*D).
+    ms = bench(lambda: combine_backward(g, y, row_map, weights), dev)
+    record("combine.backward/triton", ms, bytes_=2 * t * k * d * esz + t * d * esz)
+    record("permute.backward/triton", bench(lambda: gather_reduce(x_perm, row_map, None), dev),
+           bytes_=comb_bytes)  # fmt: skip
+
+
+def zipf_sizes(m: int, g: int, s: float) -> torch.Tensor:
+    p = torch.tensor([1.0 / (r + 1) ** s for r in range(g)], dtype=torch.float64)
+    p /= p.sum()
+    sizes = torch.floor(p * m).long()
+    sizes[0] += m - int(sizes.sum())
+    return sizes
+
+
+def _torch_grouped(x, w, offs32):
+    return torch._grouped_mm(x, w, offs=offs32)
+
+
+def bench_grouped_gemm(dev: torch.device, small: bool) -> None:
+    g, kd, nd, per = (8, 256, 128, 256) if small else (64, 4096, 1408, 4096)
+    m = g * per
+    gen = torch.Generator(device=dev).manual_seed(3)
+    have_tgm = dev.type == "cuda" and hasattr(torch, "_grouped_mm")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    # -- check with empty groups and ragged sizes at the timed K, N (same autotune key family),
+    # against float64.
+    sizes = torch.randint(0, 300, (g,), generator=torch.Generator().manual_seed(4))
+    sizes[1::3] = 0  # a third of the groups empty
+    mc = int(sizes.sum()) + 7  # 7 rows outside every group
+    xs = torch.randn(mc, kd, device=dev, generator=gen).bfloat16().requires_grad_(True)
+    ws = (torch.randn(g, kd, nd, device=dev, generator=gen) / math.sqrt(kd)).bfloat16()
+    ws.requires_grad_(True)
+    poison(dev)
+    ys = grouped_mm(xs, ws, group_sizes=sizes.to(dev))
+    dys = torch.randn(mc, nd, device=dev, generator=gen).bfloat16()
+    ys.backward(dys)
+    x64 = xs.detach().double().requires_grad_(True)
+    w64 = ws.detach().double().requires_grad_(True)
+    ref = grouped_mm_reference(x64, w64, group_sizes=sizes)
+    ref.backward(dys.double())
+    name = f"grouped_mm[ragged,G={g}]"
+    check(name, "out", rel_err(ys, ref), 1e-2)
+    check(name, "dX", rel_err(xs.grad, x64.grad), 1e-2)
+    check(name, "dW", rel_err(ws.grad, w64.grad), 1e-2)
+    exact(name, "tail rows zero", bool((ys[-7:] == 0).all()) and bool((xs.grad[-7:] == 0).all()))
+    exact(name, "empty-group dW zero", bool((ws.grad[sizes.to(dev) == 0] == 0).all()))
+    del x64, w64, ref, xs, ws, ys, dys
+
+    x = torch.randn(m, kd, device=dev, generator=gen).bfloat16()
+    w_rm = (torch.randn(g, kd, nd, device=dev, generator=gen) / math.sqrt(kd)).bfloat16()
+    # torch._grouped_mm's CUTLASS path wants mat_b with K contiguous: same values, other layout.
+    w_cm = w_rm.transpose(1, 2).contiguous().transpose(1, 2)
+    dy = torch.randn(m, nd, device=dev, generator=gen).bfloat16()
+    fwd_flops = 2.0 * m * kd * nd
+    for dist in ("uniform", "zipf1.2"):
+        sz = torch.full((g,), per) if dist == "uniform" else zipf_sizes(m, g, 1.2)
+        offsets = torch.zeros(g + 1, dtype=torch.int32)
+        offsets[1:] = torch.cumsum(sz, 0)
+        offsets = offsets.to(dev)
+        offs32 = offsets[1:].contiguous()
+        tag = f"G={g} {kd}->{nd} {dist} (max group {int(sz.max())})"
+        # Full-size check against fp32 (non-tf32) torch, and against torch._grouped_mm.
+        poison(dev)
+        y = grouped_mm_forward(x, w_rm, offsets)
+        if dist == "uniform":
+            ref32 = torch.bmm(x.float().view(g, per, kd), w_rm.float()).view(m, nd)
+            check(f"grouped_mm[{dist}]", "out vs fp32", rel_err(y, ref32), 1e-2)
+            dx = grouped_mm_dx(dy, w_rm, offsets)
+            ref32 = torch.bmm(dy.float().view(g, per, nd), w_rm.float().transpose(1, 2))
+            check(f"grouped_mm[{dist}]", "dX vs fp32", rel_err(dx, ref32.view(m, kd)), 1e-2)
+            dw = grouped_mm_dw(x, dy, offsets, w_rm)
+            ref32 = torch.bmm(x.float().view(g, per, kd).transpose(1, 2),
+                              dy.float().view(g, per, nd))  # fmt: skip
+            check(f"grouped_mm[{dist}]", "dW vs fp32", rel_err(dw, ref32), 1e-2)
+            del ref32, dx, dw
+        for layout, w in (("w[G,K,N]", w_rm), ("w K-contig", w_cm)):
+            ms = bench(lambda w=w, offsets=offsets: grouped_mm_forward(x, w, offsets), dev)
+            record(f"gmm fwd/triton {layout}/{tag}", ms, flops=fwd_flops)
+
+            def backward(w=w, offsets=offsets):
+                return grouped_mm_dx(dy, w, offsets), grouped_mm_dw(x, dy, offsets, w)
+
+            bwd = bench(backward, dev)
+            record(f"gmm bwd/triton {layout}/{tag}", bwd, flops=2 * fwd_flops)
+        if not have_tgm:
+            continue
+        for layout, w in (("w[G,K,N]", w_rm), ("w K-contig", w_cm)):
+            try:
+                yt = _torch_grouped(x, w, offs32)
+            except RuntimeError as exc:
+                RESULTS[f"gmm fwd/torch._grouped_mm {layout}/{tag}"] = {"error": str(exc)[:300]}
+                print(f"torch._grouped_mm {layout}: {str(exc)[:120]}", flush=True)
+                continue
+            check(f"grouped_mm[{dist}]", f"vs _grouped_mm {layout}", rel_err(y, yt), 1e-2)
+            ms = bench(lambda w=w, offs32=offs32: _torch_grouped(x, w, offs32), dev)
+            record(f"gmm fwd/torch._grouped_mm {layout}/{tag}", ms, flops=fwd_flops)
+            # Backward as torch runs it: autograd through _grouped_mm (dX and dW).
+            xg = x.detach().requires_grad_(True)
+            wg = w.detach().requires_grad_(True)
+            try:
+                yg = _torch_grouped(xg, wg, offs32)
+                ms = bench(lambda yg=yg, xg=xg, wg=wg: torch.autograd.grad(
+                    yg, (xg, wg), dy, retain_graph=True), dev)  # fmt: skip
+                record(f"gmm bwd/torch._grouped_mm {layout}/{tag}", ms, flops=2 * fwd_flops)
+            except RuntimeError as exc:
+                RESULTS[f"gmm bwd/torch._grouped_mm {layout}/{tag}"] = {"error": str(exc)[:300]}
+                print(f"torch._grouped_mm backward {layout}: {str(exc)[:120]}", flush=True)
+            del xg, wg
+        del y
+
+
+def summary() -> str:
+    lines = ["", "== checks =="]
+    bad = [c for c in CHECKS if not c[2] <= c[3]]
+    lines.append(f"{len(CHECKS) - len(bad)}/{len(CHECKS)} passed")
+    lines += [f"  FAIL {n} {w} err={e:.2e} tol={t:.0e}" for n, w, e, t in bad]
+    copy = RESULTS.get("ceiling/copy", {}).get("TB/s", float("nan"))
+    lines.append(f"== ceilings: copy {copy:.2f} TB/s here (DESIGN.md: {DESIGN_COPY_TBPS} TB/s "
+                 f"copy, {DESIGN_GATHER_TBPS} index_select, {DESIGN_GROUPED_MM_TFLOPS:.0f} TFLOP/s "
+                 "_grouped_mm on H200) ==")  # fmt: skip
+    lines.append(f"{'kernel':<66} {'ms':>9} {'rate':>14} {'% ceiling':>9}")
+    for key, row in RESULTS.items():
+        if "ms" not in row:
+            lines.append(f"{key:<66} {'error':>9}")
+            continue
+        if "TB/s" in row:
+            rate, pct = f"{row['TB/s']:.2f} TB/s", f"{100 * row['TB/s'] / copy:.0f}%"
+        elif "TFLOP/s" in row:
+            rate, pct = f"{row['TFLOP/s']:.0f} TFLOP/s", ""
+        else:
+            rate, pct = "", ""
+        if "speedup_vs_torch" in row:
+            pct = f"x{row['speedup_vs_torch']:.2f} torch"
+        lines.append(f"{key[:66]:<66} {row['ms']:9.4f} {rate:>14} {pct:>9}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--small", action="store_true", help="small shapes (smoke run)")
+    ap.add_argument("--only", default="ceilings,router,permute,gemm")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "device": str(dev),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        meta.update(gpu=p.name, sms=p.multi_processor_count, mem_gib=p.total_memory / 2**30)
+    print(json.dumps(meta), flush=True)
+    only = set(args.only.split(","))
+    t0 = time.time()
+    steps = (("ceilings", ceilings), ("router", bench_router),
+             ("permute", bench_permute_combine), ("gemm", bench_grouped_gemm))  # fmt: skip
+    for name, fn in steps:
+        if name in only:
+            t1 = time.time()
+            fn(dev, args.small)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            meta[f"seconds_{name}"] = time.time() - t1
+            print(f"-- {name} done in {time.time() - t1:.1f} s", flush=True)
+    meta["seconds_total"] = time.time() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(
+        {"meta": meta, "results": RESULTS, "checks": CHECKS}, indent=1, default=str))  # fmt: skip
+    text = summary()
+    (out / "kernels_summary.txt").write_text(text + "\n")
+    print(text)
+    return 0 if all(e <= t for _, _, e, t in CHECKS) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
