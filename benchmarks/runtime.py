@@ -32,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moesim.atomic import write_text_atomic
-from moesim.config import Config, ModelConfig, ParallelConfig, RunConfig
+from moesim.config import ClusterConfig, Config, ModelConfig, ParallelConfig, RunConfig
 from runtime.comm import init_distributed
 from runtime.experts import init_moe_weights
 from runtime.layers import build_layer
@@ -159,7 +159,11 @@ def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: 
             nccl_same_splits([per] * world, [per] * world, width, dev, cuda, steps))
         res["latent_bytes_per_peer"] = tokens * (m.num_heads // world) * m.head_dim * 2
     if rank == 0:
-        cfg = Config(model=m, parallel=ParallelConfig(strategy=strategy, degree=world),
+        # The cluster is this machine, so `moesim validate` simulates the same GPUs.
+        cluster = ClusterConfig(preset="h200x2" if world == 2 else "dgx-h200", nodes=1,
+                                gpus_per_node=world)
+        cfg = Config(model=m, cluster=cluster,
+                     parallel=ParallelConfig(strategy=strategy, degree=world),
                      run=RunConfig(steps=steps, seed=11, tokens_per_rank=tokens,
                                    out_dir=str(out), routing="forced", routing_kind=routing,
                                    routing_exponent=1.2, device=dev.type))

@@ -1,0 +1,50 @@
+"""Validate the simulator against every runtime run directory given, in one table.
+
+    python -m benchmarks.validation docs/validation/runs/h200x1-* --out docs/validation
+
+For each run, `moesim validate`'s comparison (moesim.validate); then per run the step-time error
+and the worst phase, and per strategy the median absolute step-time error. Writes
+OUT/comparison.csv (every row) and OUT/summary.csv (one row per run), and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from moesim.atomic import atomic_path
+from moesim.validate import compare, simulate_run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    comps, rows = [], []
+    for run in sorted(args.runs):
+        comp = compare(*simulate_run(run), run).assign(run=run.name)
+        comps.append(comp)
+        mean = comp[comp["step"] == "mean"]
+        step = mean[mean["phase"] == "step"].iloc[0]
+        phases = mean[(mean["phase"] != "step") & (mean["measured_s"] > 0)]
+        worst = phases.loc[phases["rel_error"].abs().idxmax()]
+        rows.append({"run": run.name, "strategy": step["strategy"],
+                     "measured_step_s": step["measured_s"], "simulated_step_s": step["simulated_s"],
+                     "step_error": step["rel_error"], "worst_phase": worst["phase"],
+                     "worst_phase_error": worst["rel_error"]})
+    summary = pd.DataFrame(rows)
+    for name, df in (("comparison.csv", pd.concat(comps, ignore_index=True)),
+                     ("summary.csv", summary)):
+        with atomic_path(args.out / name) as tmp:
+            df.to_csv(tmp, index=False)
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    med = summary.assign(abs_err=summary["step_error"].abs()).groupby("strategy")["abs_err"]
+    print("\nmedian |step error| per strategy:")
+    print(med.median().to_string(float_format=lambda v: f"{v:.1%}"))
+
+
+if __name__ == "__main__":
+    main()
