@@ -211,8 +211,8 @@ class Simulator:
         imb = float(np.mean(np.where(mean > 0, loads.max(axis=1) / np.maximum(mean, 1e-300)
                                      - 1.0, 0.0)))
         return StepOutcome(strategy, step, step_time, frame, stats["link"], stats["bytes"],
-                           stats["time"], stats["flows"], stats["events"], imb, phase_time,
-                           prog.ops)
+                           stats["time"], stats["flows"], stats["events"], imb,
+                           phase_time=phase_time, ops=prog.ops)
 
     def _frame(self, prog: Program, strategy: str, step: int):
         n = self.n
