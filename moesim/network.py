@@ -97,17 +97,19 @@ def _fill(ent_flow: np.ndarray, ent_link: np.ndarray, ent_w: np.ndarray, f: int,
         unfrozen = np.ones(f, dtype=bool)
     res = capacity.astype(np.float64).copy()
     rounds = 0
+    level = 0.0  # the common rate of every unfrozen flow; a flow keeps the level it froze at
     while len(ent_flow):
         rounds += 1
         load = np.bincount(ent_link, weights=ent_w, minlength=nl)  # unfrozen flows per link
-        lk = np.nonzero(load > 0)[0]
+        lk = np.nonzero(load)[0]
         share = res[lk] / load[lk]
         delta = max(float(share.min()), 0.0)
-        rates[unfrozen] += delta
+        level += delta
         res[lk] -= load[lk] * delta
         full = np.zeros(nl, dtype=bool)
         full[lk[share <= delta * (1 + _FILL_RTOL) + 1e-300]] = True
         hit = ent_flow[full[ent_link]]
+        rates[hit] = level
         unfrozen[hit] = False
         keep = unfrozen[ent_flow]
         ent_flow, ent_link, ent_w = ent_flow[keep], ent_link[keep], ent_w[keep]
