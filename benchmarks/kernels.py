@@ -111,6 +111,11 @@ def ceilings(dev: torch.device, small: bool) -> None:
     dst = torch.empty_like(src)
     ms = bench(lambda src=src, dst=dst: dst.copy_(src), dev)
     record("ceiling/copy", ms, bytes_=2 * src.numel() * 2)
+    # Write-only and read-only streams: permute is 8 writes per read, combine the reverse.
+    ms = bench(lambda dst=dst: dst.fill_(1.0), dev)
+    record("ceiling/fill (write only)", ms, bytes_=dst.numel() * 2)
+    ms = bench(lambda src=src: src.sum(dtype=torch.float32), dev)
+    record("ceiling/sum (read only)", ms, bytes_=src.numel() * 2)
     del src, dst
 
 
@@ -184,6 +189,11 @@ def bench_permute_combine(dev: torch.device, small: bool) -> None:
     record("permute/copy only", bench(lambda: scatter_rows(x, row_map, x_perm), dev),
            bytes_=perm_bytes)  # fmt: skip
     record("permute/index only", bench(lambda: permute_indices(experts, e), dev))
+    for warps in (2, 4, 8, 16):
+        ms = bench(lambda w=warps: scatter_rows(x, row_map, x_perm, num_warps=w), dev)
+        record(f"permute/copy only, {warps} warps", ms, bytes_=perm_bytes)
+        ms = bench(lambda w=warps: gather_reduce(y, row_map, weights, num_warps=w), dev)
+        record(f"combine/triton, {warps} warps", ms, bytes_=t * k * d * esz + t * d * esz)
     record("permute/torch reference", bench(lambda: permute_reference(x, experts, e), dev),
            bytes_=perm_bytes)  # fmt: skip
     src = torch.div(torch.sort(experts.reshape(-1), stable=True).indices, k,
@@ -281,6 +291,10 @@ def bench_grouped_gemm(dev: torch.device, small: bool) -> None:
 
             bwd = bench(backward, dev)
             record(f"gmm bwd/triton {layout}/{tag}", bwd, flops=2 * fwd_flops)
+            ms = bench(lambda w=w, offsets=offsets: grouped_mm_dx(dy, w, offsets), dev)
+            record(f"gmm bwd dX/triton {layout}/{tag}", ms, flops=fwd_flops)
+            ms = bench(lambda w=w, offsets=offsets: grouped_mm_dw(x, dy, offsets, w), dev)
+            record(f"gmm bwd dW/triton {layout}/{tag}", ms, flops=fwd_flops)
         if not have_tgm:
             continue
         for layout, w in (("w[G,K,N]", w_rm), ("w K-contig", w_cm)):
@@ -306,6 +320,17 @@ def bench_grouped_gemm(dev: torch.device, small: bool) -> None:
                 print(f"torch._grouped_mm backward {layout}: {str(exc)[:120]}", flush=True)
             del xg, wg
         del y
+
+
+def tuned_configs() -> dict[str, str]:
+    """The configs the autotuners picked, by key."""
+    from kernels import grouped_gemm
+
+    out = {}
+    for name in ("_gmm_tuned", "_gmm_dw_tuned"):
+        for key, cfg in getattr(getattr(grouped_gemm, name), "cache", {}).items():
+            out[f"{name}{key}"] = str(cfg)
+    return out
 
 
 def summary() -> str:
@@ -361,6 +386,9 @@ def main() -> int:
             meta[f"seconds_{name}"] = time.time() - t1
             print(f"-- {name} done in {time.time() - t1:.1f} s", flush=True)
     meta["seconds_total"] = time.time() - t0
+    meta["autotune"] = tuned_configs()
+    for key, cfg in meta["autotune"].items():
+        print(f"autotune {key}: {cfg}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(

@@ -87,9 +87,14 @@ def _combine_bwd_kernel(g_ptr, y_ptr, row_map_ptr, w_ptr, gy_ptr, gw_ptr, D, str
 
 
 def gather_reduce(
-    y: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor | None
+    y: torch.Tensor,
+    row_map: torch.Tensor,
+    weights: torch.Tensor | None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Launch the combine kernel (no autograd): ``out[t] = sum_j w[t, j] * y[row_map[t, j]]``."""
+    """Launch the combine kernel (no autograd): ``out[t] = sum_j w[t, j] * y[row_map[t, j]]``.
+
+    ``num_warps`` overrides the default launch shape (for the benchmark's sweep)."""
     t, k = row_map.shape
     d = y.shape[1]
     out = torch.empty((t, d), device=y.device, dtype=y.dtype)
@@ -99,6 +104,7 @@ def gather_reduce(
     if weights is not None:
         weights = weights.contiguous()
     block_d, warps = row_block(d, y.element_size())
+    warps = num_warps or warps
     _gather_reduce_kernel[(t,)](
         y, row_map, weights if weights is not None else row_map, out, d, y.stride(0),
         out.stride(0), K=k, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
