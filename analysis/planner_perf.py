@@ -23,6 +23,7 @@ SOLVER_STYLE = {
     "cbc": ("#88CCEE", "s", "ILP (CBC)"),
     "greedy": ("#117733", "^", "greedy"),
     "laer": ("#CC6677", "D", "LAER heuristic"),
+    "lp": ("#999933", "v", "LP relaxation (bound)"),
 }
 X_LABEL = {"num_experts": "experts (total)", "num_ranks": "ranks (GPUs)",
            "variables": "ILP variables"}
@@ -57,7 +58,7 @@ def plot_planner_perf(stats: pd.DataFrame, *, x: str = "num_experts", title: str
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(X_LABEL.get(x, x))
         ax.set_ylabel("solve time (s)")
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         if title:
             ax.set_title(title, loc="left")
     return fig
