@@ -189,6 +189,18 @@ def bench_permute_combine(dev: torch.device, small: bool) -> None:
     record("permute/copy only", bench(lambda: scatter_rows(x, row_map, x_perm), dev),
            bytes_=perm_bytes)  # fmt: skip
     record("permute/index only", bench(lambda: permute_indices(experts, e), dev))
+    if dev.type == "cuda":
+        # The same launch chain replayed from a CUDA graph: GPU time without the host's
+        # launch gaps between the four kernels (what a graph-captured training step sees).
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            permute(x, experts, e)
+        record("permute/full, CUDA graph replay", bench(graph.replay, dev), bytes_=perm_bytes)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            permute_indices(experts, e)
+        record("permute/index only, CUDA graph replay", bench(graph.replay, dev))
+        del graph
     for warps in (2, 4, 8, 16):
         ms = bench(lambda w=warps: scatter_rows(x, row_map, x_perm, num_warps=w), dev)
         record(f"permute/copy only, {warps} warps", ms, bytes_=perm_bytes)

@@ -192,6 +192,9 @@ def combine(
     if y_perm.stride(1) != 1:
         y_perm = y_perm.contiguous()
     row_map = row_map.contiguous()
+    needs_grad = y_perm.requires_grad or (weights is not None and weights.requires_grad)
+    if not (needs_grad and torch.is_grad_enabled()):
+        return gather_reduce(y_perm, row_map, weights)
     if weights is None:
         return _UnpermuteFn.apply(y_perm, row_map)
     return _CombineFn.apply(y_perm, row_map, weights)

@@ -56,7 +56,7 @@ def _tc_configs(stages: tuple[int, ...] = (3, 4)) -> list[triton.Config]:
 def _gmm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride_ak, stride_bg,
                 stride_bk, stride_bn, stride_cm, stride_cn, M_BUCKET, G_PAD: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                UPCAST: tl.constexpr):  # fmt: skip
+                UPCAST: tl.constexpr, EVEN_K: tl.constexpr, SMALL_N: tl.constexpr):  # fmt: skip
     """c[rows of g] = a[rows of g] @ b[g], b[g] is K x N (reduction over K)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BN)
@@ -84,29 +84,42 @@ def _gmm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride_ak,
     m_start = tl.sum(tl.where(sel, starts + (pid_m - (cum - tiles)) * BM, 0), axis=0)
     m_end = tl.sum(tl.where(sel, ends, 0), axis=0)
 
+    # No per-element clamp or mask on N, which may be the contiguous dimension: either hides
+    # its contiguity or adds predicates (seen: a clamp gave 89 TFLOP/s instead of 615 for
+    # w[G, K, N]). The last N tile is shifted left to end at N instead, overlapping its
+    # neighbour, and stores only its own columns. Rows are clamped to the group's last row
+    # (A's rows are never contiguous) and dropped at the store.
+    n_own = pid_n * BN
+    if SMALL_N:
+        n0 = 0
+    else:
+        n0 = tl.minimum(n_own, N - BN)
     rm = m_start + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rn = n0 + tl.arange(0, BN)
+    n_ok = rn < N
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
-    c_mask = (rm < m_end)[:, None] & (rn < N)[None, :]
+    c_mask = (rm < m_end)[:, None] & (n_ok & (rn >= n_own))[None, :]
     if g == G:
         tl.store(c_ptrs, tl.zeros((BM, BN), c_ptr.dtype.element_ty), mask=c_mask)
         return
 
-    # Rows are clamped (A's rows are never its contiguous dimension), but N is masked: a clamp
-    # on the dimension that may be contiguous hides the contiguity from Triton's analysis and
-    # turns 16-byte loads into 2-byte ones (seen: 89 TFLOP/s instead of 615 for w[G, K, N]).
     rm_ld = tl.minimum(rm, m_end - 1).to(tl.int64)
-    n_ok = rn < N
     rk = tl.arange(0, BK)
     a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + g.to(tl.int64) * stride_bg
     b_ptrs += rk[:, None] * stride_bk + rn[None, :] * stride_bn
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
-        # Masks (not a branch) keep the loop body straight for the software pipeliner; with K
-        # and N multiples of 16 they still allow 16-byte loads.
-        a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
-        b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & n_ok[None, :], other=0.0)
+        # Compile-time branches only: the loop body stays straight for the software pipeliner.
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            if SMALL_N:
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
+            b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & n_ok[None, :], other=0.0)
         if UPCAST:
             # Only under TRITON_INTERPRET: its tl.dot multiplies bf16 bit patterns
             # (triton-lang/triton#11584), so the CPU tests feed it fp32 copies.
@@ -121,7 +134,8 @@ def _gmm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride_ak,
 @triton.jit
 def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, K, N, stride_xm, stride_xk, stride_ym,
                    stride_yn, stride_wg, stride_wk, stride_wn, M_BUCKET, BM: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+                   BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                   SMALL_K: tl.constexpr, SMALL_N: tl.constexpr):  # fmt: skip
     """dw[g] (K x N) = x[rows of g]^T @ dy[rows of g]; BM tiles K, BK tiles the group's rows."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -131,21 +145,38 @@ def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, K, N, stride_xm, stride_xk, 
     start = tl.load(offs_ptr + g)
     end = tl.load(offs_ptr + g + 1)
 
-    rk = pid_k * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    # K and N are the contiguous dimensions of x and dy: last tiles shift left (as in the
+    # forward) so the main loop needs no mask at all.
+    k_own = pid_k * BM
+    n_own = pid_n * BN
+    if SMALL_K:
+        k0 = 0
+    else:
+        k0 = tl.minimum(k_own, K - BM)
+    if SMALL_N:
+        n0 = 0
+    else:
+        n0 = tl.minimum(n_own, N - BN)
+    rk = k0 + tl.arange(0, BM)
+    rn = n0 + tl.arange(0, BN)
     k_ok = rk < K
     n_ok = rn < N
     rr = tl.arange(0, BK)
     x_ptrs = x_ptr + (start + rr).to(tl.int64)[None, :] * stride_xm + rk[:, None] * stride_xk
     y_ptrs = dy_ptr + (start + rr).to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     acc = tl.zeros((BM, BN), tl.float32)
-    # Full row chunks are masked only on the output dimensions (K and N are the contiguous
-    # ones: masks keep 16-byte loads, clamps would not); the group's tail rows (rows past `end`
-    # would add wrong terms) come in one masked step after the loop.
+    # Full row chunks first; the group's tail rows (rows past `end` would add wrong terms, so
+    # masking, not clamping) in one masked step after the loop.
     n_full = (end - start) // BK
     for _ in range(0, n_full):
-        a = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-        b = tl.load(y_ptrs, mask=n_ok[None, :], other=0.0)
+        if SMALL_K:
+            a = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            a = tl.load(x_ptrs)
+        if SMALL_N:
+            b = tl.load(y_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            b = tl.load(y_ptrs)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -161,19 +192,25 @@ def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, K, N, stride_xm, stride_xk, 
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
     w_ptrs = dw_ptr + g.to(tl.int64) * stride_wg + rk[:, None] * stride_wk + rn[None, :] * stride_wn
-    tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(rk < K)[:, None] & (rn < N)[None, :])
+    w_mask = (k_ok & (rk >= k_own))[:, None] & (n_ok & (rn >= n_own))[None, :]
+    tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=w_mask)
 
 
-_gmm_tuned = triton.autotune(configs=_tc_configs(), key=["N", "K", "G_PAD", "M_BUCKET"])(
-    _gmm_kernel
-)
+# Shape flags the kernels branch on at compile time, from the arguments and the tile config.
+_gmm_heur = triton.heuristics(
+    {"EVEN_K": lambda a: a["K"] % a["BK"] == 0, "SMALL_N": lambda a: a["N"] < a["BN"]}
+)(_gmm_kernel)
+_gmm_dw_heur = triton.heuristics(
+    {"SMALL_K": lambda a: a["K"] < a["BM"], "SMALL_N": lambda a: a["N"] < a["BN"]}
+)(_gmm_dw_kernel)
+_gmm_tuned = triton.autotune(configs=_tc_configs(), key=["N", "K", "G_PAD", "M_BUCKET"])(_gmm_heur)
 _gmm_dw_tuned = triton.autotune(
     configs=[
         triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=8, num_stages=s)
         for bm, bn, s in ((128, 128, 3), (128, 128, 4), (128, 256, 3), (256, 128, 3))
     ],
     key=["K", "N", "M_BUCKET"],
-)(_gmm_dw_kernel)
+)(_gmm_dw_heur)
 
 
 def _m_bucket(m: int) -> int:
@@ -203,7 +240,7 @@ def _mm_launch(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: in
     if INTERPRET and a.device.type == "cpu":
         bm = _INTERP_TILES["BM"]
         grid = ((triton.cdiv(m, bm) + g + 1) * triton.cdiv(n, _INTERP_TILES["BN"]),)
-        _gmm_kernel[grid](*args, G_PAD=g_pad, GROUP_M=2, UPCAST=True, **_INTERP_TILES)
+        _gmm_heur[grid](*args, G_PAD=g_pad, GROUP_M=2, UPCAST=True, **_INTERP_TILES)
     else:
 
         def grid(meta):
@@ -225,7 +262,7 @@ def _dw_launch(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
     if INTERPRET and x.device.type == "cpu":
         t = _INTERP_TILES
         grid = (triton.cdiv(k, t["BM"]) * triton.cdiv(n, t["BN"]), g)
-        _gmm_dw_kernel[grid](*args, UPCAST=True, **t)
+        _gmm_dw_heur[grid](*args, UPCAST=True, **t)
     else:
 
         def grid(meta):
@@ -320,4 +357,6 @@ def grouped_mm(
     offs = _offsets_of(w.shape[0], offsets, group_sizes, x.device)
     if x.stride(1) != 1:
         x = x.contiguous()
-    return _GroupedMMFn.apply(x, w, offs)
+    if (x.requires_grad or w.requires_grad) and torch.is_grad_enabled():
+        return _GroupedMMFn.apply(x, w, offs)
+    return grouped_mm_forward(x, w, offs)

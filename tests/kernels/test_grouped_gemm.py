@@ -15,6 +15,7 @@ CASES = [
     ([0, 0, 0], 5, 16, 16, torch.bfloat16),
     ([21, 9, 0, 30], 0, 24, 40, torch.float32),
     ([0], 0, 32, 16, torch.float16),
+    ([9, 0, 20], 2, 12, 8, torch.bfloat16),  # N and K under one tile
 ]
 
 
