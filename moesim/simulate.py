@@ -283,7 +283,10 @@ def summarize(outcomes: list[StepOutcome], n: dict[str, int]) -> pd.DataFrame:
         }
         for ph in ("dispatch", "combine", "weight_gather", "grad_scatter", "grad_sync",
                    "expert"):
-            sel = df["phase"] == ph
+            # "combine" is also the name of the compute-side unpermute: count the stream
+            # the table row is about.
+            stream = "compute" if ph == "expert" else "comm"
+            sel = (df["phase"] == ph) & (df["stream"] == stream)
             row[f"{ph}_ms"] = 1e3 * float(dur[sel].sum()) / (ranks * steps)
         row["sent_GB_per_gpu"] = sent / (ranks * steps) / 1e9
         link = np.sum([o.link_bytes for o in os_], axis=0) / steps

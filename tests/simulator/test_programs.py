@@ -105,3 +105,16 @@ def test_every_rank_has_every_phase_and_ep_imbalance_shows():
     want = float(np.mean(loads.max(axis=1) / loads.mean(axis=1) - 1))
     assert out.imbalance == pytest.approx(want)
     assert out.imbalance > 0.3  # zipf 1.2 over 16 experts on 8 ranks
+
+
+def test_summary_separates_comm_combine_from_unpermute():
+    from moesim.simulate import summarize
+    sim = Simulator(_cfg(1, 4), _trace(1, 4), "gen")
+    out = sim.simulate_step("ep", 0)
+    row = summarize([out], {"ep": 8}).iloc[0]
+    f = out.frame
+    comm = f[(f["phase"] == "combine") & (f["stream"] == "comm")]
+    want = 1e3 * float((comm["end_s"] - comm["start_s"]).sum()) / 8
+    assert row["combine_ms"] == pytest.approx(want)
+    # Dispatch and combine move transposed matrices on a symmetric network: equal time.
+    assert row["combine_ms"] == pytest.approx(row["dispatch_ms"], rel=1e-9)
