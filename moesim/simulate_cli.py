@@ -3,7 +3,8 @@ strategies x cluster sizes x traces, in parallel processes, resumable).
 
 HP runs a Multi-Head LatentMoE model, which needs its own trace (with heads). `--hp-config`
 and `--hp-trace` give HP its [model], [parallel] and [planner] sections and its routing; the
-cluster, run settings and everything else come from `--config`. Without them HP uses
+cluster, run settings and everything else come from `--config`; `--set` overrides apply to
+both. Without them HP uses
 `--config` and `--trace`, which then must describe a Multi-Head LatentMoE model.
 """
 
@@ -28,6 +29,7 @@ from moesim.config import (
     config_to_dict,
     load_config,
     parse_override,
+    with_overrides,
 )
 from moesim.errors import InputError
 from moesim.results import write_results
@@ -120,6 +122,8 @@ def _configs(args: argparse.Namespace) -> tuple[Config, Config | None]:
         for section in ("model", "parallel", "planner"):
             raw[section] = config_to_dict(h)[section]
         hp = config_from_dict(raw, f"{args.config} + {args.hp_config}")
+        # --set applies to HP's sections too (model.num_layers=2 shortens both models).
+        hp = with_overrides(hp, overrides) if overrides else hp
     return cfg, hp
 
 
