@@ -68,6 +68,8 @@ def error_stats(comp: pd.DataFrame) -> dict[str, float]:
 def plot_validation(comp: pd.DataFrame, *, title: str | None = None,
                     source: str = "comparison") -> Figure:
     check_columns(comp, REQUIRED, source)
+    if "step" in comp.columns:  # `moesim validate` tables: plot the means, not every step
+        comp = comp[comp["step"].astype(str) == "mean"]
     comp = comp[(comp["measured_s"] > 0) & (comp["simulated_s"] > 0)]
     if comp.empty:
         raise InputError(source, "measured_s", "no row with positive measured and simulated time")
@@ -76,7 +78,7 @@ def plot_validation(comp: pd.DataFrame, *, title: str | None = None,
     scale, unit = time_unit(hi)
     stats = error_stats(comp)
     with paper_style():
-        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN_IN, 2.9), layout="constrained")
+        fig, ax = plt.subplots(figsize=(SINGLE_COLUMN_IN + 1.2, 3.0), layout="constrained")
         xs = np.geomspace(lo, hi, 50) / scale
         ax.fill_between(xs, xs * (1 - BAND), xs * (1 + BAND), color="0.88", lw=0,
                         label=f"±{BAND:.0%}")
@@ -102,14 +104,14 @@ def plot_validation(comp: pd.DataFrame, *, title: str | None = None,
                     for p in phases]
         if (comp["phase"] == "step").any():
             handles.append(Line2D([], [], ls="", marker="o", color="black", label="whole step"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         notes = []
         if not np.isnan(stats["step_mape"]):
             notes.append(f"step MAPE {stats['step_mape']:.1%}")
         if not np.isnan(stats["phase_mape"]):
             notes.append(f"phase MAPE {stats['phase_mape']:.1%}")
-        ax.text(0.97, 0.04, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom",
-                fontsize=7)
+        # The error figures head the legend: inside the axes they would cover points.
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                  title="\n".join(notes) or None, title_fontsize=7)
         if title:
             ax.set_title(title, loc="left")
     return fig

@@ -121,7 +121,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out = args.out or args.run / "validate"
     with atomic_path(out / "comparison.csv") as tmp:
         comp.to_csv(tmp, index=False)
-    fig = plot_validation(comp[comp["step"] == "mean"], title=str(args.run.name),
+    fig = plot_validation(comp, title=str(args.run.name),
                           source=str(args.run))
     save_figure(fig, out, "validation")
     with pd.option_context("display.width", 120):
