@@ -17,7 +17,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when a Triton kernel can run on ``t``'s device in this process."""
+    """True when a Triton kernel can run on ``t``'s device in this process.
+
+    CPU tensors take the interpreter only while ``TRITON_INTERPRET=1`` is still set: the kernel
+    tests unset it outside their own tests, so other tests in the same pytest process (and the
+    processes they spawn) get the fast torch references on the CPU."""
     if t.device.type == "cuda":
         return True
-    return INTERPRET and t.device.type == "cpu"
+    live = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRET and live and t.device.type == "cpu"
