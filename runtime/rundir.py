@@ -88,6 +88,10 @@ def write_run_dir(out: Path, cfg: Config, world: int, rows: list[dict], counts: 
     if placements:
         from planner.plan import Plan, write_plan
         first = next(iter(placements.values()))
-        write_plan(Plan("fsep", world, first.num_experts, cfg.planner.slots_per_rank,
+        # The online layout may widen the slots (a rank must hold its even share of experts,
+        # runtime.plans): record what the placements actually used, so the plan validates.
+        used = max(int(np.bincount(p.replica_rank, minlength=world).max())
+                   for p in placements.values())
+        write_plan(Plan("fsep", world, first.num_experts, max(cfg.planner.slots_per_rank, used),
                         dict(placements), meta={"source": "runtime"}), out / "plan.json")
     write_text_atomic(out / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
