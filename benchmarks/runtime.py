@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moesim.atomic import write_text_atomic
+from moesim.calibrate import median_seconds
 from moesim.config import ClusterConfig, Config, ModelConfig, ParallelConfig, RunConfig
 from runtime.comm import init_distributed
 from runtime.experts import init_moe_weights
@@ -41,22 +41,7 @@ from runtime.timing import PhaseTimer
 
 
 def median_time(fn, iters: int, warmup: int, cuda: bool) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return median_seconds(fn, iters, "cuda" if cuda else "cpu", warmup)
 
 
 def max_over_ranks(v: float) -> float:

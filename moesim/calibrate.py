@@ -36,30 +36,33 @@ GROUP_TOKENS_GPU = (16, 64, 256, 1024, 4096, 8192)
 GROUP_TOKENS_CPU = (4, 16, 64, 256)
 
 
-def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
-    """Median seconds of `fn` over `repeat` runs (CUDA events on a GPU)."""
+def median_seconds(fn: Callable[[], object], repeat: int, device: str,
+                   warmup: int = 2) -> float:
+    """Median seconds of `fn` over `repeat` runs after `warmup` (CUDA events on a GPU)."""
     import torch
 
-    def run(fn: Callable[[], object], repeat: int) -> float:
-        for _ in range(2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+            start.record()
             fn()
-        times = []
-        for _ in range(repeat):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
-    return run
+
+def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    """The timer `measure` uses (a seam for tests)."""
+    return lambda fn, repeat: median_seconds(fn, repeat, device)
 
 
 def _expert_ffn(x, w_up, w_down, offs):
