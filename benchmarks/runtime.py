@@ -35,6 +35,7 @@ from moesim.calibrate import median_seconds
 from moesim.config import ClusterConfig, Config, ModelConfig, ParallelConfig, RunConfig
 from runtime.comm import init_distributed
 from runtime.experts import init_moe_weights
+from runtime.kernels_bridge import expert_backend
 from runtime.layers import build_layer
 from runtime.rundir import machine_meta, write_run_dir
 from runtime.timing import PhaseTimer
@@ -185,6 +186,10 @@ def main() -> int:
     env = init_distributed("cpu" if args.cpu else "cuda", timeout_s=300)
     cuda = env.device.type == "cuda"
     meta = machine_meta(env.world, env.backend, env.device.type)
+    meta["expert_backend"] = expert_backend(env.device,
+                                            torch.bfloat16 if cuda else torch.float32)
+    if env.rank == 0:
+        print(f"expert FFN: {meta['expert_backend']}", flush=True)
     out = args.out
     tokens = args.tokens or (64 if args.cpu else 16384)
     sizes = [2 ** i for i in range(12, 16)] if args.cpu else [2 ** i for i in range(16, 30)]

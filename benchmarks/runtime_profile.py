@@ -38,6 +38,18 @@ def kernel_table(prof, rows: int) -> str:
     return "\n".join(out)
 
 
+def cpu_table(prof, rows: int) -> str:
+    """Host time by op (self time): what keeps the GPU waiting when the events exceed the
+    kernels' sum."""
+    evs = [e for e in prof.key_averages() if e.device_type.name == "CPU"]
+    evs.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in evs)
+    out = [f"    {'host self':>12s} {'calls':>6s}  op  (host total {total / 1e3:.2f} ms)"]
+    for e in evs[:rows]:
+        out.append(f"    {e.self_cpu_time_total / 1e3:9.3f} ms {e.count:6d}  {e.key[:110]}")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--strategy", default="ep", choices=["ep", "hp", "fsep"])
@@ -78,8 +90,10 @@ def main() -> int:
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"  forward  {ev[0].elapsed_time(ev[1]):8.2f} ms (events)")
     print(kernel_table(pf, args.rows))
+    print(cpu_table(pf, args.rows))
     print(f"  backward {ev[1].elapsed_time(ev[2]):8.2f} ms (events, incl. forward sync gap)")
     print(kernel_table(pb, args.rows))
+    print(cpu_table(pb, args.rows))
     return 0
 
 

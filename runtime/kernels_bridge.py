@@ -14,14 +14,19 @@ import torch.nn.functional as F
 
 @functools.cache
 def _torch_grouped_mm():
-    """torch._grouped_mm if it runs forward and backward here (probed once on the GPU)."""
+    """torch._grouped_mm if it runs forward and backward here (probed once on the GPU).
+
+    The probe's output gradient is a dense tensor, as in the layers: `_grouped_mm`'s backward
+    rejects an expanded one (`.sum().backward()` gives strides [0, 0]), which once made this
+    probe fail on every GPU and sent the runtime down the per-expert loop unnoticed."""
     fn = getattr(torch, "_grouped_mm", None)
     if fn is None or not torch.cuda.is_available():
         return None
     try:
         x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        fn(x, w, offs=torch.tensor([16, 64], device="cuda", dtype=torch.int32)).sum().backward()
+        y = fn(x, w, offs=torch.tensor([16, 64], device="cuda", dtype=torch.int32))
+        y.backward(torch.randn_like(y))
         torch.cuda.synchronize()
     except (RuntimeError, TypeError, NotImplementedError) as e:
         print(f"runtime: torch._grouped_mm unusable here ({e}); using a loop", flush=True)
@@ -29,8 +34,28 @@ def _torch_grouped_mm():
     return fn
 
 
+def expert_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Which grouped FFN a layer on `device` in `dtype` runs (recorded in run directories)."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and _torch_grouped_mm() is not None:
+        return "torch._grouped_mm"
+    return "loop"
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient dense: `_grouped_mm`'s backward refuses
+    expanded or strided gradients (e.g. from a sum or a broadcast downstream)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
 def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return _torch_grouped_mm()(x, w, offs=offs)
+    return _DenseGrad.apply(_torch_grouped_mm()(x, w, offs=offs))
 
 
 def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,

@@ -22,7 +22,7 @@ from moesim.config import ModelConfig
 from planner.placement import hp_placement
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
 from runtime.experts import expert_ffn
-from runtime.moe_layer import MoELayerBase, inverse_perm, weighted_sum
+from runtime.moe_layer import MoELayerBase, inverse_perm, take_slices, weighted_sum
 from runtime.routing import local_counts
 
 
@@ -57,7 +57,7 @@ class HPMoE(MoELayerBase):
         width = dh * z.element_size()
         with tm.fwd(lay, "dispatch") as rec:
             z = tm.bwd_in(z, lay, "dispatch")
-            send = z.index_select(1, self.send_heads.to(z.device)).view(t, n, nh, dh)
+            send = take_slices(z, self.send_heads.to(z.device), dim=1).view(t, n, nh, dh)
             send = send.transpose(0, 1).reshape(n * t * nh, dh)
             recv = tm.bwd_out(all_to_all(send, splits, [t * nh] * n), lay, "dispatch")
             rec.bytes = rec.bwd["bytes"] = (sum(splits) - splits[self.rank]) * width
@@ -78,7 +78,7 @@ class HPMoE(MoELayerBase):
             order = torch.argsort(flat, stable=True)
             sizes = torch.bincount(flat, minlength=nh * m.num_experts)
             rows_in = tm.bwd_in(items.reshape(n * t * nh, dh), lay, "permute")
-            rows = tm.bwd_out(rows_in.index_select(0, order // k), lay, "permute")
+            rows = tm.bwd_out(take_slices(rows_in, order, k), lay, "permute")
             rec.tokens = rec.bwd["tokens"] = flat.numel()
         with tm.fwd(lay, "expert") as rec:
             rows = tm.bwd_in(rows, lay, "expert")
@@ -91,7 +91,7 @@ class HPMoE(MoELayerBase):
             y = weighted_sum(out, inverse_perm(order).view(n * t * nh, k), gates)
             back = all_to_all(y, [t * nh] * n, splits).view(n, t, nh, dh)
             back = back.transpose(0, 1).reshape(t, n * nh, dh)
-            y = tm.bwd_out(back.index_select(1, self.recv_heads.to(back.device)), lay,
+            y = tm.bwd_out(take_slices(back, self.recv_heads.to(back.device), dim=1), lay,
                            "combine")
             rec.bytes = rec.bwd["bytes"] = (sum(splits) - splits[self.rank]) * width
             rec.tokens = sum(splits)

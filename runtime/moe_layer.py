@@ -31,6 +31,37 @@ def inverse_perm(p: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+class _TakeSlices(torch.autograd.Function):
+    """y = x.index_select(dim, order // k), `order` a permutation of range(k * x.shape[dim]):
+    every slice of x is taken exactly k times. The backward gathers each slice's k gradients
+    through the inverse permutation and sums them. index_select's own backward scatters with
+    index_add (bf16 atomics): 6.7 ms against ~1 ms at 131k x 2048 rows on one H200, and
+    not deterministic."""
+
+    @staticmethod
+    def forward(ctx, x, order, k, dim):
+        ctx.save_for_backward(order)
+        ctx.k, ctx.dim = k, dim
+        return x.index_select(dim, order // k if k > 1 else order)
+
+    @staticmethod
+    def backward(ctx, g):
+        (order,) = ctx.saved_tensors
+        k, dim = ctx.k, ctx.dim
+        gx = g.index_select(dim, inverse_perm(order))
+        if k > 1:
+            shape = list(gx.shape)
+            shape[dim: dim + 1] = [shape[dim] // k, k]
+            gx = gx.view(shape).sum(dim + 1)
+        return gx, None, None, None
+
+
+def take_slices(x: torch.Tensor, order: torch.Tensor, k: int = 1, dim: int = 0) -> torch.Tensor:
+    """x.index_select(dim, order // k) with a gather for a backward (see _TakeSlices); k = 1
+    is a permutation."""
+    return _TakeSlices.apply(x, order, k, dim)
+
+
 class MoELayerBase(nn.Module):
     strategy = ""
 
@@ -106,7 +137,7 @@ class MoELayerBase(nn.Module):
             route = build_route(placement, traffic.tokens, self.rank, assign.reshape(-1),
                                 items.device)
             items = tm.bwd_in(items, lay, "permute")
-            send = tm.bwd_out(items.index_select(0, route.send_order // k), lay, "permute")
+            send = tm.bwd_out(take_slices(items, route.send_order, k), lay, "permute")
             rec.tokens = rec.bwd["tokens"] = n * k
         width = dim * send.element_size()
         with tm.fwd(lay, "dispatch") as rec:
@@ -119,9 +150,9 @@ class MoELayerBase(nn.Module):
         w1, w2 = expert_weights(route)
         with tm.fwd(lay, "expert") as rec:
             recv = tm.bwd_in(recv, lay, "expert")
-            grouped = recv.index_select(0, route.recv_to_group)
+            grouped = take_slices(recv, route.recv_to_group)
             out = expert_ffn(grouped, route.group_sizes, w1, w2)
-            out = out.index_select(0, inverse_perm(route.recv_to_group))
+            out = take_slices(out, inverse_perm(route.recv_to_group))
             out = tm.bwd_out(out, lay, "expert")
             rows = int(sum(route.group_sizes))
             rec.tokens = rec.bwd["tokens"] = rows

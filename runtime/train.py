@@ -30,6 +30,7 @@ from moesim.errors import InputError
 from runtime import checkpoint
 from runtime.comm import DistEnv, all_reduce_grads, init_distributed
 from runtime.data import Batches
+from runtime.kernels_bridge import expert_backend
 from runtime.model import MoETransformer
 from runtime.rundir import machine_meta, write_run_dir
 from runtime.timing import PhaseTimer
@@ -71,8 +72,9 @@ class Trainer:
                              f"job has {env.world} ranks (torchrun --nproc-per-node)")
         self.forced = forced_routing(cfg, env.world)
         self.model = MoETransformer(cfg, env, make_layout(cfg, env.world)).to(env.device)
-        if env.device.type == "cuda" and m.dtype == "bf16":
-            self.model.to(torch.bfloat16)
+        self.dtype = torch.bfloat16 if env.device.type == "cuda" and m.dtype == "bf16" \
+            else torch.float32
+        self.model.to(self.dtype)
         self.replicated = self.model.replicated_parameters()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.run.lr)
         self.data = Batches(cfg, env.rank)
@@ -164,7 +166,8 @@ class Trainer:
             return
         meta = {**machine_meta(env.world, env.backend, env.device.type),
                 "strategy": cfg.parallel.strategy, "routing": cfg.run.routing,
-                "data": cfg.run.data, "losses": self.losses}
+                "data": cfg.run.data, "losses": self.losses,
+                "expert_backend": expert_backend(env.device, self.dtype)}
         write_run_dir(Path(cfg.run.out_dir), cfg, env.world, [r for p in rows for r in p],
                       self.counts, self.placements, meta, self.losses)
 
