@@ -36,7 +36,7 @@ from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import Placement
 from runtime.comm import DistEnv, all_to_all, side_group
-from runtime.moe_layer import MoELayerBase
+from runtime.moe_layer import MoELayerBase, gather_rows
 
 Layout = Callable[[np.ndarray, int], Placement]
 
@@ -101,7 +101,7 @@ class FSEPMoE(MoELayerBase):
             send_splits = np.bincount(rep_r, minlength=n).tolist()
             mine = int(send_splits[self.rank])
             shard = tm.bwd_in(self.shard, lay, "weight_gather")
-            rows = shard.index_select(0, torch.from_numpy(send_experts).to(shard.device))
+            rows = gather_rows(shard, torch.from_numpy(send_experts).to(shard.device))
             recv = all_to_all(rows, send_splits, [mine] * n, group=group)
             w1, w2 = unshard(recv.view(n, mine, -1), n, m.expert_dim, m.d_ffn)
             w1 = tm.bwd_out(w1, lay, "weight_gather")

@@ -62,6 +62,43 @@ def take_slices(x: torch.Tensor, order: torch.Tensor, k: int = 1, dim: int = 0) 
     return _TakeSlices.apply(x, order, k, dim)
 
 
+class _GatherRows(torch.autograd.Function):
+    """y = x.index_select(0, index) for any index (rows taken 0..m times). The backward sums
+    each row's gradients by a padded gather ([rows, m] positions, the padding pointing at a
+    zero row) instead of index_add's bf16 atomics: deterministic, and ~4x faster for FSEP's
+    weight gradients (1.1 GB on one H200: ~10 ms with index_add)."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        rows, n = ctx.rows, index.numel()
+        if n == 0:
+            return g.new_zeros((rows, *g.shape[1:])), None
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=rows)
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        # slot j of row r holds position order[starts[r] + j] if j < counts[r], else n (zeros)
+        j = torch.arange(width, device=index.device)
+        pick = starts[:, None] + j[None, :]
+        valid = j[None, :] < counts[:, None]
+        pos = torch.where(valid, order[pick.clamp(max=n - 1)], n)
+        padded = torch.cat([g, g.new_zeros((1, *g.shape[1:]))])
+        return padded.index_select(0, pos.reshape(-1)).view(rows, width, *g.shape[1:]).sum(1), \
+            None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x.index_select(0, index) with a gather-and-sum backward (see _GatherRows)."""
+    return _GatherRows.apply(x, index)
+
+
 class MoELayerBase(nn.Module):
     strategy = ""
 
