@@ -17,6 +17,13 @@ Samplers: "multinomial" is exact; "normal" draws the multinomial's normal approx
 exact covariance n(diag(p) - p p^T) and rounds, keeping every shard's total exact. It is ~10x
 faster and used by "auto" for traces of more than 2^24 counts, where the expected counts are in
 the hundreds and the approximation is good.
+
+The normal draws come from a 2^16-entry inverse-CDF table indexed by 16 random bits (4 draws per
+64-bit word of the generator): ~2.5 ns a draw against ~11 ns for numpy's ziggurat, which made
+the draws most of the generation time. The table is the standard normal's quantiles at
+(i + 1/2) / 2^16, rescaled to unit variance: its CDF is within 2^-16 of the normal's everywhere
+and its tails stop at 4.3 sigma (the normal puts 1.5e-5 beyond). Both are far below the error
+of the normal approximation itself (Berry-Esseen, O(1/sqrt(n p)): percents at n p ~ 500).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import ndtri
 
 from moesim.errors import InputError
 from traces.schema import Trace, TraceMeta
@@ -143,51 +151,70 @@ def cap_probabilities(p: np.ndarray, cap: float) -> np.ndarray:
     return p
 
 
-def _sample_multinomial(rng, n: np.ndarray, p: np.ndarray, shards: int) -> np.ndarray:
+def _sample_multinomial(rng, n: np.ndarray, p: np.ndarray, shards: int,
+                        out: np.ndarray) -> None:
     pv = np.broadcast_to(p[:, :, None], (*p.shape[:2], shards, *p.shape[2:]))
-    return rng.multinomial(n[:, :, None], pv).astype(np.int32)
+    out[...] = rng.multinomial(n[:, :, None], pv)
 
 
-def _sample_normal(rng, n: np.ndarray, p: np.ndarray, shards: int) -> np.ndarray:
+def _normal_table() -> np.ndarray:
+    z = ndtri((np.arange(2**16) + 0.5) / 2**16)
+    return (z / np.sqrt(np.mean(z**2))).astype(np.float32)
+
+
+NORMAL_TABLE = _normal_table()
+
+
+def standard_normal16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 standard normal draws by table lookup on 16 random bits (module docstring)."""
+    size = int(np.prod(shape))
+    bits = rng.bit_generator.random_raw(-(-size // 4)).view(np.uint16)[:size]
+    return NORMAL_TABLE.take(bits).reshape(shape)
+
+
+def _sample_normal(rng, n: np.ndarray, p: np.ndarray, shards: int, out: np.ndarray) -> None:
     # y ~ N(0, diag p); y - p * sum(y) has covariance diag(p) - p p^T, the multinomial's / n.
     p32 = p[:, :, None].astype(np.float32)
     n32 = n[:, :, None, :, None].astype(np.float32)
-    y = rng.standard_normal((*p.shape[:2], shards, *p.shape[2:]), dtype=np.float32)
+    y = standard_normal16(rng, out.shape)
     y *= np.sqrt(p32)
     total = y @ np.ones((y.shape[-1], 1), np.float32)  # BLAS: faster than a short-axis sum
     y -= p32 * total
     y *= np.sqrt(n32)
-    y += n32 * p32
-    np.rint(y, out=y)
-    np.clip(y, 0, None, out=y)
-    c = y.astype(np.int32)
+    y += n32 * p32 + np.float32(0.5)  # + 0.5 then truncation below: rounding in no extra pass
+    np.maximum(y, 0, out=y)
+    np.copyto(out, y, casting="unsafe")
     # Rounding and clipping leave each shard a few slots off n: give them to its likeliest expert.
-    resid = n[:, :, None].astype(np.int32) - c.sum(axis=-1, dtype=np.int32)
+    resid = n[:, :, None].astype(np.int32) - out.sum(axis=-1, dtype=np.int32)
     top = np.broadcast_to(np.argmax(p32, axis=-1)[..., None], (*resid.shape, 1))
-    np.put_along_axis(c, top, np.take_along_axis(c, top, -1) + resid[..., None], axis=-1)
-    neg = (c < 0).any(axis=-1)
-    if neg.any():  # only if a likeliest expert was driven below zero: redraw those rows exactly
-        pr = np.broadcast_to(p[:, :, None], c.shape)[neg]
+    np.put_along_axis(out, top, np.take_along_axis(out, top, -1) + resid[..., None], axis=-1)
+    if out.min() < 0:  # only if a likeliest expert was driven below zero: redraw those rows
+        neg = (out < 0).any(axis=-1)
+        pr = np.broadcast_to(p[:, :, None], out.shape)[neg]
         nr = np.broadcast_to(n[:, :, None], neg.shape)[neg]
-        c[neg] = rng.multinomial(nr, pr)
-    return c
+        out[neg] = rng.multinomial(nr, pr)
 
 
-def _sample(draw, rng, tokens: int, top_k: int, p: np.ndarray, shards: int) -> np.ndarray:
-    """Counts for one chunk of steps. An expert whose share is capped at 1/top_k is visited by
-    every token, so it gets exactly `tokens`; the other slots are drawn over the rest."""
+def _sample(draw, rng, tokens: int, top_k: int, p: np.ndarray, shards: int,
+            out: np.ndarray) -> None:
+    """Counts for one chunk of steps, into `out`. An expert whose share is capped at 1/top_k
+    is visited by every token, so it gets exactly `tokens`; the other slots are drawn over the
+    rest, and counts above `tokens` are then moved (`_enforce_distinct`)."""
     full = p >= (1.0 - 1e-9) / top_k
     n = tokens * top_k - tokens * full.sum(axis=-1)
     rest = np.where(full, 0.0, p)
     rest /= np.maximum(rest.sum(axis=-1, keepdims=True), 1e-300)
-    c = draw(rng, n, rest, shards)
-    np.add(c, full[:, :, None].astype(np.int32) * np.int32(tokens), out=c)
-    return c
+    draw(rng, n, rest, shards, out)
+    if full.any():
+        np.add(out, full[:, :, None].astype(np.int32) * np.int32(tokens), out=out)
+    _enforce_distinct(out, tokens)
 
 
 def _enforce_distinct(c: np.ndarray, tokens: int) -> None:
     """Move counts above `tokens` (one token visits an expert at most once) to the experts
     with the most room, in place. Rare: only experts with a share close to 1/top_k overflow."""
+    if c.max(initial=0) <= tokens:
+        return
     rows = np.argwhere((c > tokens).any(axis=-1))
     for idx in map(tuple, rows):
         row = c[idx]
@@ -233,8 +260,8 @@ def generate(spec: TraceSpec, progress: bool = False) -> Trace:
     def fill(i: int) -> None:
         s0 = starts[i]
         rng = np.random.default_rng(chunk_seeds[i])
-        counts[s0:s0 + step_chunk] = _sample(draw, rng, spec.tokens_per_shard, spec.top_k,
-                                             p[s0:s0 + step_chunk], spec.shards)
+        _sample(draw, rng, spec.tokens_per_shard, spec.top_k, p[s0:s0 + step_chunk],
+                spec.shards, counts[s0:s0 + step_chunk])
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         done = pool.map(fill, range(len(starts)))
@@ -243,7 +270,6 @@ def generate(spec: TraceSpec, progress: bool = False) -> Trace:
             done = tqdm(done, total=len(starts), desc="trace gen", unit="chunk", leave=False)
         for _ in done:
             pass
-    _enforce_distinct(counts, spec.tokens_per_shard)
     meta = TraceMeta(
         model=spec.model, source=f"synthetic:{spec.kind}", tokens_per_shard=spec.tokens_per_shard,
         top_k=spec.top_k,

@@ -67,6 +67,30 @@ class TraceMeta:
 
 
 @dataclass(frozen=True)
+class CountSummary:
+    """What validation needs from a block of counts [..., experts]: the smallest and largest
+    count, and whether any (step, layer, shard, head) total differs from tokens x top_k."""
+
+    min: int
+    max: int
+    bad_total: bool
+
+    @classmethod
+    def of(cls, block: np.ndarray, want: int) -> CountSummary:
+        if block.size == 0:
+            return cls(0, 0, False)
+        lo = 0 if block.dtype.kind == "u" else int(block.min())
+        return cls(lo, int(block.max()),
+                   bool((block.sum(axis=-1, dtype=np.int64) != want).any()))
+
+    @classmethod
+    def merge(cls, parts) -> CountSummary:
+        parts = list(parts)
+        return cls(min(p.min for p in parts), max(p.max for p in parts),
+                   any(p.bad_total for p in parts))
+
+
+@dataclass(frozen=True)
 class Trace:
     counts: np.ndarray  # int32 [steps, layers, shards, heads, experts]
     meta: TraceMeta
@@ -95,8 +119,10 @@ class Trace:
     def tokens_per_step(self) -> int:
         return self.meta.tokens_per_shard * self.num_shards
 
-    def validate(self, source: str) -> None:
-        """Check the invariants in the module docstring; raise InputError on the first breach."""
+    def validate(self, source: str, summary: CountSummary | None = None) -> None:
+        """Check the invariants in the module docstring; raise InputError on the first breach.
+        `summary`: the counts' CountSummary when the caller already streamed them (the trace
+        reader does, while copying); the bad entry is located only when there is one."""
         c = self.counts
         if c.ndim != 5:
             raise InputError(source, "counts", f"expected 5 dimensions, got shape {c.shape}")
@@ -107,30 +133,25 @@ class Trace:
         if self.meta.top_k > self.num_experts:
             raise InputError(source, "metadata.top_k",
                              f"{self.meta.top_k} exceeds the {self.num_experts} experts per head")
-        # One pass per step slice on a thread per core (numpy releases the GIL): min, max and
-        # the per-shard totals. The bad entry is located only when there is one.
         want = self.meta.tokens_per_shard * self.meta.top_k
         cap = self.meta.tokens_per_shard
-
-        def summarise(sl: slice) -> tuple[int, int, bool]:
-            part = c[sl]
-            return int(part.min()), int(part.max()), bool(
-                (part.sum(axis=4, dtype=np.int64) != want).any())
-
-        step = max(1, -(-c.shape[0] // (os.cpu_count() or 1)))
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            parts = list(pool.map(summarise, [slice(i, i + step)
-                                              for i in range(0, c.shape[0], step)]))
+        if summary is None:
+            # One pass per step slice on a thread per core (numpy releases the GIL).
+            step = max(1, -(-c.shape[0] // (os.cpu_count() or 1)))
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                summary = CountSummary.merge(pool.map(
+                    lambda i: CountSummary.of(c[i:i + step], want),
+                    range(0, c.shape[0], step)))
         names = ("step", "layer", "shard", "head", "expert")
-        if min(p[0] for p in parts) < 0:
+        if summary.min < 0:
             where = ", ".join(f"{n} {i}" for n, i in zip(names, np.argwhere(c < 0)[0], strict=True))
             raise InputError(source, "tokens", f"negative token count at {where}")
-        if max(p[1] for p in parts) > cap:
+        if summary.max > cap:
             where = ", ".join(f"{n} {i}" for n, i in zip(names, np.argwhere(c > cap)[0],
                                                           strict=True))
             raise InputError(source, "tokens", f"count at {where} exceeds tokens_per_shard = "
                              f"{cap} (a token visits distinct experts)")
-        if any(p[2] for p in parts):
+        if summary.bad_total:
             totals = c.sum(axis=4, dtype=np.int64)
             s, ly, sh, h = np.argwhere(totals != want)[0]
             got = totals[s, ly, sh, h]

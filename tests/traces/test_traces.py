@@ -83,6 +83,21 @@ def test_normal_sampler_matches_multinomial_moments():
         np.testing.assert_allclose(c.var(0), n * p * (1 - p), rtol=0.15)
 
 
+def test_table_normal_is_the_normal_quantiles():
+    from scipy.special import ndtr
+
+    from traces.generators import NORMAL_TABLE, standard_normal16
+    t = NORMAL_TABLE.astype(np.float64)
+    assert abs(t.mean()) < 1e-6 and abs(t.var() - 1) < 1e-5
+    # Entry i sits at the normal's (i + 1/2) / 2^16 quantile (up to the unit-variance rescale).
+    q = (np.arange(2**16) + 0.5) / 2**16
+    assert np.abs(ndtr(t) - q).max() < 2e-5
+    z = standard_normal16(np.random.default_rng(3), (400_000,)).astype(np.float64)
+    zs = np.sort(z)
+    ecdf_gap = np.abs(ndtr(zs) - (np.arange(zs.size) + 0.5) / zs.size).max()
+    assert ecdf_gap < 4e-3  # KS: the 1% critical value at n = 4e5 is 2.6e-3, plus the 2^-16 grid
+
+
 @given(st.lists(st.floats(0.01, 10), min_size=2, max_size=12), st.integers(1, 4))
 def test_cap_probabilities_caps_and_keeps_the_sum(weights, k):
     k = min(k, len(weights))
@@ -152,6 +167,8 @@ def _write_bad(tmp_path, mutate) -> str:
     (lambda c, m: (c + (np.arange(c.size).reshape(c.shape) == 0), m), "token-expert pairs"),
     (lambda c, m: (c, dataclasses.replace(m, top_k=3)), "token-expert pairs"),
     (lambda c, m: (c, dataclasses.replace(m, top_k=99)), "metadata.top_k"),
+    (lambda c, m: (c, dataclasses.replace(m, tokens_per_shard=int(c.max()) - 1,
+                                          top_k=m.top_k)), "exceeds tokens_per_shard"),
 ])
 def test_bad_counts_are_one_line_errors(tmp_path, mutate, message):
     path = _write_bad(tmp_path, mutate)
