@@ -7,10 +7,18 @@ Measured, each as the median of `repeat` timed runs after warm-up, on fresh rand
 - overhead kernel: time per launch of a tiny kernel, launched back to back;
 - curve gemm: bf16 square GEMMs from 256 to 8192, efficiency = achieved / best achieved, the
   launch overhead taken out of each time (the compute model adds it back per launch);
-- curve grouped_gemm: a gated expert FFN (up+gate then down grouped GEMMs, `torch._grouped_mm`
-  where the GPU has it, else one matmul per expert) over `experts` groups of t tokens each,
-  for t from 16 to 8192; size = forward FLOPs of one group (6 t d f), the quantity the compute
-  model looks up; efficiency = achieved / best achieved.
+- curve grouped_gemm: the two grouped GEMMs of a gated expert FFN (up+gate, then down;
+  `torch._grouped_mm` where the GPU has it, else one matmul per expert) over `experts` groups
+  of t tokens each, for t from 16 to 8192 (128 and its multiples: whole row tiles); size =
+  forward FLOPs of one group (6 t d f), the quantity the compute model looks up; efficiency =
+  achieved / best achieved. The activation between the GEMMs is not timed: the compute model
+  charges it as its own memory-bound kernels;
+- rate sort, overhead sort: stable `argsort` of int64 keys (what the permute runs) at several
+  sizes; keys per second from the two largest, the fixed cost per call from the smallest;
+- overhead sync: a device-to-host read between two kernels (`.item()`), less the two launches:
+  the bubble a sync leaves on the GPU;
+- param sms: the device's multiprocessor count; param tile_m, tile_n: the grouped GEMM's output
+  tile, ASSUMED (128 x 256, CUTLASS's on Hopper), written so the file says what was used.
 The best achieved rate of each family becomes its `rate` row, so every efficiency is <= 1.
 
 On a machine without CUDA it measures the CPU with small shapes (`--device cpu`): useful to test
@@ -32,8 +40,11 @@ from moesim.errors import InputError
 
 GEMM_SIZES_GPU = (256, 512, 1024, 2048, 4096, 8192)
 GEMM_SIZES_CPU = (64, 128, 256, 512)
-GROUP_TOKENS_GPU = (16, 64, 256, 1024, 4096, 8192)
+GROUP_TOKENS_GPU = (16, 64, 128, 256, 1024, 4096, 8192)
 GROUP_TOKENS_CPU = (4, 16, 64, 256)
+SORT_KEYS_GPU = (4096, 1 << 20, 1 << 22)
+SORT_KEYS_CPU = (1024, 1 << 14, 1 << 16)
+TILE = (128, 256)  # grouped GEMM output tile (rows, columns), assumed
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, device: str,
@@ -65,23 +76,20 @@ def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
     return lambda fn, repeat: median_seconds(fn, repeat, device)
 
 
-def _expert_ffn(x, w_up, w_down, offs):
-    """Gated FFN over groups: rows offs[i-1]:offs[i] of x use expert i."""
+def _expert_gemms(x, a, w_up, w_down, offs):
+    """The two grouped GEMMs of a gated FFN over groups (rows offs[i-1]:offs[i] use expert i):
+    x @ w_up and a @ w_down, `a` standing for the activation (not timed: the compute model
+    charges the activation as its own kernels)."""
     import torch
-    import torch.nn.functional as F
 
     if hasattr(torch, "_grouped_mm") and x.is_cuda:
-        h = torch._grouped_mm(x, w_up, offs=offs)
-        f = h.shape[1] // 2
-        a = F.silu(h[:, :f]) * h[:, f:]
-        return torch._grouped_mm(a, w_down, offs=offs)
-    outs, start = [], 0
+        return torch._grouped_mm(x, w_up, offs=offs), torch._grouped_mm(a, w_down, offs=offs)
+    ups, downs, start = [], [], 0
     for i, end in enumerate(offs.tolist()):
-        h = x[start:end] @ w_up[i]
-        f = h.shape[1] // 2
-        outs.append((F.silu(h[:, :f]) * h[:, f:]) @ w_down[i])
+        ups.append(x[start:end] @ w_up[i])
+        downs.append(a[start:end] @ w_down[i])
         start = end
-    return torch.cat(outs)
+    return torch.cat(ups), torch.cat(downs)
 
 
 def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 1408,
@@ -132,16 +140,46 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
     w_up, w_down = rand(e, d, 2 * f), rand(e, f, d)
     grouped = []
     for t_per in GROUP_TOKENS_GPU if gpu else GROUP_TOKENS_CPU:
-        xg = rand(e * t_per, d)
+        xg, ag = rand(e * t_per, d), rand(e * t_per, f)
         offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
         flops_group = 6.0 * t_per * d * f
-        sec = busy(time_it(lambda xg=xg, offs=offs: _expert_ffn(xg, w_up, w_down, offs),
-                           repeat), 2)
+        sec = busy(time_it(lambda xg=xg, ag=ag, offs=offs: _expert_gemms(xg, ag, w_up, w_down,
+                                                                           offs), repeat), 2)
         grouped.append((flops_group, e * flops_group / sec))
     best = max(r for _, r in grouped)
     rows.append(("rate", "grouped_gemm", "", best))
     rows += [("curve", "grouped_gemm", f, r / best) for f, r in grouped]
+
+    sizes = SORT_KEYS_GPU if gpu else SORT_KEYS_CPU
+    secs = []
+    for n_keys in sizes:
+        keys = torch.randint(0, experts, (n_keys,), device=device, generator=g)
+        secs.append(time_it(lambda keys=keys: torch.argsort(keys, stable=True), repeat))
+    rate, fixed = sort_fit(sizes, secs)
+    rows.append(("rate", "sort", "", rate))
+    rows.append(("overhead", "sort", "", fixed))
+    one = torch.zeros(1, device=device)
+
+    def synced():
+        one.add_(1.0)
+        one.item()
+        one.add_(1.0)
+
+    rows.append(("overhead", "sync", "", busy(time_it(synced, repeat), 2)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if gpu else 1
+    rows += [("param", "sms", "", float(sms)), ("param", "tile_m", "", float(TILE[0])),
+             ("param", "tile_n", "", float(TILE[1]))]
     return rows
+
+
+def sort_fit(keys: tuple[int, ...], seconds: list[float]) -> tuple[float, float]:
+    """(keys per second, fixed seconds per call) of t = fixed + n / rate: the rate from the two
+    largest sizes, the fixed cost from the smallest. Flat timings (launch-bound, or a fake
+    timer) give the rate of the largest size alone and a fixed cost of 5% of the smallest
+    (the file takes positive numbers only)."""
+    dn, dt = keys[-1] - keys[-2], seconds[-1] - seconds[-2]
+    rate = dn / dt if dt > 0 else keys[-1] / seconds[-1]
+    return rate, max(seconds[0] - keys[0] / rate, 0.05 * seconds[0])
 
 
 def write_calibration(rows: list[tuple[str, str, float | str, float]], path: Path,
@@ -153,8 +191,9 @@ def write_calibration(rows: list[tuple[str, str, float | str, float]], path: Pat
         f"# date {datetime.date.today().isoformat()}, torch {torch.__version__}, "
         f"python {platform.python_version()}",
         f"# command: {command}",
-        "# record: rate (FLOP/s or bytes/s), overhead (s per launch), curve (size = FLOPs of "
-        "one GEMM or of one expert group, value = fraction of the rate)",
+        "# record: rate (FLOP/s, bytes/s, or keys/s for sort), overhead (s per launch, per sort "
+        "call, per device-to-host sync), curve (size = FLOPs of one GEMM or of one expert "
+        "group, value = fraction of the rate), param (sms measured; tile_m, tile_n assumed)",
         "record,op,size,value",
     ]
     lines = [f"{r},{op},{'' if size == '' else f'{size:.6g}'},{value:.6g}"
@@ -170,6 +209,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CSV to write, e.g. configs/calibration/h200.csv")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--d-model", type=int, default=4096,
+                   help="expert input width of the grouped GEMM curve (GPU)")
+    p.add_argument("--d-ffn", type=int, default=1408,
+                   help="expert hidden width of the grouped GEMM curve (GPU)")
+    p.add_argument("--experts", type=int, default=64, help="groups of the grouped GEMM curve")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -183,11 +227,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError("--device", "cuda", "no CUDA device on this machine")
     if args.repeat < 1:
         raise InputError("--repeat", "repeat", "must be >= 1")
+    for name in ("d_model", "d_ffn", "experts"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}", name, "must be >= 1")
     machine = torch.cuda.get_device_name() if device == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}"
-    rows = measure(device, args.repeat)
+    rows = measure(device, args.repeat, args.d_model, args.d_ffn, args.experts)
     write_calibration(rows, args.out, machine, f"moesim calibrate --device {device} "
-                      f"--repeat {args.repeat} --out {args.out}")
+                      f"--repeat {args.repeat} --d-model {args.d_model} --d-ffn {args.d_ffn} "
+                      f"--experts {args.experts} --out {args.out}")
     for r, op, size, value in rows:
         print(f"{r:9s} {op:13s} {size if size == '' else f'{size:.3g}':>9s} {value:.4g}")
     print(f"wrote {args.out}")

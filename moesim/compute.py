@@ -1,23 +1,53 @@
 """The GPU compute model: kernel times from FLOPs and bytes over a device's measured rates.
 
-time = max(FLOPs / (rate * efficiency(size)), bytes / HBM bandwidth) + launches * overhead
-
+Every kernel is `launches * overhead + max(FLOPs / (rate * efficiency), bytes / bandwidth)`:
 `rate` is the device's measured peak for the operation (GEMM, grouped GEMM), `efficiency` a
 size-dependent curve (log-linear interpolation between calibration points, clamped at both
-ends) that captures how small GEMMs under-fill the GPU; memory-bound kernels (permute, combine)
-run at the measured gather bandwidth. The numbers come from a CSV per GPU kind under
-configs/calibration/ (`<gpu>.csv`, see h200.csv for the format).
+ends) that captures how small GEMMs under-fill the GPU; memory-bound kernels run at the
+measured HBM or row-gather bandwidth. The numbers come from a CSV per GPU kind under
+configs/calibration/ (`<gpu>.csv`, see h200.csv for the format; `moesim calibrate` writes it).
 
-Assumptions: a grouped GEMM's efficiency follows the *mean* FLOPs per non-empty group (tile
-quantisation inside a group is ignored); GEMMs run alone on the GPU (no contention with
-communication kernels for SMs or HBM); backward of a GEMM costs twice its forward (input and
-weight gradients) at the same efficiency; elementwise ops (activation, router softmax) are
-folded into their GEMM's memory traffic.
+Models, and what each assumes:
+- GEMM: one kernel, efficiency by its FLOPs (the square-GEMM curve: thin shapes are taken to
+  behave like square ones of the same FLOPs).
+- Grouped GEMM (the experts' gated FFN, `expert_ffn`): per group, not per mean. A group of m
+  rows runs ceil(m / tile_m) row tiles, so it costs what a group of the padded size costs in
+  the uniform-group calibration (the curve: efficiency of groups of that size, which already
+  holds their own tile waste and weight reads); the groups' times add up. All groups' tiles
+  share the SMs of one launch, so the sum is floored by the wave bound: ceil(tiles / SMs)
+  waves of one tile each at the dense-GEMM peak, per GEMM. The floor binds when a launch has
+  few waves (a few small groups: one 128-row group fills 11 of 132 SMs), which the
+  many-group calibration cannot show; with many waves the curve's rate is below it. The
+  GEMMs' bytes (every non-empty group's weights, the activations) are a roofline bound. The
+  activation between the up and down GEMMs is its own memory-bound kernels, added (calibrate
+  times the GEMMs without it; thin experts, e.g. HP's 512 x 704, spend a larger share there).
+  The curve is keyed by FLOPs per group, so a thin expert is taken to tile like a calibration
+  group of the same FLOPs. Backward (input and weight gradients) costs twice the forward at
+  the same efficiency.
+- Router (`router`): the logits GEMM, then softmax, top-k and the gate renormalisation as the
+  separate small kernels they are (launches x overhead + bytes / HBM).
+- Permute (`permute`): a histogram of the expert ids, `sorts` stable sorts of the assignment
+  keys (`sort`: a fixed cost per call + keys / sort rate, O(n) radix passes), the index-build
+  passes, the row gather at the gather bandwidth, and `syncs` device-to-host round trips
+  (`overhead.sync`: EP's size exchange must bring the counts to the host for the all-to-all
+  splits; torch's bincount and repeat_interleave read a size back). Its backward is the
+  gather through the inverse permutation and the sum over the k copies of each token.
+- Combine (`combine`): the fused weighted gather-reduce (k rows in, one row out per token).
+- Regroup (`regroup`): EP/FSEP re-order received rows expert-major before the grouped GEMM and
+  back after it: two row gathers.
+- Local copy (`local_copy`): the block of an all-to-all a rank sends itself, a device-to-device
+  copy (the HBM rate counts bytes read plus written, as calibrate measures a copy).
+
+Ignored: host work between kernels (Python, the planner on the CPU, numpy index building),
+beyond the launch overhead and the syncs named above, so the model is the GPU's time when
+the host keeps it fed; contention
+with communication kernels for SMs or HBM; L2 reuse between kernels; kernel fusion beyond
+what is listed. Bounded: the wave floor uses the dense-GEMM peak (a lower bound).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +58,30 @@ from moesim.errors import InputError
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
 RATE_OPS = ("gemm", "grouped_gemm", "hbm", "gather")
 CURVE_OPS = ("gemm", "grouped_gemm")
+RECORDS = ("rate", "overhead", "curve", "param")
+# Optional rows and the values assumed when a file lacks them (files written before they
+# existed stay readable). Params: the GPU's SM count and the grouped GEMM's output tile.
+PARAM_DEFAULTS = {"sms": 132.0, "tile_m": 128.0, "tile_n": 256.0}
+# An LSD radix sort of int64 keys with int64 indices (torch.argsort on CUDA): 8 passes of 8
+# bits, each reading and writing key and index (32 bytes), plus the histogram pass (8).
+SORT_BYTES_PER_KEY = 8 * 32 + 8
+# Kernels of one sort call when no measured fixed cost is given (iota, histogram, scan and
+# the 8 passes land around this many launches).
+SORT_LAUNCHES = 10
+# A device-to-host round trip (a read of a count or a size), when no measured one is given.
+SYNC_SECONDS = 20e-6
 
 
 @dataclass(frozen=True)
 class ComputeModel:
     gpu: str
-    rates: dict[str, float]                            # FLOP/s or bytes/s per op
+    rates: dict[str, float]                            # FLOP/s, bytes/s or keys/s per op
     curves: dict[str, tuple[np.ndarray, np.ndarray]]   # op -> (log10 size, efficiency)
     launch_overhead: float                             # seconds per kernel
+    params: dict[str, float] = field(default_factory=lambda: dict(PARAM_DEFAULTS))
+    sort_overhead: float | None = None                 # seconds per sort call (None: launches)
+    sync_overhead: float = SYNC_SECONDS                # seconds per device-to-host round trip
+    defaulted: tuple[str, ...] = ()                    # rows the file lacked, defaults used
 
     @classmethod
     def load(cls, gpu: str, path: str | Path | None = None) -> ComputeModel:
@@ -57,16 +103,40 @@ class ComputeModel:
         if vals.isna().any() or (vals <= 0).any():
             row = int(np.argmax((vals.isna() | (vals <= 0)).to_numpy()))
             raise InputError(src, f"value (row {row + 1})", "must be a positive number")
-        rates, curves, overhead = {}, {}, None
-        for op in RATE_OPS:
-            sel = df[(df.record == "rate") & (df.op == op)]
-            if len(sel) != 1:
-                raise InputError(src, f"rate.{op}", "need exactly one row")
-            rates[op] = float(sel.value.iloc[0])
-        sel = df[(df.record == "overhead") & (df.op == "kernel")]
-        if len(sel) != 1:
-            raise InputError(src, "overhead.kernel", "need exactly one row")
-        overhead = float(sel.value.iloc[0])
+        bad = set(df.record) - set(RECORDS)
+        if bad:
+            raise InputError(src, "record", f"unknown record {sorted(bad)[0]!r}")
+
+        def one(record: str, op: str, required: bool) -> float | None:
+            sel = df[(df.record == record) & (df.op == op)]
+            if len(sel) > 1 or (required and len(sel) != 1):
+                raise InputError(src, f"{record}.{op}", "need exactly one row")
+            return float(sel.value.iloc[0]) if len(sel) else None
+
+        rates = {op: one("rate", op, True) for op in RATE_OPS}
+        overhead = one("overhead", "kernel", True)
+        defaulted = []
+        sort = one("rate", "sort", False)
+        if sort is None:
+            sort = rates["hbm"] / SORT_BYTES_PER_KEY
+            defaulted.append("rate.sort")
+        rates["sort"] = sort
+        sort_overhead = one("overhead", "sort", False)
+        if sort_overhead is None:
+            defaulted.append("overhead.sort")
+        sync = one("overhead", "sync", False)
+        if sync is None:
+            sync = SYNC_SECONDS
+            defaulted.append("overhead.sync")
+        params = {}
+        for name, default in PARAM_DEFAULTS.items():
+            v = one("param", name, False)
+            if v is None:
+                defaulted.append(f"param.{name}")
+            elif v != round(v):
+                raise InputError(src, f"param.{name}", "must be a whole number")
+            params[name] = default if v is None else v
+        curves = {}
         for op in CURVE_OPS:
             sel = df[(df.record == "curve") & (df.op == op)]
             size = pd.to_numeric(sel["size"], errors="coerce").to_numpy(dtype=float)
@@ -79,14 +149,17 @@ class ComputeModel:
             if (np.diff(size[order]) <= 0).any():
                 raise InputError(src, f"curve.{op}", "sizes must be distinct")
             curves[op] = (np.log10(size[order]), eff[order])
-        bad = set(df.record) - {"rate", "overhead", "curve"}
-        if bad:
-            raise InputError(src, "record", f"unknown record {sorted(bad)[0]!r}")
-        return cls(gpu, rates, curves, overhead)
+        return cls(gpu, rates, curves, overhead, params, sort_overhead, sync, tuple(defaulted))
 
     def efficiency(self, op: str, size: np.ndarray) -> np.ndarray:
         x, y = self.curves[op]
         return np.interp(np.log10(np.maximum(np.asarray(size, dtype=float), 1.0)), x, y)
+
+    def _kernels(self, work: np.ndarray, launches: float, nbytes: np.ndarray,
+                 rate: str = "hbm") -> np.ndarray:
+        """`launches` memory-bound kernels moving `nbytes` in all, where `work` > 0."""
+        t = launches * self.launch_overhead + np.asarray(nbytes, dtype=float) / self.rates[rate]
+        return np.where(np.asarray(work) > 0, t, 0.0)
 
     def gemm(self, m: np.ndarray, k: int, n: int, dtype_bytes: int,
              backward: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -101,28 +174,119 @@ class ComputeModel:
         t = np.where(m > 0, t + mult * self.launch_overhead, 0.0)
         return t, flops
 
+    def grouped_gemm_seconds(self, rows: np.ndarray, dim: int, ffn: int) -> np.ndarray:
+        """Compute time of one forward gated FFN over groups (`rows` [..., G] rows per group),
+        launches and the bytes bound excluded: max(sum over groups of the padded group's
+        calibrated time, the wave floor of the up and the down GEMM: ceil(tiles / SMs) waves
+        of one tile per SM at the dense-GEMM peak)."""
+        rows = np.asarray(rows, dtype=np.float64)
+        tm, tn, sms = (self.params[k] for k in ("tile_m", "tile_n", "sms"))
+        rate = self.rates["grouped_gemm"]
+        # The floor's tiles run at the dense-GEMM peak: no tile goes faster, so the floor is a
+        # true lower bound and stays below the calibrated many-wave points it must reproduce.
+        tile_rate = self.rates["gemm"] / sms
+        row_tiles = np.ceil(rows / tm)
+        padded_flops = 6.0 * row_tiles * tm * dim * ffn
+        eff = self.efficiency("grouped_gemm", padded_flops)
+        per_group = np.divide(padded_flops, rate * eff, out=np.zeros_like(padded_flops),
+                              where=padded_flops > 0)
+        tiles = row_tiles.sum(axis=-1)
+        floor = np.zeros_like(tiles)
+        for n, k in ((2 * ffn, dim), (dim, ffn)):  # up+gate, then down
+            waves = np.ceil(tiles * np.ceil(n / tn) / sms)
+            floor = floor + waves * 2.0 * tm * tn * k / tile_rate
+        return np.maximum(per_group.sum(axis=-1), floor)
+
     def expert_ffn(self, expert_tokens: np.ndarray, dim: int, ffn: int, dtype_bytes: int,
                    backward: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Gated-FFN experts as grouped GEMMs on each rank. `expert_tokens` int[N, E]: rows
-        of each group. Forward 6 * tokens * dim * ffn FLOPs (up+gate and down), backward
-        twice that; bytes: each non-empty expert's weights plus the activations in and out."""
+        """Gated-FFN experts on each rank: the up+gate and the down grouped GEMMs, and the
+        activation between them. `expert_tokens` int[N, E]: rows of each group. Forward
+        6 * tokens * dim * ffn FLOPs, backward twice that. GEMMs: compute time per group
+        (`grouped_gemm_seconds`), bounded below by their bytes (each non-empty expert's
+        weights, the activations in and out of each GEMM). Activation: silu(h[:, :f]) * h[:,
+        f:] as torch runs it, two memory-bound kernels over 5 * tokens * ffn elements (read
+        h's gate half, write silu; read both, write the product); twice that backward."""
         rows = np.asarray(expert_tokens, dtype=np.float64)
         mult = 2 if backward else 1
         tokens = rows.sum(axis=1)
         groups = (rows > 0).sum(axis=1)
         flops = 6.0 * tokens * dim * ffn * mult
-        per_group = np.divide(flops / mult, groups, out=np.zeros_like(flops), where=groups > 0)
-        eff = self.efficiency("grouped_gemm", per_group)
         byt = (groups * 3.0 * dim * ffn + tokens * (2 * dim + 3 * ffn)) * dtype_bytes * mult
-        t = np.maximum(np.divide(flops, self.rates["grouped_gemm"] * eff,
-                                 out=np.zeros_like(flops), where=eff > 0),
-                       byt / self.rates["hbm"])
+        t = np.maximum(mult * self.grouped_gemm_seconds(rows, dim, ffn), byt / self.rates["hbm"])
         # Two grouped GEMMs forward (up+gate, down), four backward.
         t = np.where(tokens > 0, t + 2 * mult * self.launch_overhead, 0.0)
+        t = t + self._kernels(tokens, 2 * mult, mult * 5.0 * tokens * ffn * dtype_bytes)
         return t, flops
 
     def gather(self, nbytes: np.ndarray) -> np.ndarray:
-        """A row gather/scatter (permute, unpermute, weighted combine) moving `nbytes` out:
-        read and write, at the measured gather bandwidth."""
+        """A row gather/scatter moving `nbytes` out: read and write, at the measured gather
+        bandwidth, one launch."""
         b = np.asarray(nbytes, dtype=np.float64)
         return np.where(b > 0, 2.0 * b / self.rates["gather"] + self.launch_overhead, 0.0)
+
+    def sort(self, keys: np.ndarray) -> np.ndarray:
+        """One stable argsort of `keys` int64 keys: a fixed cost per call (measured, or
+        SORT_LAUNCHES launches) plus keys / sort rate (O(n): radix passes over the keys)."""
+        n = np.asarray(keys, dtype=np.float64)
+        fixed = (self.sort_overhead if self.sort_overhead is not None
+                 else SORT_LAUNCHES * self.launch_overhead)
+        return np.where(n > 0, fixed + n / self.rates["sort"], 0.0)
+
+    # Router kernels after the logits GEMM, as (launches, bytes per item as a function of
+    # experts E and top-k): fp32 cast of the logits, softmax, top-k, the renormalisation's
+    # sum and divide, and stacking heads' choices (runtime.routing, runtime.layers_*).
+    ROUTER_FWD = (7, lambda e, k: 6 * e + 8 * e + (4 * e + 12 * k) + (16 * k + 8) + 24 * k)
+    # Backward: renormalisation (3), top-k's scatter into zeros (2), softmax (1), cast (1).
+    ROUTER_BWD = (7, lambda e, k: 24 * k + (4 * e + 12 * k) + 12 * e + 6 * e)
+
+    def router(self, items: np.ndarray, dim: int, experts: int, top_k: int,
+               dtype_bytes: int, backward: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Routing of `items` (sub-)tokens per rank: the logits GEMM [items x dim] @ [dim x
+        experts] (`gemm`), then the small kernels of ROUTER_FWD / ROUTER_BWD."""
+        n = np.asarray(items, dtype=np.float64)
+        t, flops = self.gemm(n, dim, experts, dtype_bytes, backward)
+        launches, per_item = self.ROUTER_BWD if backward else self.ROUTER_FWD
+        return t + self._kernels(n, launches, n * per_item(experts, top_k)), flops
+
+    def permute(self, assignments: np.ndarray, row_bytes: int, top_k: int, sorts: int = 1,
+                syncs: int = 1, backward: bool = False) -> np.ndarray:
+        """Permute of `assignments` (token, expert) pairs per rank, each a row of `row_bytes`.
+        Forward: histogram of the expert ids (zero-fill + bincount), `sorts` stable sorts of
+        the int64 keys, four index-build passes over int64 (repeat, key, take, divide by k),
+        the row gather, and `syncs` device-to-host round trips. Backward: the inverse
+        permutation (two launches over int64), the gather through it, and the sum over each
+        token's k rows (A rows in, A / k out); no sync."""
+        a = np.asarray(assignments, dtype=np.float64)
+        if backward:
+            return (self._kernels(a, 2, 24.0 * a) + self.gather(a * row_bytes)
+                    + self._kernels(a, 1, a * row_bytes * (1.0 + 1.0 / top_k)))
+        return (self._kernels(a, 2, 8.0 * a) + sorts * self.sort(a)
+                + self._kernels(a, 4, 4 * 16.0 * a) + self.gather(a * row_bytes)
+                + np.where(a > 0, syncs * self.sync_overhead, 0.0))
+
+    def combine(self, assignments: np.ndarray, row_bytes: int, top_k: int,
+                backward: bool = False) -> np.ndarray:
+        """The weighted combine (unpermute) of `assignments` rows into assignments / top_k
+        tokens, one fused gather-reduce (kernels/combine.py). Forward: the inverse
+        permutation and its int32 copy (3 launches, 40 bytes per row of indices and gates),
+        then k rows in and one out per token at the gather bandwidth. Backward: one fused
+        kernel (and its output allocation) reading the token gradient and the k rows (for the
+        gate gradients) and writing the k row gradients."""
+        a = np.asarray(assignments, dtype=np.float64)
+        n = a / top_k
+        if backward:
+            return self._kernels(a, 2, (2 * a + n) * row_bytes, "gather")
+        return self._kernels(a, 3, 40.0 * a) + self._kernels(a, 1, (a + n) * row_bytes, "gather")
+
+    def regroup(self, rows: np.ndarray, row_bytes: int) -> np.ndarray:
+        """EP/FSEP: received rows arrive source-major; the grouped GEMM wants them expert-major
+        and the combine wants them back: two row gathers and the inverse permutation between
+        them (two launches over int64). The same in backward (gathers through the inverses)."""
+        r = np.asarray(rows, dtype=np.float64)
+        return 2 * self.gather(r * row_bytes) + self._kernels(r, 2, 24.0 * r)
+
+    def local_copy(self, nbytes: np.ndarray) -> np.ndarray:
+        """The block of an all-to-all a rank sends itself: a device-to-device copy of `nbytes`.
+        The HBM rate counts bytes read plus written (calibrate times a copy that way), so the
+        copy takes 2 * nbytes / rate. No launch: it runs inside the collective's kernel."""
+        return 2.0 * np.asarray(nbytes, dtype=np.float64) / self.rates["hbm"]

@@ -24,6 +24,7 @@ Assumptions (see docs/simulator.md):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -122,6 +123,9 @@ class LayerInputs:
     tokens: np.ndarray                         # int64[N]: tokens each rank brings
     routed: np.ndarray                         # int64[N]: (sub-)tokens each rank routes
     dp_bytes: float                            # gradient bytes per rank replicated over groups
+    # (pass, phase) -> float64[N]: bytes of the phase's all-to-all a rank sends itself (the
+    # diagonal the network never sees; a local copy, `ComputeModel.local_copy`)
+    local: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,10 +139,29 @@ class StrategyContext:
     groups: int = 1                            # data-parallel copies of the MoE group
 
 
+def _with_local_copy(res: CollectiveResult, copy_s: np.ndarray,
+                     latency: float) -> CollectiveResult:
+    """The collective with each rank's self-block copied alongside its network transfers
+    (NCCL copies it inside the same kernel, after the start-up latency): a rank is done when
+    both are. HBM contention between the copy and the transfers is ignored (NVLink and NIC
+    rates are a tenth of HBM's or less)."""
+    if not np.any(copy_s > 0):
+        return res
+    end = np.maximum(res.rank_end, latency + copy_s)
+    return dataclasses.replace(res, rank_end=end, duration=max(res.duration, float(end.max())))
+
+
 def _comm(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
-          phase: str, deps: list[int], traffic: Traffic | None = None, chunk: int = -1) -> int:
+          phase: str, deps: list[int], traffic: Traffic | None = None, chunk: int = -1,
+          share: float = 1.0) -> int:
+    """An all-to-all of the phase's traffic (or `traffic`, a `share` of it, for chunks)."""
     t = lin.phases[(pass_, phase)] if traffic is None else traffic
-    return prog.add(Op(layer, pass_, phase, "comm", deps, comm=lambda t=t: ctx.a2a(t),
+    local = lin.local.get((pass_, phase))
+    copy_s = (ctx.compute.local_copy(local * share) if local is not None
+              else np.zeros(prog.n))
+    latency = ctx.cfg.cluster.collective_latency_us * 1e-6
+    return prog.add(Op(layer, pass_, phase, "comm", deps,
+                       comm=lambda t=t: _with_local_copy(ctx.a2a(t), copy_s, latency),
                        nbytes=t.sent(prog.n), chunk=chunk))
 
 
@@ -149,16 +172,47 @@ def _cmp(prog: Program, layer: int, pass_: str, phase: str, deps: list[int],
                        tokens=tokens, chunk=chunk))
 
 
-def _expert(ctx: StrategyContext, lin: LayerInputs, backward: bool):
+# A permute's stable sorts and device-to-host syncs. EP and FSEP sort the assignments by
+# expert, then by destination replica (runtime.dispatch.build_route), and sync three times: the
+# counts' histogram, the size exchange (the all-to-all splits are host integers) and the
+# replica labels' repeat. HP sorts once by expert; its only sync is the histogram: its
+# all-to-all sizes are known in advance (no size exchange).
+EP_PERMUTE = {"sorts": 2, "syncs": 3}
+HP_PERMUTE = {"sorts": 1, "syncs": 1}
+
+
+def _expert(ctx: StrategyContext, lin: LayerInputs, backward: bool, regroup: bool = True):
+    """The experts' grouped FFN; with `regroup` (EP, FSEP: rows arrive source-major) the two
+    row gathers into and out of expert-major order, which the runtime times as expert too."""
     m = ctx.cfg.model
-    return ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
+    t, f = ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
                                   backward=backward)
+    if regroup:
+        t = t + ctx.compute.regroup(lin.expert_tokens.sum(axis=1), _row_bytes(ctx))
+    return t, f
 
 
-def _permute_bytes(ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
-    """Bytes a rank's permute (or unpermute) writes: every routed row, once per expert."""
+def _row_bytes(ctx: StrategyContext) -> int:
     m = ctx.cfg.model
-    return lin.routed * m.top_k * m.expert_dim * m.dtype_bytes
+    return m.expert_dim * m.dtype_bytes
+
+
+def _assignments(ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
+    """(token, expert) pairs a rank permutes: every routed (sub-)token, once per expert."""
+    return lin.routed * ctx.cfg.model.top_k
+
+
+def _permute(ctx: StrategyContext, lin: LayerInputs, backward: bool,
+             kind: dict[str, int] = EP_PERMUTE) -> np.ndarray:
+    m = ctx.cfg.model
+    return ctx.compute.permute(_assignments(ctx, lin), _row_bytes(ctx), m.top_k, **kind,
+                               backward=backward)
+
+
+def _unpermute(ctx: StrategyContext, lin: LayerInputs, backward: bool) -> np.ndarray:
+    """The weighted combine on the compute stream (phase "combine")."""
+    return ctx.compute.combine(_assignments(ctx, lin), _row_bytes(ctx), ctx.cfg.model.top_k,
+                               backward=backward)
 
 
 def _grad_sync(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int,
@@ -173,9 +227,11 @@ def _grad_sync(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int
 
 
 def _router(ctx: StrategyContext, lin: LayerInputs, backward: bool):
-    """Gate scores of every (sub-)token a rank routes: [routed x expert_dim] @ [dim x E]."""
+    """Routing of every (sub-)token a rank routes: the logits GEMM [routed x expert_dim] @
+    [dim x E], softmax, top-k and the gate renormalisation (`ComputeModel.router`)."""
     m = ctx.cfg.model
-    return ctx.compute.gemm(lin.routed, m.expert_dim, m.num_experts, m.dtype_bytes, backward)
+    return ctx.compute.router(lin.routed, m.expert_dim, m.num_experts, m.top_k, m.dtype_bytes,
+                              backward)
 
 
 def _latent(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
@@ -193,28 +249,27 @@ def _latent(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, p
 def build_ep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
     """EP: router, permute, dispatch, experts, combine; backward mirrors it, with the expert
     weight gradients inside the expert backward."""
-    gpu = ctx.compute
     last = []
     for li, lin in enumerate(layers):
         rt, rf = _router(ctx, lin, False)
         down = _latent(prog, ctx, lin, li, "fwd", "latent_down", last)
         a = _cmp(prog, li, "fwd", "router", down, rt, rf, lin.tokens)
-        b = _cmp(prog, li, "fwd", "permute", [a], gpu.gather(_permute_bytes(ctx, lin)))
+        b = _cmp(prog, li, "fwd", "permute", [a], _permute(ctx, lin, False))
         c = _comm(prog, ctx, lin, li, "fwd", "dispatch", [b])
         et, ef = _expert(ctx, lin, False)
         d = _cmp(prog, li, "fwd", "expert", [c], et, ef, lin.expert_tokens.sum(1))
         e = _comm(prog, ctx, lin, li, "fwd", "combine", [d])
-        f = _cmp(prog, li, "fwd", "combine", [e], gpu.gather(_permute_bytes(ctx, lin)))
+        f = _cmp(prog, li, "fwd", "combine", [e], _unpermute(ctx, lin, False))
         last = _latent(prog, ctx, lin, li, "fwd", "latent_up", [f])
     for li in reversed(range(len(layers))):
         lin = layers[li]
         up = _latent(prog, ctx, lin, li, "bwd", "latent_up", last)
-        a = _cmp(prog, li, "bwd", "combine", up, gpu.gather(_permute_bytes(ctx, lin)))
+        a = _cmp(prog, li, "bwd", "combine", up, _unpermute(ctx, lin, True))
         b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
         et, ef = _expert(ctx, lin, True)
         c = _cmp(prog, li, "bwd", "expert", [b], et, ef, lin.expert_tokens.sum(1))
         d = _comm(prog, ctx, lin, li, "bwd", "dispatch", [c])
-        e = _cmp(prog, li, "bwd", "permute", [d], gpu.gather(_permute_bytes(ctx, lin)))
+        e = _cmp(prog, li, "bwd", "permute", [d], _permute(ctx, lin, True))
         rt, rf = _router(ctx, lin, True)
         f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.tokens)
         _grad_sync(prog, ctx, lin, li, [c])
@@ -235,10 +290,10 @@ def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> 
         b = _comm(prog, ctx, lin, li, "fwd", "dispatch", [a])
         rt, rf = _router(ctx, lin, False)
         c = _cmp(prog, li, "fwd", "router", [b], rt, rf, lin.routed)
-        d = _cmp(prog, li, "fwd", "permute", [c], gpu.gather(_permute_bytes(ctx, lin)))
-        et, ef = _expert(ctx, lin, False)
+        d = _cmp(prog, li, "fwd", "permute", [c], _permute(ctx, lin, False, HP_PERMUTE))
+        et, ef = _expert(ctx, lin, False, regroup=False)
         e = _cmp(prog, li, "fwd", "expert", [d], et, ef, lin.expert_tokens.sum(1))
-        f = _cmp(prog, li, "fwd", "combine", [e], gpu.gather(_permute_bytes(ctx, lin)))
+        f = _cmp(prog, li, "fwd", "combine", [e], _unpermute(ctx, lin, False))
         g = _comm(prog, ctx, lin, li, "fwd", "combine", [f])
         ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db)
         h = _cmp(prog, li, "fwd", "latent_up", [g], ut, uf, lin.tokens)
@@ -248,10 +303,10 @@ def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> 
         ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db, backward=True)
         a = _cmp(prog, li, "bwd", "latent_up", last, ut, uf, lin.tokens)
         b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
-        c = _cmp(prog, li, "bwd", "combine", [b], gpu.gather(_permute_bytes(ctx, lin)))
-        et, ef = _expert(ctx, lin, True)
+        c = _cmp(prog, li, "bwd", "combine", [b], _unpermute(ctx, lin, True))
+        et, ef = _expert(ctx, lin, True, regroup=False)
         d = _cmp(prog, li, "bwd", "expert", [c], et, ef, lin.expert_tokens.sum(1))
-        e = _cmp(prog, li, "bwd", "permute", [d], gpu.gather(_permute_bytes(ctx, lin)))
+        e = _cmp(prog, li, "bwd", "permute", [d], _permute(ctx, lin, True, HP_PERMUTE))
         rt, rf = _router(ctx, lin, True)
         f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.routed)
         g = _comm(prog, ctx, lin, li, "bwd", "dispatch", [f])
@@ -276,18 +331,19 @@ def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -
     (FSDP-style), and scatters the weight-gradient shards back to their owners chunk by chunk
     as each chunk's backward GEMMs finish. The first chunk's gather has no dependency on the
     layer's compute, so it prefetches while the router runs."""
-    gpu = ctx.compute
     k = ctx.cfg.parallel.fsep_chunks
     last: list[int] = []
     for li, lin in enumerate(layers):
         gathers = _chunks(lin.phases[("fwd", "weight_gather")], k)
-        g0 = _comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[0], chunk=0)
+        g0 = _comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[0], chunk=0,
+                   share=1 / k)
         rt, rf = _router(ctx, lin, False)
         down = _latent(prog, ctx, lin, li, "fwd", "latent_down", last)
         a = _cmp(prog, li, "fwd", "router", down, rt, rf, lin.tokens)
-        b = _cmp(prog, li, "fwd", "permute", [a], gpu.gather(_permute_bytes(ctx, lin)))
+        b = _cmp(prog, li, "fwd", "permute", [a], _permute(ctx, lin, False))
         c = _comm(prog, ctx, lin, li, "fwd", "dispatch", [b])
-        g = [g0] + [_comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[j], chunk=j)
+        g = [g0] + [_comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[j], chunk=j,
+                          share=1 / k)
                     for j in range(1, k)]
         et, ef = _expert(ctx, lin, False)
         prev = []
@@ -296,25 +352,27 @@ def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -
                          lin.expert_tokens.sum(1) // k + (j < lin.expert_tokens.sum(1) % k),
                          chunk=j)]
         e = _comm(prog, ctx, lin, li, "fwd", "combine", prev)
-        f = _cmp(prog, li, "fwd", "combine", [e], gpu.gather(_permute_bytes(ctx, lin)))
+        f = _cmp(prog, li, "fwd", "combine", [e], _unpermute(ctx, lin, False))
         last = _latent(prog, ctx, lin, li, "fwd", "latent_up", [f])
     pending: list[tuple[int, list[int], list[np.ndarray], LayerInputs]] = []
     for li in reversed(range(len(layers))):
         lin = layers[li]
         gathers = _chunks(lin.phases[("bwd", "weight_gather")], k)
         scatters = _chunks(lin.phases[("bwd", "grad_scatter")], k)
-        g0 = _comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[0], chunk=0)
+        g0 = _comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[0], chunk=0,
+                   share=1 / k)
         up = _latent(prog, ctx, lin, li, "bwd", "latent_up", last)
-        a = _cmp(prog, li, "bwd", "combine", up, gpu.gather(_permute_bytes(ctx, lin)))
+        a = _cmp(prog, li, "bwd", "combine", up, _unpermute(ctx, lin, True))
         b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
-        g = [g0] + [_comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[j], chunk=j)
+        g = [g0] + [_comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[j], chunk=j,
+                          share=1 / k)
                     for j in range(1, k)]
         # The previous layer's gradient scatters go after this layer's gathers on the comm
         # stream, so they overlap this layer's expert backward.
         for pli, pdeps, pscat, plin in pending:
             for j in range(k):
                 _comm(prog, ctx, plin, pli, "bwd", "grad_scatter", [pdeps[j]], pscat[j],
-                      chunk=j)
+                      chunk=j, share=1 / k)
             _grad_sync(prog, ctx, plin, pli, pdeps[-1:])
         pending = []
         et, ef = _expert(ctx, lin, True)
@@ -326,14 +384,15 @@ def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -
                          chunk=j)]
             chunks_done.append(prev[0])
         d = _comm(prog, ctx, lin, li, "bwd", "dispatch", prev)
-        e = _cmp(prog, li, "bwd", "permute", [d], gpu.gather(_permute_bytes(ctx, lin)))
+        e = _cmp(prog, li, "bwd", "permute", [d], _permute(ctx, lin, True))
         rt, rf = _router(ctx, lin, True)
         f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.tokens)
         pending.append((li, chunks_done, scatters, lin))
         last = _latent(prog, ctx, lin, li, "bwd", "latent_down", [f])
     for pli, pdeps, pscat, plin in pending:
         for j in range(k):
-            _comm(prog, ctx, plin, pli, "bwd", "grad_scatter", [pdeps[j]], pscat[j], chunk=j)
+            _comm(prog, ctx, plin, pli, "bwd", "grad_scatter", [pdeps[j]], pscat[j], chunk=j,
+                  share=1 / k)
         _grad_sync(prog, ctx, plin, pli, pdeps[-1:])
     _final_sync(prog, ctx, last)
 

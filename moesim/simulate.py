@@ -131,16 +131,20 @@ class Simulator:
         groups = n // g
         m = self.cfg.model
         parts: dict[tuple[str, str], list[Traffic]] = {}
+        local: dict[tuple[str, str], np.ndarray] = {}
         et = np.zeros((n, m.total_experts), dtype=np.int64)
         tokens = np.zeros(n, dtype=np.int64)
         routed = np.zeros(n, dtype=np.int64)
         for gi in range(groups):
             tstep = (step + gi) % self.trace.num_steps
-            lt, local = self._layer_traffic(strategy, tstep, layer)
+            lt, sparse = self._layer_traffic(strategy, tstep, layer)
             sl = slice(gi * g, (gi + 1) * g)
-            for key, t in local.items():
+            for key, t in sparse.items():
                 parts.setdefault(key, []).append(Traffic(t.src + gi * g, t.dst + gi * g,
                                                          t.nbytes))
+            for key, mtx in lt.phases.items():
+                # The diagonal never reaches the network, but it is still copied.
+                local.setdefault(key, np.zeros(n))[sl] = np.diag(mtx)
             et[sl] = lt.expert_tokens
             counts = self.trace.counts[tstep, layer]
             tokens[sl] = counts[:, 0, :].sum(axis=1) // m.top_k
@@ -158,7 +162,7 @@ class Simulator:
         else:
             per_rank = 0.0
         phases = {k: Traffic.concat(v) for k, v in parts.items()}
-        return LayerInputs(phases, et, tokens, routed, per_rank)
+        return LayerInputs(phases, et, tokens, routed, per_rank, local)
 
     def _replicated_bytes(self, strategy: str) -> float:
         """Weights of one layer held by every rank: router, and HP's latent projections."""

@@ -103,6 +103,24 @@ def compare(measured: pd.DataFrame, simulated: pd.DataFrame, run: Path) -> pd.Da
     return out
 
 
+def compare_passes(measured: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:
+    """Rows: every (strategy, pass, phase), both streams together; columns measured_s,
+    simulated_s, rel_error. The time is a phase's summed duration over layers, the mean over
+    ranks and steps. Separating the passes lets a comparison trust one pass when the other's
+    measurements are known to be off (e.g. a runtime whose backward is being fixed)."""
+    rows = []
+    for src, df in (("measured_s", measured), ("simulated_s", simulated)):
+        d = df.assign(dur=df["end_s"] - df["start_s"])
+        per = d.groupby(["strategy", "pass", "phase"])["dur"].sum()
+        norm = d.groupby("strategy").apply(lambda g: g["rank"].nunique() * g["step"].nunique(),
+                                           include_groups=False)
+        rows.append((per / norm.reindex(per.index.get_level_values("strategy")).to_numpy())
+                    .rename(src))
+    out = pd.concat(rows, axis=1).dropna().reset_index()
+    out["rel_error"] = (out["simulated_s"] - out["measured_s"]) / out["measured_s"]
+    return out
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="simulate a runtime run and compare with its timings",
                        description=__doc__.split("\n\n")[0])

@@ -35,6 +35,28 @@ def test_rows_from_a_known_roofline(tmp_path, monkeypatch):
     model = ComputeModel.load("cpu", path)
     assert model.rates["gemm"] == pytest.approx(best, rel=1e-5)
     assert model.launch_overhead == pytest.approx(1e-3 / 200, rel=1e-5)
+    # The newer rows: flat timings give the sort rate of the largest size, a sync's bubble is
+    # the timed millisecond less two launches; nothing is left to the defaults but the tile.
+    assert model.rates["sort"] == pytest.approx(cal.SORT_KEYS_CPU[-1] / 1e-3, rel=1e-5)
+    assert model.sync_overhead == pytest.approx(1e-3 - 2e-3 / 200, rel=1e-5)
+    assert model.defaulted == ()
+    assert model.params["tile_m"] == cal.TILE[0]
+
+
+def test_sort_fit_recovers_a_line():
+    keys = (4096, 1 << 20, 1 << 22)
+    rate, fixed = cal.sort_fit(keys, [50e-6 + n / 1e10 for n in keys])
+    assert rate == pytest.approx(1e10) and fixed == pytest.approx(50e-6)
+
+
+def test_expert_gemms_loop_matches_dense():
+    import torch
+
+    x, a = torch.randn(6, 4), torch.randn(6, 3)
+    w_up, w_down = torch.randn(2, 4, 6), torch.randn(2, 3, 4)
+    up, down = cal._expert_gemms(x, a, w_up, w_down, torch.tensor([2, 6]))
+    assert torch.allclose(up[:2], x[:2] @ w_up[0]) and torch.allclose(up[2:], x[2:] @ w_up[1])
+    assert torch.allclose(down[2:], a[2:] @ w_down[1])
 
 
 def test_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim.compute import ComputeModel
+from moesim.compute import CALIBRATION_DIR, ComputeModel
 from moesim.errors import InputError
 
 
@@ -16,18 +16,137 @@ def test_h200_matmul_hits_measured_rate():
     assert t[0] == pytest.approx(flops[0] / 790e12 + cm.launch_overhead, rel=1e-9)
 
 
+def _activation(cm: ComputeModel, tokens: float, ffn: int, mult: int = 1) -> float:
+    """silu(h[:, :f]) * h[:, f:]: two kernels over 5 x tokens x ffn bf16 elements."""
+    return mult * (2 * cm.launch_overhead + 5 * tokens * ffn * 2 / cm.rates["hbm"])
+
+
 def test_grouped_gemm_hits_measured_rate_and_small_groups_are_slower():
     cm = ComputeModel.load("h200")
     big = np.full((1, 64), 4096)
     t, flops = cm.expert_ffn(big, 4096, 1408, 2)
-    # 64 experts x 4096 tokens x 6 x 4096 x 1408 FLOPs at the measured 609 TFLOP/s.
+    # 64 experts x 4096 tokens x 6 x 4096 x 1408 FLOPs at the measured 609 TFLOP/s (the
+    # grouped GEMMs), then the activation between them as its own kernels.
     assert flops[0] == pytest.approx(6 * 64 * 4096 * 4096 * 1408)
-    assert t[0] == pytest.approx(flops[0] / 609e12 + 2 * cm.launch_overhead, rel=1e-9)
+    assert t[0] == pytest.approx(flops[0] / 609e12 + 2 * cm.launch_overhead
+                                 + _activation(cm, 64 * 4096, 1408), rel=1e-9)
     small = np.full((1, 64), 16)
     ts, fs = cm.expert_ffn(small, 4096, 1408, 2)
     assert ts[0] / fs[0] > 3 * t[0] / flops[0]  # per FLOP at least 3x slower
     tb, fb = cm.expert_ffn(big, 4096, 1408, 2, backward=True)
     assert fb[0] == 2 * flops[0] and tb[0] == pytest.approx(2 * t[0], rel=1e-9)
+
+
+def _group_closed_form(cm: ComputeModel, m: float, dim: int, ffn: int) -> float:
+    """One group's calibrated time at its padded size (whole 128-row tiles)."""
+    padded = 6.0 * np.ceil(m / 128) * 128 * dim * ffn
+    x, y = cm.curves["grouped_gemm"]
+    return padded / (609e12 * float(np.interp(np.log10(padded), x, y)))
+
+
+def _wave_floor(cm: ComputeModel, row_tiles: float, dim: int, ffn: int) -> float:
+    """ceil(tiles / 132) waves of 128 x 256 tiles at the dense peak, up+gate then down."""
+    per_sm = 790e12 / 132
+    up = np.ceil(row_tiles * np.ceil(2 * ffn / 256) / 132) * 2 * 128 * 256 * dim / per_sm
+    down = np.ceil(row_tiles * np.ceil(dim / 256) / 132) * 2 * 128 * 256 * ffn / per_sm
+    return float(up + down)
+
+
+def test_grouped_gemm_is_the_sum_of_its_groups():
+    cm = ComputeModel.load("h200")
+    rows = np.array([[16384, 9399, 2773, 1000, 300, 17, 0]])
+    got = cm.grouped_gemm_seconds(rows, 2048, 1408)[0]
+    want = sum(_group_closed_form(cm, m, 2048, 1408) for m in rows[0] if m > 0)
+    assert want > _wave_floor(cm, np.ceil(rows / 128).sum(), 2048, 1408)  # many waves
+    assert got == pytest.approx(want, rel=1e-12)
+    # Skew with the same FLOPs: each group at its own size, not the mean's efficiency.
+    mean = np.full((1, 6), rows.sum() / 6)
+    assert cm.grouped_gemm_seconds(mean, 2048, 1408)[0] != pytest.approx(got, rel=1e-3)
+
+
+def test_one_group_reduces_to_the_mean_formula():
+    # A single group of whole tiles: what the model gave before it went per group.
+    cm = ComputeModel.load("h200")
+    flops = 6.0 * 4096 * 4096 * 1408
+    x, y = cm.curves["grouped_gemm"]
+    old = flops / (609e12 * float(np.interp(np.log10(flops), x, y)))
+    assert cm.grouped_gemm_seconds(np.array([[4096]]), 4096, 1408)[0] == pytest.approx(old)
+
+
+def test_tiles_and_waves():
+    cm = ComputeModel.load("h200")
+    g = cm.grouped_gemm_seconds
+    # A group pays whole 128-row tiles: 1 row costs a full tile, 129 rows two.
+    many = np.full((1, 64), 1)
+    assert g(many, 2048, 1408)[0] == pytest.approx(g(many * 128, 2048, 1408)[0], rel=1e-12)
+    assert g(np.full((1, 64), 129), 2048, 1408)[0] == pytest.approx(
+        g(np.full((1, 64), 256), 2048, 1408)[0], rel=1e-12)
+    # One small group fills 11 + 8 of 132 SMs: one wave of each GEMM, far above its share of
+    # the many-group calibration.
+    one = g(np.array([[128]]), 2048, 1408)[0]
+    assert one == pytest.approx(_wave_floor(cm, 1, 2048, 1408), rel=1e-12)
+    assert one > 3 * _group_closed_form(cm, 128, 2048, 1408)
+
+
+def test_router_is_its_kernels():
+    cm = ComputeModel.load("h200")
+    n, dim, e, k = np.array([16384.0]), 2048, 64, 8
+    gemm_t, gemm_f = cm.gemm(n, dim, e, 2)
+    t, f = cm.router(n, dim, e, k, 2)
+    per_item = 6 * e + 8 * e + (4 * e + 12 * k) + (16 * k + 8) + 24 * k
+    assert f[0] == gemm_f[0]
+    assert t[0] == pytest.approx(gemm_t[0] + 7 * cm.launch_overhead
+                                 + n[0] * per_item / 4.2e12, rel=1e-12)
+    tb, _ = cm.router(n, dim, e, k, 2, backward=True)
+    assert tb[0] > t[0]
+    assert cm.router(np.array([0]), dim, e, k, 2)[0][0] == 0.0
+
+
+def test_sort_permute_combine_and_local_copy_closed_forms():
+    cm = ComputeModel.load("h200")
+    # h200.csv's assumed sort: 8 radix passes of 32 bytes + a histogram pass at HBM speed,
+    # ten launches; the same as a file without the rows gets.
+    assert cm.defaulted == ()
+    a = np.array([131072.0])
+    sort = 10 * 4e-6 + a[0] / (4.2e12 / 264)
+    assert cm.sort(a)[0] == pytest.approx(sort, rel=1e-7)
+    row = 4096
+    gather = 2 * a[0] * row / 3.7e12 + 4e-6
+    want = (2 * 4e-6 + 8 * a[0] / 4.2e12) + 2 * sort + (4 * 4e-6 + 64 * a[0] / 4.2e12) \
+        + gather + 3 * cm.sync_overhead
+    assert cm.permute(a, row, 8, sorts=2, syncs=3)[0] == pytest.approx(want, rel=1e-7)
+    comb = 3 * 4e-6 + 40 * a[0] / 4.2e12 + 4e-6 + (a[0] + a[0] / 8) * row / 3.7e12
+    assert cm.combine(a, row, 8)[0] == pytest.approx(comb, rel=1e-12)
+    assert cm.regroup(a, row)[0] == pytest.approx(2 * gather + 2 * 4e-6 + 24 * a[0] / 4.2e12)
+    assert cm.local_copy(np.array([1e9]))[0] == pytest.approx(2e9 / 4.2e12, rel=1e-12)
+    for fn in (cm.sort, lambda x: cm.permute(x, row, 8), lambda x: cm.combine(x, row, 8)):
+        assert fn(np.array([0.0]))[0] == 0.0  # a rank with nothing to move costs nothing
+
+
+def test_optional_rows_are_read_and_checked(tmp_path):
+    base = (CALIBRATION_DIR / "h200-measured.csv").read_text()  # without the optional rows
+    p = tmp_path / "x.csv"
+    p.write_text(base + "rate,sort,,1e10\noverhead,sort,,5e-5\noverhead,sync,,3e-5\n"
+                 "param,sms,,78\n")
+    cm = ComputeModel.load("x", p)
+    assert cm.rates["sort"] == 1e10 and cm.sort_overhead == 5e-5 and cm.sync_overhead == 3e-5
+    assert cm.params["sms"] == 78 and "param.sms" not in cm.defaulted
+    assert cm.sort(np.array([1e6]))[0] == pytest.approx(5e-5 + 1e-4)
+    p.write_text(base + "param,sms,,7.5\n")
+    with pytest.raises(InputError, match=r"param\.sms"):
+        ComputeModel.load("x", p)
+    p.write_text(base + "rate,sort,,1e10\nrate,sort,,2e10\n")
+    with pytest.raises(InputError, match=r"rate\.sort"):
+        ComputeModel.load("x", p)
+    # A file from before these rows existed still loads (the measured one is such a file),
+    # with the same assumed values h200.csv spells out.
+    old = ComputeModel.load("h200-measured")
+    assert {"rate.sort", "overhead.sort", "overhead.sync", "param.sms"} <= set(old.defaulted)
+    h200 = ComputeModel.load("h200")
+    assert old.rates["sort"] == pytest.approx(old.rates["hbm"] / 264)
+    assert h200.rates["sort"] == pytest.approx(h200.rates["hbm"] / 264, rel=1e-7)
+    assert h200.sort_overhead == pytest.approx(10 * h200.launch_overhead)
+    assert old.params == h200.params and old.sync_overhead == h200.sync_overhead
 
 
 def test_empty_rank_costs_nothing():

@@ -118,3 +118,24 @@ def test_summary_separates_comm_combine_from_unpermute():
     assert row["combine_ms"] == pytest.approx(want)
     # Dispatch and combine move transposed matrices on a symmetric network: equal time.
     assert row["combine_ms"] == pytest.approx(row["dispatch_ms"], rel=1e-9)
+
+
+def test_one_rank_all_to_all_is_a_local_copy():
+    # One GPU: every byte of the dispatch stays on the rank. It is not free: NCCL copies it
+    # at HBM speed after the collective's start-up latency (2 x bytes / the read+write rate).
+    cfg = config_from_dict({
+        "model": {"num_layers": 1, "d_model": 256, "d_ffn": 128, "num_experts": 8,
+                  "top_k": 2},
+        "cluster": {"nodes": 1, "gpus_per_node": 1, "collective_latency_us": 10.0, **NO_LAT},
+        "parallel": {"degree": 1},
+    })
+    trace = generate(TraceSpec(kind="zipf", steps=1, layers=1, shards=1, experts=8, top_k=2,
+                               tokens_per_shard=4096, seed=1, params={"exponent": 1.2}))
+    out = Simulator(cfg, trace, "gen").simulate_step("ep", 0)
+    f = out.frame
+    for pass_, phase in (("fwd", "dispatch"), ("fwd", "combine"), ("bwd", "dispatch")):
+        row = f[(f["pass"] == pass_) & (f["phase"] == phase) & (f["stream"] == "comm")]
+        local = 4096 * 2 * 256 * 2
+        assert (row["end_s"] - row["start_s"]).iloc[0] == pytest.approx(
+            10e-6 + 2 * local / 4.2e12, rel=1e-9)
+        assert row["bytes"].iloc[0] == 0  # not network traffic
