@@ -4,8 +4,9 @@ of one (step, layer), from its routing counts.
     placement, stats = fsep_placement(model, planner_cfg, counts, num_ranks, previous=None)
 
 `planner_cfg.solver` picks the method: "highs" / "cbc" (the MILP in planner.ilp, warm-started
-from the better heuristic), "greedy" or "laer" (planner.heuristics). Every result is checked
-against the constraints before it is returned. `lp_bound` gives the LP-relaxation lower bound.
+from the best of the heuristics), "greedy" or "laer" (planner.heuristics). Every result is
+checked against the constraints before it is returned. `lp_bound` (planner.bounds) gives the
+LP-relaxation lower bound.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ import numpy as np
 
 from moesim.config import ModelConfig, PlannerConfig
 from moesim.errors import InputError
+from planner.bounds import lp_bound
 from planner.cost import LayoutCost, layout_cost
-from planner.heuristics import greedy_lpt, laer_fill
+from planner.heuristics import bin_completion, greedy_lpt, laer_fill, lpt_wrap
 from planner.ilp import solve_milp
 from planner.placement import Placement, replicated_placement
 
 HEURISTICS = {"greedy": greedy_lpt, "laer": laer_fill}
+# Warm starts for the MILP: the two methods above, and lpt_wrap and bin_completion, which are
+# better on Zipf routing (docs/planner.md) but not methods of their own. bin_completion can
+# find nothing when the slots are tight (it returns None); the others always place.
+STARTS = (greedy_lpt, laer_fill, lpt_wrap, bin_completion)
+
+__all__ = ["HEURISTICS", "SolveStats", "check_feasible", "fsep_placement", "lp_bound",
+           "verify_layout"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +60,6 @@ def check_feasible(num_experts: int, num_ranks: int, slots: int) -> None:
         raise InputError("planner", "slots_per_rank",
                          f"{num_ranks} ranks x {slots} slots cannot hold all {num_experts} "
                          f"experts (need at least {-(-num_experts // num_ranks)} slots a rank)")
-
-
-def lp_bound(cost: LayoutCost, slots: int) -> float:
-    """The LP relaxation's optimum: no layout has a lower max rank time (seconds)."""
-    return solve_milp(cost, slots, relax=True).objective
 
 
 def _cost(model: ModelConfig, planner: PlannerConfig, counts: np.ndarray,
@@ -87,7 +91,7 @@ def fsep_placement(model: ModelConfig, planner: PlannerConfig, counts: np.ndarra
         share = HEURISTICS[planner.solver](cost, slots)
         status, objective = "heuristic", float(cost.rank_time(share).max())
     else:
-        starts = [f(cost, slots) for f in HEURISTICS.values()]
+        starts = [s for s in (f(cost, slots) for f in STARTS) if s is not None]
         start = min(starts, key=lambda s: cost.rank_time(s).max())
         prev = previous.hosted() if previous is not None else None
         res = solve_milp(cost, slots, solver=planner.solver, time_limit_s=planner.time_limit_s,
