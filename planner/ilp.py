@@ -75,10 +75,11 @@ def _build(cost: LayoutCost, slots: int, unit: float, *, relax: bool,
     g = cost.g / unit
     prob = pulp.LpProblem("fsep_relayout", pulp.LpMinimize)
     cat = pulp.LpContinuous if relax else pulp.LpBinary
-    x = {(e, r): pulp.LpVariable(f"x_{e}_{r}", 0, 1) for e in range(e_total) for r in range(n)}
-    y = {(e, r): pulp.LpVariable(f"y_{e}_{r}", 0, 1, cat=cat)
+    x = {(e, r): prob.add_variable(f"x_{e}_{r}", 0, 1)
          for e in range(e_total) for r in range(n)}
-    z = pulp.LpVariable("z", 0)
+    y = {(e, r): prob.add_variable(f"y_{e}_{r}", 0, 1, cat=cat)
+         for e in range(e_total) for r in range(n)}
+    z = prob.add_variable("z", 0)
     objective = [(z, 1.0)]
     const = 0.0
     if previous is not None and change_penalty > 0:
@@ -90,17 +91,22 @@ def _build(cost: LayoutCost, slots: int, unit: float, *, relax: bool,
             else:
                 objective.append((v, lam))
     prob += pulp.LpAffineExpression(objective, constant=const)
+
+    # Rows from term lists (PuLP's fast path), not from operator arithmetic on variables.
+    def row(terms: list, sense: int, rhs: float, name: str) -> None:
+        prob.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(terms), sense=sense,
+                                             rhs=rhs, name=name))
+
     for e in range(e_total):
-        prob += pulp.LpAffineExpression([(x[e, r], 1.0) for r in range(n)]) == 1, f"serve_{e}"
+        row([(x[e, r], 1.0) for r in range(n)], pulp.LpConstraintEQ, 1, f"serve_{e}")
     for (e, r), v in x.items():
-        prob += v - y[e, r] <= 0, f"link_{e}_{r}"
+        row([(v, 1.0), (y[e, r], -1.0)], pulp.LpConstraintLE, 0, f"link_{e}_{r}")
     for r in range(n):
-        prob += pulp.LpAffineExpression([(y[e, r], 1.0) for e in range(e_total)]) <= slots, \
-            f"slots_{r}"
+        row([(y[e, r], 1.0) for e in range(e_total)], pulp.LpConstraintLE, slots, f"slots_{r}")
         terms = [(x[e, r], float(w[e, r])) for e in range(e_total)]
         terms += [(y[e, r], g) for e in range(e_total)]
         terms.append((z, -1.0))
-        prob += pulp.LpAffineExpression(terms) <= 0, f"time_{r}"
+        row(terms, pulp.LpConstraintLE, 0, f"time_{r}")
     return prob, x, y, z
 
 
