@@ -12,13 +12,16 @@ Measured, each as the median of `repeat` timed runs after warm-up, on fresh rand
   of t tokens each, for t from 16 to 8192 (128 and its multiples: whole row tiles); size =
   forward FLOPs of one group (6 t d f), the quantity the compute model looks up; efficiency =
   achieved / best achieved. The activation between the GEMMs is not timed: the compute model
-  charges it as its own memory-bound kernels;
+  charges it as its own memory-bound kernels. Each extra expert shape (`--expert-shapes
+  512x704`) gets its own curve `grouped_gemm@512x704`, relative to the same rate (the best of
+  all shapes), which experts of that shape use;
 - rate sort, overhead sort: stable `argsort` of int64 keys (what the permute runs) at several
   sizes; keys per second from the two largest, the fixed cost per call from the smallest;
 - overhead sync: a device-to-host read between two kernels (`.item()`), less the two launches:
   the bubble a sync leaves on the GPU;
 - param sms: the device's multiprocessor count; param tile_m, tile_n: the grouped GEMM's output
-  tile, ASSUMED (128 x 256, CUTLASS's on Hopper), written so the file says what was used.
+  tile, ASSUMED (128 x 256, CUTLASS's on Hopper), written so the file says what was used;
+  param curve_dim, curve_ffn: the expert shape of the plain grouped GEMM curve.
 The best achieved rate of each family becomes its `rate` row, so every efficiency is <= 1.
 
 On a machine without CUDA it measures the CPU with small shapes (`--device cpu`): useful to test
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moesim.atomic import atomic_path
+from moesim.compute import shaped_op
 from moesim.errors import InputError
 
 GEMM_SIZES_GPU = (256, 512, 1024, 2048, 4096, 8192)
@@ -93,7 +97,8 @@ def _expert_gemms(x, a, w_up, w_down, offs):
 
 
 def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 1408,
-            experts: int = 64) -> list[tuple[str, str, float | str, float]]:
+            experts: int = 64, expert_shapes: tuple[tuple[int, int], ...] = ()
+            ) -> list[tuple[str, str, float | str, float]]:
     """Run the measurements; return CSV rows (record, op, size, value)."""
     import torch
 
@@ -136,19 +141,24 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
     rows.append(("rate", "gemm", "", best))
     rows += [("curve", "gemm", f, r / best) for f, r in gemm]
 
-    d, f, e = (d_model, d_ffn, experts) if gpu else (128, 64, 8)
-    w_up, w_down = rand(e, d, 2 * f), rand(e, f, d)
-    grouped = []
-    for t_per in GROUP_TOKENS_GPU if gpu else GROUP_TOKENS_CPU:
-        xg, ag = rand(e * t_per, d), rand(e * t_per, f)
-        offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
-        flops_group = 6.0 * t_per * d * f
-        sec = busy(time_it(lambda xg=xg, ag=ag, offs=offs: _expert_gemms(xg, ag, w_up, w_down,
-                                                                           offs), repeat), 2)
-        grouped.append((flops_group, e * flops_group / sec))
-    best = max(r for _, r in grouped)
+    e = experts if gpu else 8
+    shapes = [("grouped_gemm", *((d_model, d_ffn) if gpu else (128, 64)))]
+    shapes += [(shaped_op(d, f), d, f) for d, f in expert_shapes]
+    families = {}
+    for op, d, f in shapes:
+        w_up, w_down = rand(e, d, 2 * f), rand(e, f, d)
+        grouped = []
+        for t_per in GROUP_TOKENS_GPU if gpu else GROUP_TOKENS_CPU:
+            xg, ag = rand(e * t_per, d), rand(e * t_per, f)
+            offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
+            flops_group = 6.0 * t_per * d * f
+            sec = busy(time_it(lambda xg=xg, ag=ag, offs=offs, w_up=w_up, w_down=w_down:
+                               _expert_gemms(xg, ag, w_up, w_down, offs), repeat), 2)
+            grouped.append((flops_group, e * flops_group / sec))
+        families[op] = grouped
+    best = max(r for grouped in families.values() for _, r in grouped)
     rows.append(("rate", "grouped_gemm", "", best))
-    rows += [("curve", "grouped_gemm", f, r / best) for f, r in grouped]
+    rows += [("curve", op, f, r / best) for op, grouped in families.items() for f, r in grouped]
 
     sizes = SORT_KEYS_GPU if gpu else SORT_KEYS_CPU
     secs = []
@@ -168,7 +178,9 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
     rows.append(("overhead", "sync", "", busy(time_it(synced, repeat), 2)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if gpu else 1
     rows += [("param", "sms", "", float(sms)), ("param", "tile_m", "", float(TILE[0])),
-             ("param", "tile_n", "", float(TILE[1]))]
+             ("param", "tile_n", "", float(TILE[1])),
+             ("param", "curve_dim", "", float(shapes[0][1])),
+             ("param", "curve_ffn", "", float(shapes[0][2]))]
     return rows
 
 
@@ -202,6 +214,20 @@ def write_calibration(rows: list[tuple[str, str, float | str, float]], path: Pat
         tmp.write_text("\n".join(header + lines) + "\n")
 
 
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """"512x704,1024x1408" -> ((512, 704), (1024, 1408)); InputError names a bad entry."""
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            d, f = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise InputError("--expert-shapes", part, "want DxF, e.g. 512x704") from None
+        if d < 1 or f < 1:
+            raise InputError("--expert-shapes", part, "dimensions must be >= 1")
+        shapes.append((d, f))
+    return tuple(shapes)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="measure compute rates into a calibration CSV",
                        description=__doc__.split("\n\n")[0])
@@ -214,6 +240,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d-ffn", type=int, default=1408,
                    help="expert hidden width of the grouped GEMM curve (GPU)")
     p.add_argument("--experts", type=int, default=64, help="groups of the grouped GEMM curve")
+    p.add_argument("--expert-shapes", default="", metavar="DxF[,DxF...]",
+                   help="extra expert shapes with their own grouped GEMM curve, e.g. 512x704 "
+                   "(Multi-Head LatentMoE experts)")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -232,10 +261,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')}", name, "must be >= 1")
     machine = torch.cuda.get_device_name() if device == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}"
-    rows = measure(device, args.repeat, args.d_model, args.d_ffn, args.experts)
+    shapes = parse_shapes(args.expert_shapes)
+    rows = measure(device, args.repeat, args.d_model, args.d_ffn, args.experts, shapes)
+    extra = f" --expert-shapes {args.expert_shapes}" if shapes else ""
     write_calibration(rows, args.out, machine, f"moesim calibrate --device {device} "
                       f"--repeat {args.repeat} --d-model {args.d_model} --d-ffn {args.d_ffn} "
-                      f"--experts {args.experts} --out {args.out}")
+                      f"--experts {args.experts}{extra} --out {args.out}")
     for r, op, size, value in rows:
         print(f"{r:9s} {op:13s} {size if size == '' else f'{size:.3g}':>9s} {value:.4g}")
     print(f"wrote {args.out}")

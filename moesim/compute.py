@@ -21,9 +21,13 @@ Models, and what each assumes:
   GEMMs' bytes (every non-empty group's weights, the activations) are a roofline bound. The
   activation between the up and down GEMMs is its own memory-bound kernels, added (calibrate
   times the GEMMs without it; thin experts, e.g. HP's 512 x 704, spend a larger share there).
-  The curve is keyed by FLOPs per group, so a thin expert is taken to tile like a calibration
-  group of the same FLOPs. Backward (input and weight gradients) costs twice the forward at
-  the same efficiency.
+  A curve is measured at one expert shape. Curves of known shape (the plain one with `param
+  curve_dim, curve_ffn`, extra ones as `grouped_gemm@<dim>x<ffn>`, `moesim calibrate
+  --expert-shapes`) are looked up by rows per group at the exact, else the nearest, shape;
+  a file whose curve has no shape (h200.csv's assumed one) by FLOPs per group. Shapes differ
+  (measured on an H200: 512 x 704 experts run 15% below 4096 x 1408 ones at equal group
+  FLOPs, and 3x above them at 2e9 FLOPs a group), so calibrate the model's shape. Backward
+  (input and weight gradients) costs twice the forward at the same efficiency.
 - Router (`router`): the logits GEMM, then softmax, top-k and the gate renormalisation as the
   separate small kernels they are (launches x overhead + bytes / HBM).
 - Permute (`permute`): a histogram of the expert ids, `sorts` stable sorts of the assignment
@@ -58,6 +62,23 @@ from moesim.errors import InputError
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
 RATE_OPS = ("gemm", "grouped_gemm", "hbm", "gather")
 CURVE_OPS = ("gemm", "grouped_gemm")
+# Grouped GEMM curves measured at a given expert shape: op "grouped_gemm@<dim>x<ffn>". An
+# expert of that shape uses its own curve, any other the plain "grouped_gemm" one.
+SHAPED = "grouped_gemm"
+
+
+def _shape_of(op: str) -> tuple[int, int] | None:
+    """(dim, ffn) of a "grouped_gemm@<dim>x<ffn>" curve name, None if malformed."""
+    try:
+        dim, ffn = op.split("@", 1)[1].lower().split("x")
+        return int(dim), int(ffn)
+    except ValueError:
+        return None
+
+
+def shaped_op(dim: int, ffn: int) -> str:
+    """The curve name of grouped GEMMs with experts of `dim` x `ffn`."""
+    return f"{SHAPED}@{dim}x{ffn}"
 RECORDS = ("rate", "overhead", "curve", "param")
 # Optional rows and the values assumed when a file lacks them (files written before they
 # existed stay readable). Params: the GPU's SM count and the grouped GEMM's output tile.
@@ -82,6 +103,7 @@ class ComputeModel:
     sort_overhead: float | None = None                 # seconds per sort call (None: launches)
     sync_overhead: float = SYNC_SECONDS                # seconds per device-to-host round trip
     defaulted: tuple[str, ...] = ()                    # rows the file lacked, defaults used
+    curve_shape: tuple[int, int] | None = None         # (dim, ffn) the plain grouped curve had
 
     @classmethod
     def load(cls, gpu: str, path: str | Path | None = None) -> ComputeModel:
@@ -136,8 +158,18 @@ class ComputeModel:
             elif v != round(v):
                 raise InputError(src, f"param.{name}", "must be a whole number")
             params[name] = default if v is None else v
+        shape = [one("param", name, False) for name in ("curve_dim", "curve_ffn")]
+        if (shape[0] is None) != (shape[1] is None):
+            raise InputError(src, "param.curve_dim", "give both curve_dim and curve_ffn")
+        curve_shape = None if shape[0] is None else (int(shape[0]), int(shape[1]))
         curves = {}
-        for op in CURVE_OPS:
+        shaped = sorted({op for op in df.op[df.record == "curve"]
+                         if op.startswith(f"{SHAPED}@")})
+        for op in shaped:
+            if _shape_of(op) is None:
+                raise InputError(src, f"curve.{op}", f"name the expert shape as "
+                                 f"{SHAPED}@<dim>x<ffn>, e.g. {SHAPED}@512x704")
+        for op in (*CURVE_OPS, *shaped):
             sel = df[(df.record == "curve") & (df.op == op)]
             size = pd.to_numeric(sel["size"], errors="coerce").to_numpy(dtype=float)
             eff = sel.value.to_numpy(dtype=float)
@@ -149,7 +181,8 @@ class ComputeModel:
             if (np.diff(size[order]) <= 0).any():
                 raise InputError(src, f"curve.{op}", "sizes must be distinct")
             curves[op] = (np.log10(size[order]), eff[order])
-        return cls(gpu, rates, curves, overhead, params, sort_overhead, sync, tuple(defaulted))
+        return cls(gpu, rates, curves, overhead, params, sort_overhead, sync, tuple(defaulted),
+                   curve_shape)
 
     def efficiency(self, op: str, size: np.ndarray) -> np.ndarray:
         x, y = self.curves[op]
@@ -174,6 +207,23 @@ class ComputeModel:
         t = np.where(m > 0, t + mult * self.launch_overhead, 0.0)
         return t, flops
 
+    def _grouped_curve(self, dim: int, ffn: int) -> tuple[str, int, int]:
+        """(curve, dim, ffn at which to look a group up) for experts of dim x ffn. A curve of
+        known shape is looked up at the group's rows (FLOPs of that many rows at the curve's
+        shape): a padded group then lands on whole-tile calibration points, never on the
+        sub-tile ones that carry tile waste already. The exact shape if measured; else the
+        nearest (log distance) if the plain curve's shape is known, else the plain curve by
+        the group's FLOPs (h200.csv's assumed curve)."""
+        shapes = {_shape_of(op): op for op in self.curves if op.startswith(f"{SHAPED}@")}
+        if (dim, ffn) in shapes:
+            return shapes[(dim, ffn)], dim, ffn
+        if self.curve_shape is None:
+            return SHAPED, dim, ffn
+        shapes.setdefault(self.curve_shape, SHAPED)
+        near = min(shapes, key=lambda s: (abs(np.log(s[0] / dim)) + abs(np.log(s[1] / ffn)),
+                                          s))
+        return shapes[near], near[0], near[1]
+
     def grouped_gemm_seconds(self, rows: np.ndarray, dim: int, ffn: int) -> np.ndarray:
         """Compute time of one forward gated FFN over groups (`rows` [..., G] rows per group),
         launches and the bytes bound excluded: max(sum over groups of the padded group's
@@ -182,12 +232,13 @@ class ComputeModel:
         rows = np.asarray(rows, dtype=np.float64)
         tm, tn, sms = (self.params[k] for k in ("tile_m", "tile_n", "sms"))
         rate = self.rates["grouped_gemm"]
+        curve, cdim, cffn = self._grouped_curve(dim, ffn)
         # The floor's tiles run at the dense-GEMM peak: no tile goes faster, so the floor is a
         # true lower bound and stays below the calibrated many-wave points it must reproduce.
         tile_rate = self.rates["gemm"] / sms
         row_tiles = np.ceil(rows / tm)
         padded_flops = 6.0 * row_tiles * tm * dim * ffn
-        eff = self.efficiency("grouped_gemm", padded_flops)
+        eff = self.efficiency(curve, 6.0 * row_tiles * tm * cdim * cffn)
         per_group = np.divide(padded_flops, rate * eff, out=np.zeros_like(padded_flops),
                               where=padded_flops > 0)
         tiles = row_tiles.sum(axis=-1)

@@ -7,6 +7,7 @@ import pytest
 import moesim.calibrate as cal
 from moesim.cli import main
 from moesim.compute import ComputeModel
+from moesim.errors import InputError
 
 
 def test_rows_from_a_known_roofline(tmp_path, monkeypatch):
@@ -41,6 +42,20 @@ def test_rows_from_a_known_roofline(tmp_path, monkeypatch):
     assert model.sync_overhead == pytest.approx(1e-3 - 2e-3 / 200, rel=1e-5)
     assert model.defaulted == ()
     assert model.params["tile_m"] == cal.TILE[0]
+
+
+def test_extra_expert_shapes_get_their_own_curves(monkeypatch, tmp_path):
+    # Timings that scale with the work: every shape reaches the same rate at its largest size.
+    monkeypatch.setattr(cal, "_timer", lambda device: lambda fn, repeat: 1e-3)
+    rows = cal.measure("cpu", repeat=1, expert_shapes=cal.parse_shapes("32x16, 64x8"))
+    ops = {op for r, op, _, _ in rows if r == "curve"}
+    assert ops == {"gemm", "grouped_gemm", "grouped_gemm@32x16", "grouped_gemm@64x8"}
+    path = tmp_path / "c.csv"
+    cal.write_calibration(rows, path, "fake", "test")
+    assert "grouped_gemm@64x8" in ComputeModel.load("c", path).curves
+    for bad in ("32", "32x", "0x4", "axb"):
+        with pytest.raises(InputError, match="expert-shapes"):
+            cal.parse_shapes(bad)
 
 
 def test_sort_fit_recovers_a_line():

@@ -165,3 +165,42 @@ def test_bad_calibration(tmp_path):
     p.write_text("record,op,size,value\nrate,gemm,,1\n")
     with pytest.raises(InputError, match=r"rate\.grouped_gemm"):
         ComputeModel.load("x", p)
+
+
+def test_an_expert_shape_with_its_own_curve_uses_it(tmp_path):
+    base = (CALIBRATION_DIR / "h200.csv").read_text()
+    p = tmp_path / "x.csv"
+    # Thin experts measured at half the efficiency of the plain curve, at every size.
+    x, y = ComputeModel.load("h200").curves["grouped_gemm"]
+    rows = "".join(f"curve,grouped_gemm@512x704,{10 ** a:.6g},{b / 2:.6g}\n"
+                   for a, b in zip(x, y, strict=True))
+    p.write_text(base + rows)
+    cm, plain = ComputeModel.load("x", p), ComputeModel.load("h200")
+    g = np.full((1, 128), 4096)
+    assert cm.grouped_gemm_seconds(g, 512, 704)[0] == pytest.approx(
+        2 * plain.grouped_gemm_seconds(g, 512, 704)[0], rel=1e-4)
+    # Any other shape keeps the plain curve.
+    assert cm.grouped_gemm_seconds(g, 2048, 1408)[0] == plain.grouped_gemm_seconds(
+        g, 2048, 1408)[0]
+    p.write_text(base + "curve,grouped_gemm@thin,1e9,0.5\n")
+    with pytest.raises(InputError, match=r"curve\.grouped_gemm@thin"):
+        ComputeModel.load("x", p)
+
+
+def test_a_curve_of_known_shape_is_looked_up_by_rows(tmp_path):
+    # The plain curve measured at 4096 x 1408: a 2048 x 1408 group of 128 rows is looked up
+    # at the 128-row point, not at the 64-row one that has the same FLOPs (and half a tile
+    # of waste in it already).
+    base = (CALIBRATION_DIR / "h200.csv").read_text()
+    p = tmp_path / "x.csv"
+    p.write_text(base + "param,curve_dim,,4096\nparam,curve_ffn,,1408\n")
+    cm = ComputeModel.load("x", p)
+    assert cm._grouped_curve(2048, 1408) == ("grouped_gemm", 4096, 1408)
+    g = np.full((1, 64), 128)
+    x, y = cm.curves["grouped_gemm"]
+    eff = float(np.interp(np.log10(6.0 * 128 * 4096 * 1408), x, y))
+    assert cm.grouped_gemm_seconds(g, 2048, 1408)[0] == pytest.approx(
+        64 * 6.0 * 128 * 2048 * 1408 / (609e12 * eff), rel=1e-12)
+    p.write_text(base + "param,curve_dim,,4096\n")
+    with pytest.raises(InputError, match="curve_dim"):
+        ComputeModel.load("x", p)
