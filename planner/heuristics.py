@@ -24,14 +24,17 @@ rank and at least one replica an expert. Both are deterministic (ties go to the 
   would all land together on the last ranks).
 - `bin_completion`: the MILP's best warm start. For a target T, ranks are filled one at a
   time: while an expert's remaining work cannot fit on one rank (work + g > T) a piece of it
-  fills a rank alone; otherwise the rank takes the largest expert left, then the subset of
+  fills a rank, alone or (second variant) beside an even share of the smallest experts, which
+  need slots more than time (with many hot experts, pieces alone leave too few ranks for the
+  rest); otherwise the rank takes the largest expert left, then the subset of
   the others that fills the most of what remains within its slots (a subset-sum DP, items
   rounded up to T/1000, preferring more and so smaller experts at equal fill, so that small
   experts do not pile up on the last ranks), then a piece of the largest expert left fills
   the rest when more than g remains. T is the least that places everything, searched upward
-  from the replica bound (planner.bounds) and then bisected. Most ranks are filled exactly
-  by whole experts, so few experts are split: at 64 experts x 16 ranks this lands within
-  0.1% of the replica bound where `lpt_wrap` is ~1% above it (docs/planner.md).
+  from the replica bound (planner.bounds) and then bisected; the better variant is kept.
+  Most ranks are filled exactly by whole experts, so few experts are split: on Zipf routing
+  at 64 experts x 16 ranks this lands within 0.1% of the replica bound where `lpt_wrap` is
+  ~1% above it (docs/planner.md).
 """
 
 from __future__ import annotations
@@ -224,9 +227,19 @@ _FILL_RES = 1000  # subset-sum resolution, steps per target T
 
 
 def bin_completion(cost: LayoutCost, slots: int) -> np.ndarray | None:
-    """Rank-by-rank completion at the least feasible target (see module docstring); None
-    when no target up to 1.5x the replica bound places every expert within the slots. The
-    token shares are re-solved for the layout (`rebalance_shares`)."""
+    """Rank-by-rank completion at the least feasible target (see module docstring), the
+    better of its two variants; None when neither places every expert within the slots at
+    any target up to 1.5x the replica bound. The token shares are then re-solved for the
+    layout (`rebalance_shares`)."""
+    found = [s for s in (_least_target(cost, slots, spread) for spread in (False, True))
+             if s is not None]
+    if not found:
+        return None
+    best = min(found, key=lambda s: cost.rank_time(s).max())
+    return rebalance_shares(cost, best > 0)
+
+
+def _least_target(cost: LayoutCost, slots: int, spread: bool) -> np.ndarray | None:
     from planner.bounds import replica_bound
 
     w = cost.w.mean(axis=1)
@@ -235,25 +248,26 @@ def bin_completion(cost: LayoutCost, slots: int) -> np.ndarray | None:
     best, hi = None, lo
     for step in (1e-4, 5e-4, 2e-3, 1e-2, 5e-2, 0.2, 0.5):
         hi = lo * (1 + step)
-        best = _complete(w, cost.g, n, slots, hi)
+        best = _complete(w, cost.g, n, slots, hi, spread)
         if best is not None:
             break
         lo = hi
     if best is None:
         return None
-    while hi - lo > 1e-5 * hi:
+    while hi - lo > 2e-5 * hi:
         mid = (lo + hi) / 2
-        share = _complete(w, cost.g, n, slots, mid)
+        share = _complete(w, cost.g, n, slots, mid, spread)
         if share is None:
             lo = mid
         else:
             hi, best = mid, share
-    return rebalance_shares(cost, best > 0)
+    return best
 
 
-def _complete(w: np.ndarray, g: float, n: int, slots: int, target: float
+def _complete(w: np.ndarray, g: float, n: int, slots: int, target: float, spread: bool
               ) -> np.ndarray | None:
-    """One completion pass at `target` seconds a rank: the share matrix or None."""
+    """One completion pass at `target` seconds a rank: the share matrix or None. `spread`
+    puts the smallest experts beside the pieces of hot ones, an even count on every rank."""
     share = np.zeros((len(w), n))
     left = w.astype(np.float64).copy()  # work still to place, per expert
     todo = np.ones(len(w), dtype=bool)
@@ -271,7 +285,14 @@ def _complete(w: np.ndarray, g: float, n: int, slots: int, target: float
         order = idx[np.lexsort((idx, -left[idx]))]  # most work left first, then lower id
         e0 = int(order[0])
         if left[e0] + g > target:  # cannot fit whole on any rank: a piece fills this one
-            put(e0, r, target - g)
+            small = order[left[order] + g <= target][::-1] if spread else order[:0]
+            q = min(slots - 1, -(-len(small) // (n - r)))
+            room = target - g - (left[small[:q]] + g).sum()
+            if room <= 0:
+                q, room = 0, target - g
+            for e in small[:q]:
+                put(int(e), r, left[e])
+            put(e0, r, room)
             continue
         room = target - left[e0] - g
         put(e0, r, left[e0])
