@@ -15,7 +15,11 @@ Assumptions (see docs/simulator.md):
   layer; nothing here computes traffic. Byte matrices of the groups are laid block-diagonally
   over the cluster's ranks (group g holds ranks g*G .. g*G + G - 1).
 - Compute times come from `moesim.compute`; the attention and dense parts of the model are not
-  simulated (the MoE part of a step only).
+  simulated (the MoE part of a step only). Phases hold what the runtime times in them: the
+  EP/FSEP expert phase includes the two regroup gathers around the grouped GEMM; a permute
+  has the sorts and syncs of its strategy (EP_PERMUTE, HP_PERMUTE).
+- Every all-to-all also copies the block a rank sends itself (the diagonal, which never
+  reaches the network) at HBM speed, concurrently with its network transfers.
 - Parameters replicated across MoE groups (experts when the group is smaller than the cluster)
   all-reduce their gradients per layer over the data-parallel rings (same local index); the
   router and HP latent projections, replicated on every rank, all-reduce once per step in one
