@@ -20,7 +20,7 @@ from moesim.config import ModelConfig, PlannerConfig
 from moesim.errors import InputError
 from planner.bounds import lp_bound
 from planner.cost import LayoutCost, layout_cost
-from planner.heuristics import bin_completion, greedy_lpt, laer_fill, lpt_wrap
+from planner.heuristics import bin_completion, greedy_lpt, laer_fill, lpt_wrap, rebalance_shares
 from planner.ilp import solve_milp
 from planner.placement import Placement, replicated_placement
 
@@ -37,7 +37,10 @@ __all__ = ["HEURISTICS", "SolveStats", "check_feasible", "fsep_placement", "lp_b
 @dataclass(frozen=True)
 class SolveStats:
     """How a layout was found and how good it is. Times in seconds of the planner.cost model;
-    `bound` is the LP-relaxation bound when computed (else NaN), `gap` = objective/bound - 1."""
+    `bound` is the LP-relaxation bound when computed (else NaN), `gap` = max_time/bound - 1.
+    `dual_bound` is the MILP's own proven lower bound on its objective (NaN for heuristics);
+    `proved_at_start` says that the best warm start was already within `mip_gap` of it, so
+    no branch and bound ran."""
 
     solver: str
     status: str  # "optimal" | "time_limit" | "heuristic"
@@ -50,6 +53,8 @@ class SolveStats:
     replicas: int
     tokens_max_mean: float  # max / mean of per-rank tokens
     before_tokens_max_mean: float  # the same for plain contiguous EP
+    dual_bound: float = float("nan")
+    proved_at_start: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,13 +92,22 @@ def fsep_placement(model: ModelConfig, planner: PlannerConfig, counts: np.ndarra
     slots = planner.slots_per_rank
     check_feasible(e_total, num_ranks, slots)
     t0 = time.perf_counter()
+    dual, proved = float("nan"), False
     if planner.solver in HEURISTICS:
         share = HEURISTICS[planner.solver](cost, slots)
         status, objective = "heuristic", float(cost.rank_time(share).max())
     else:
-        starts = [s for s in (f(cost, slots) for f in STARTS) if s is not None]
-        start = min(starts, key=lambda s: cost.rank_time(s).max())
         prev = previous.hosted() if previous is not None else None
+        starts = [s for s in (f(cost, slots) for f in STARTS) if s is not None]
+        if prev is not None and prev.shape == cost.w.shape and planner.change_penalty > 0 \
+                and prev.any(axis=1).all() and (prev.sum(axis=0) <= slots).all():
+            starts.append(rebalance_shares(cost, prev))  # no change, no penalty
+
+        def objective_of(share: np.ndarray) -> float:
+            moved = 0 if prev is None else int(((share > 0) != prev).sum())
+            return float(cost.rank_time(share).max()) + planner.change_penalty * moved
+
+        start = min(starts, key=objective_of)
         res = solve_milp(cost, slots, solver=planner.solver, time_limit_s=planner.time_limit_s,
                          mip_gap=planner.mip_gap, threads=planner.threads, start=start,
                          previous=prev, change_penalty=planner.change_penalty)
@@ -101,8 +115,8 @@ def fsep_placement(model: ModelConfig, planner: PlannerConfig, counts: np.ndarra
             raise InputError("planner", "solver", f"{planner.solver} found no layout "
                              f"({res.status}) within {planner.time_limit_s} s")
         share, status, objective = res.share, res.status, res.objective
-        if cost.rank_time(share).max() > cost.rank_time(start).max() * (1 + 1e-9) \
-                and planner.change_penalty == 0:
+        dual, proved = res.dual_bound, res.start_proved
+        if objective_of(share) > objective_of(start) * (1 + 1e-9):
             share = start  # a time-limited solve never returns worse than its start
     solve_s = time.perf_counter() - t0
     placement = replicated_placement("fsep", num_ranks, share, source="planner")
@@ -117,7 +131,8 @@ def fsep_placement(model: ModelConfig, planner: PlannerConfig, counts: np.ndarra
         mean_time=float(t.mean()), bound=bound,
         gap=float(t.max() / bound - 1) if with_bound and bound > 0 else float("nan"),
         solve_s=solve_s, replicas=placement.num_replicas,
-        tokens_max_mean=_max_mean(tok.sum(axis=0)), before_tokens_max_mean=_max_mean(ep_tok))
+        tokens_max_mean=_max_mean(tok.sum(axis=0)), before_tokens_max_mean=_max_mean(ep_tok),
+        dual_bound=dual, proved_at_start=proved)
     return placement, stats
 
 

@@ -134,3 +134,22 @@ def test_warm_starts_satisfy_constraints(e, n, extra, seed, locality):
         assert np.allclose(share.sum(axis=1), 1)
         assert (share >= 0).all()
         assert cost.rank_time(share).max() >= replica_bound(cost) * (1 - 1e-9)
+
+
+def test_costly_changes_keep_the_previous_layout_exactly():
+    """With a change penalty above any gain, the previous layout (re-balanced) is the warm
+    start and the answer: no replica added or dropped."""
+    from moesim.config import ModelConfig, PlannerConfig
+    from planner.relayout import fsep_placement
+
+    m = ModelConfig(num_experts=12, top_k=2, d_model=64, d_ffn=64, attn_heads=1)
+    rng = np.random.default_rng(5)
+    load_a, load_b = rng.integers(50, 500, 12), rng.integers(50, 500, 12)
+    cfg = PlannerConfig(slots_per_rank=5, time_limit_s=5)
+    pa, _ = fsep_placement(m, cfg, load_a, 4, with_bound=False)
+    _, free = fsep_placement(m, cfg, load_b, 4, with_bound=False)
+    sticky_cfg = PlannerConfig(slots_per_rank=5, time_limit_s=5,
+                               change_penalty=10 * free.max_time)
+    pb, st_b = fsep_placement(m, sticky_cfg, load_b, 4, previous=pa, with_bound=False)
+    assert (pb.hosted() == pa.hosted()).all()
+    assert st_b.status == "optimal"
