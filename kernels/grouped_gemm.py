@@ -17,19 +17,34 @@ Differentiable in ``x`` and ``w`` (``torch.autograd.Function``): ``dX = dY @ w[g
 the forward kernel with ``w``'s strides swapped; ``dW[g] = x[rows of g]^T @ dY[rows of g]`` is a
 second kernel whose reduction runs over the group's rows.
 
-Assumptions the kernels make (checked by the launcher): ``x`` and ``out`` have unit stride along
-their last dimension; ``x.shape[1] == w.shape[1]``. Tiles are 128x128 (fp32 accumulator in
-registers), tuned for Hopper; on other GPUs the same code runs, slower.
+Two forward kernels, picked per call (``GEMM_KERNEL``, default "auto"):
 
-How the forward finds its tile without a host sync: every program loads the G+1 offsets,
-computes each group's tile count and their prefix sum in registers, and picks its group by
-counting prefix ends ``<= its tile index``. The grid is sized for the worst case,
-``cdiv(M, BM) + G + 1`` row tiles, and surplus programs exit at once. Row indices past a group's end
-are clamped to the group's last row (not masked), so the main loop's loads are unmasked; those
-rows are dropped at the store.
+- On Hopper (compute capability >= 9) a persistent kernel: one program per SM walks the list of
+  output tiles of all groups, loading A and B tiles through TMA descriptors built on the device
+  (``tl.make_tensor_descriptor``; the allocator is set at each launch) and storing whole tiles
+  through TMA. It needs 16-byte aligned rows and all of ``w``'s groups in one 2-D view
+  (``[G*K, N]`` with N contiguous and K a multiple of 64, or ``[G*N, K]`` with K contiguous);
+  the launcher checks that. Autotuned over a few tile shapes, keyed on (N, K, G, M rounded up to
+  a power of two, layout).
+- Otherwise (older GPUs, odd strides, the CPU interpreter) a pointer-based kernel with one
+  program per output tile.
+
+How either finds its tile without a host sync: the program loads the G+1 offsets, computes
+each group's row-tile count and their prefix sum in registers, and picks a tile's group by
+counting prefix ends ``<= its row-tile index``. The pointer kernel's grid is sized for the worst
+case, ``cdiv(M, BM) + G + 1`` row tiles, and surplus programs exit at once; row indices past a
+group's end are clamped to the group's last row (not masked), so its main loop's loads are
+unmasked, and those rows are dropped at the store. Rows past ``offsets[G]`` form a pseudo-group
+whose tiles store zeros, so ``out`` needs no memset.
+
+Assumptions (checked by the launcher): ``x`` and ``out`` have unit stride along their last
+dimension; ``x.shape[1] == w.shape[1]``. Tiles are 128 wide (fp32 accumulator in registers),
+tuned for Hopper; on other GPUs the pointer kernel runs, slower.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -132,6 +147,93 @@ def _gmm_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride_ak,
 
 
 @triton.jit
+def _gmm_tma_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride_brow,
+                    stride_cm, M_BUCKET, G_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, GROUP_M: tl.constexpr, B_KN: tl.constexpr,
+                    EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr,
+                    UPCAST: tl.constexpr):  # fmt: skip
+    """Persistent TMA variant of ``_gmm_kernel``: one program per SM walks the tile list.
+
+    ``b`` is read through one 2-D descriptor over all groups: ``[G*K, N]`` when ``B_KN`` (each
+    group's K x N block, N contiguous) or ``[G*N, K]`` (each group's b^T, K contiguous).
+    A tile past a group's end reads the next group's rows (dropped at the store) or TMA's zero
+    fill past the tensor; the launcher only takes this kernel when K % BK == 0 for ``B_KN``,
+    so the reduction never reads past its group."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                       block_shape=[BM, BK])  # fmt: skip
+    if B_KN:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G * K, N], strides=[stride_brow, 1],
+                                           block_shape=[BK, BN])  # fmt: skip
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G * N, K], strides=[stride_brow, 1],
+                                           block_shape=[BN, BK])  # fmt: skip
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                       block_shape=[BM, BN // EPI_SPLIT])  # fmt: skip
+
+    # The tile list, as in _gmm_kernel: per-group row-tile counts and their prefix sums, in
+    # registers for the whole kernel (slot G: rows past offsets[G], written as zeros).
+    gi = tl.arange(0, G_PAD)
+    starts = tl.load(offs_ptr + gi, mask=gi <= G, other=0)
+    ends = tl.load(offs_ptr + gi + 1, mask=gi < G, other=0)
+    ends = tl.where(gi == G, M, ends)
+    tiles = (ends - starts + BM - 1) // BM
+    cum = tl.cumsum(tiles, axis=0)
+    num_pid_m = tl.sum(tiles, axis=0)
+    num_pid_n = tl.cdiv(N, BN)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BK)
+    width = GROUP_M * num_pid_n
+    rm0 = tl.arange(0, BM)
+    rn0 = tl.arange(0, BN)
+
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        # Supertile order (GROUP_M row tiles walk the N tiles together): the programs running
+        # at once share a few A row blocks and one group's weights in L2.
+        first_m = (tile // width) * GROUP_M
+        gm = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % gm
+        pid_n = (tile % width) // gm
+        before = cum <= pid_m
+        g = tl.sum(before.to(tl.int32), axis=0)
+        m_start = tl.load(offs_ptr + g) + (pid_m - tl.sum(tl.where(before, tiles, 0), axis=0)) * BM
+        m_end = tl.load(offs_ptr + g + 1, mask=g < G, other=M)
+        n0 = pid_n * BN
+        acc = tl.zeros((BM, BN), tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BK
+            a = a_desc.load([m_start, k0])
+            if B_KN:
+                b = b_desc.load([g * K + k0, n0])
+            else:
+                b = b_desc.load([g * N + n0, k0]).T
+            if UPCAST:
+                # Interpreter only: its tl.dot multiplies bf16 bit patterns (see _gmm_kernel).
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        # Slot G's B loads fall past the descriptor (zero fill); its A rows may hold anything,
+        # so its tile is zeroed explicitly (0 * NaN is NaN).
+        acc = tl.where(g < G, acc, 0.0)
+        if m_start + BM <= m_end:
+            # Whole tile inside the group: TMA store (clipped at N by the descriptor).
+            if EPI_SPLIT == 1:
+                c_desc.store([m_start, n0], acc.to(c_ptr.dtype.element_ty))
+            else:
+                # Two halves: half the shared-memory staging, so more pipeline stages fit.
+                acc2 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1))
+                acc_lo, acc_hi = tl.split(acc2)
+                c_desc.store([m_start, n0], acc_lo.to(c_ptr.dtype.element_ty))
+                c_desc.store([m_start, n0 + BN // 2], acc_hi.to(c_ptr.dtype.element_ty))
+        else:
+            # The group's last, partial tile: rows past its end belong to the next group.
+            rm = m_start + rm0
+            rn = n0 + rn0
+            c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
+                     mask=(rm < m_end)[:, None] & (rn < N)[None, :])  # fmt: skip
+
+
+@triton.jit
 def _gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, K, N, stride_xm, stride_xk, stride_ym,
                    stride_yn, stride_wg, stride_wk, stride_wn, M_BUCKET, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
@@ -204,6 +306,26 @@ _gmm_dw_heur = triton.heuristics(
     {"SMALL_K": lambda a: a["K"] < a["BM"], "SMALL_N": lambda a: a["N"] < a["BN"]}
 )(_gmm_dw_kernel)
 _gmm_tuned = triton.autotune(configs=_tc_configs(), key=["N", "K", "G_PAD", "M_BUCKET"])(_gmm_heur)
+
+
+def _tma_configs() -> list[triton.Config]:
+    # Hopper candidates for the persistent TMA kernel. N = 1408 = 11 x 128 favours BN = 128;
+    # shared memory = stages * (BM + BN) * BK * 2 B plus the epilogue's BM * BN / split * 2 B
+    # staging, under 227 KB for each.
+    cfgs = []
+    for bm, bn, warps, stages, split in ((128, 128, 8, 4, 1), (128, 128, 4, 4, 1),
+                                         (128, 256, 8, 3, 2), (256, 128, 8, 3, 1)):  # fmt: skip
+        cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8,
+                                   "EPI_SPLIT": split, "FLATTEN": True},
+                                  num_warps=warps, num_stages=stages))  # fmt: skip
+    return cfgs
+
+
+TMA_CONFIGS = _tma_configs()
+# Every TMA config reduces over K in steps of this (the launcher's K % BK check for B_KN).
+_TMA_BK = 64
+_TMA_KEY = ["N", "K", "G_PAD", "M_BUCKET", "B_KN"]
+_gmm_tma_tuned = triton.autotune(configs=TMA_CONFIGS, key=_TMA_KEY)(_gmm_tma_kernel)
 _gmm_dw_tuned = triton.autotune(
     configs=[
         triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=8, num_stages=s)
@@ -224,9 +346,78 @@ def _m_bucket(m: int) -> int:
 _INTERP_TILES = {"BM": 16, "BN": 16, "BK": 16}
 
 
+# Which forward kernel runs: "auto" takes the persistent TMA kernel on CUDA GPUs of compute
+# capability >= 9 (Hopper) whenever the operands allow it, and the pointer kernel otherwise
+# (always under the interpreter); "tma" and "pointer" force one (tests, benchmark).
+GEMM_KERNEL = "auto"
+HAS_TMA = hasattr(tl, "make_tensor_descriptor")
+
+
+def _tma_alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Global scratch for the descriptors the kernel builds on the device (128 B each).
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _num_sms(dev: torch.device) -> int:
+    if dev.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def _tma_operands(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: int,
+                  out: torch.Tensor, bk: int) -> tuple[bool, int] | None:  # fmt: skip
+    """``(B_KN, row stride of b's 2-D view)`` if TMA can read these operands, else None.
+
+    TMA wants 16-byte aligned bases and row strides and a unit last stride; all groups of
+    ``b`` must form one 2-D tensor (``[G*K, N]`` or ``[G*N, K]``)."""
+    if not HAS_TMA:
+        return None
+    esz = a.element_size()
+    k = a.shape[1]
+
+    def al(v: int) -> bool:
+        return v % 16 == 0
+
+    if a.stride(1) != 1 or out.stride(1) != 1:
+        return None
+    if not (al(a.data_ptr()) and al(a.stride(0) * esz) and al(b.data_ptr())
+            and al(out.data_ptr()) and al(out.stride(0) * esz)):  # fmt: skip
+        return None
+    sg, sk, sn = sb
+    g = b.shape[0]
+    if sn == 1 and (g == 1 or sg == k * sk) and al(sk * esz) and k % bk == 0:
+        return True, sk
+    if sk == 1 and (g == 1 or sg == n * sn) and al(sn * esz):
+        return False, sn
+    return None
+
+
+# Set to the error if the TMA kernel failed to build here; "auto" then stays on the pointer kernel.
+_TMA_BROKEN: str | None = None
+
+
+def _tma_broken(exc: Exception) -> None:
+    global _TMA_BROKEN
+    _TMA_BROKEN = f"{type(exc).__name__}: {str(exc)[:300]}"
+    warnings.warn(f"grouped_mm: TMA kernel unavailable, using the pointer kernel ({_TMA_BROKEN})",
+                  stacklevel=3)  # fmt: skip
+
+
+def _use_tma(a: torch.Tensor) -> bool:
+    if GEMM_KERNEL == "pointer":
+        return False
+    if GEMM_KERNEL == "tma":
+        return True
+    return (a.device.type == "cuda" and not INTERPRET
+            and torch.cuda.get_device_capability(a.device)[0] >= 9)  # fmt: skip
+
+
 def _mm_launch(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: int,
-               offsets: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """out[M, n] = a @ b[g] per group, with b given as (ptr tensor, strides (g, k, n))."""
+               offsets: torch.Tensor,
+               config: triton.Config | None = None) -> torch.Tensor:  # fmt: skip
+    """out[M, n] = a @ b[g] per group, with b given as (ptr tensor, strides (g, k, n)).
+
+    ``config`` pins one TMA config instead of the autotuner's pick (for the benchmark)."""
     m, k = a.shape
     g = offsets.numel() - 1
     out = torch.empty((m, n), device=a.device, dtype=a.dtype)
@@ -235,9 +426,43 @@ def _mm_launch(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: in
     if g == 0 or k == 0:
         return out.zero_()
     g_pad = triton.next_power_of_2(g + 1)
+    interp = INTERPRET and a.device.type == "cpu"
+    tma = None
+    # The TMA configs are sized for 2-byte operands (fp32 would overflow shared memory).
+    if interp or a.element_size() == 2:
+        tma = _tma_operands(a, b, sb, n, out, _INTERP_TILES["BK"] if interp else _TMA_BK)
+    if tma is not None and _use_tma(a) and (_TMA_BROKEN is None or GEMM_KERNEL == "tma"):
+        b_kn, b_row = tma
+        triton.set_allocator(_tma_alloc)  # a context variable: set on every launching thread
+        args = (a, b, out, offsets, g, m, n, k, a.stride(0), b_row, out.stride(0), _m_bucket(m))
+        nsm = _num_sms(a.device)
+
+        def tgrid(meta):
+            upper = (triton.cdiv(m, meta["BM"]) + g + 1) * triton.cdiv(n, meta["BN"])
+            return (min(nsm, upper),)
+
+        if interp:
+            # Split epilogue and no flattening: the interpreter runs both code paths the same.
+            _gmm_tma_kernel[tgrid({**_INTERP_TILES})](*args, G_PAD=g_pad, GROUP_M=2, B_KN=b_kn,
+                                                      EPI_SPLIT=2, FLATTEN=False, UPCAST=True,
+                                                      **_INTERP_TILES)  # fmt: skip
+        elif config is not None:
+            _gmm_tma_kernel[tgrid(config.kwargs)](*args, G_PAD=g_pad, B_KN=b_kn, UPCAST=False,
+                                                  num_warps=config.num_warps,
+                                                  num_stages=config.num_stages,
+                                                  **config.kwargs)  # fmt: skip
+        else:
+            try:
+                _gmm_tma_tuned[tgrid](*args, G_PAD=g_pad, B_KN=b_kn, UPCAST=False)
+            except Exception as exc:  # a Triton that cannot build it: keep the pointer kernel
+                if GEMM_KERNEL == "tma":
+                    raise
+                _tma_broken(exc)
+                return _mm_launch(a, b, sb, n, offsets)
+        return out
     args = (a, b, out, offsets, g, m, n, k, a.stride(0), a.stride(1), *sb, out.stride(0),
             out.stride(1), _m_bucket(m))  # fmt: skip
-    if INTERPRET and a.device.type == "cpu":
+    if interp:
         bm = _INTERP_TILES["BM"]
         grid = ((triton.cdiv(m, bm) + g + 1) * triton.cdiv(n, _INTERP_TILES["BN"]),)
         _gmm_heur[grid](*args, G_PAD=g_pad, GROUP_M=2, UPCAST=True, **_INTERP_TILES)
@@ -272,14 +497,17 @@ def _dw_launch(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
     return dw
 
 
-def grouped_mm_forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Triton forward (no autograd)."""
-    return _mm_launch(x, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], offsets)
+def grouped_mm_forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                       config: triton.Config | None = None) -> torch.Tensor:  # fmt: skip
+    """Triton forward (no autograd). ``config``: pin a TMA config (benchmark)."""
+    return _mm_launch(x, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], offsets, config)
 
 
-def grouped_mm_dx(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_dx(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                  config: triton.Config | None = None) -> torch.Tensor:  # fmt: skip
     """Triton ``dX = dY @ w[g]^T`` per group: the forward kernel on ``w`` with K and N swapped."""
-    return _mm_launch(dy, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], offsets)
+    return _mm_launch(dy, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], offsets,
+                      config)  # fmt: skip
 
 
 def grouped_mm_dw(

@@ -129,12 +129,13 @@ def _permute_rows_kernel(x_ptr, e_ptr, map_ptr, local_ptr, super_ptr, row_map_pt
     # row_map, and copies its row there: T*D reads and T*k*D writes, the minimum.
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    if COPY and ONE_BLOCK:
-        # Issued first: the row does not depend on the index, so its latency covers the ranks.
-        if EVEN_D:
-            v = tl.load(x_ptr + t * stride_x + cols)
-        else:
-            v = tl.load(x_ptr + t * stride_x + cols, mask=cols < D)
+    if COPY:
+        if ONE_BLOCK:
+            # Issued first: the row does not depend on the index; its latency covers the ranks.
+            if EVEN_D:
+                v = tl.load(x_ptr + t * stride_x + cols)
+            else:
+                v = tl.load(x_ptr + t * stride_x + cols, mask=cols < D)
     c = t // TOKC
     s = c // NCS
     jj = tl.arange(0, K_PAD)

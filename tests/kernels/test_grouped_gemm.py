@@ -1,3 +1,4 @@
+import importlib
 import zlib
 
 import pytest
@@ -5,6 +6,15 @@ import torch
 from conftest import TOL, rel_err
 
 from kernels.grouped_gemm import grouped_mm, grouped_mm_reference
+
+gg = importlib.import_module("kernels.grouped_gemm")  # the module, not the function
+
+# Both forward kernels: the pointer kernel (what "auto" picks under the interpreter) and the
+# persistent TMA kernel (what "auto" picks on Hopper), where this Triton's interpreter has
+# tensor descriptors. Shapes TMA cannot take (K rows not 16-byte aligned) fall back by
+# themselves, so "tma" runs both kernels across the cases.
+KERNELS = ["pointer", pytest.param("tma", marks=pytest.mark.skipif(
+    not gg.HAS_TMA, reason="no tl.make_tensor_descriptor in this Triton"))]  # fmt: skip
 
 # The interpreter path uses 16x16x16 tiles, so these sizes give groups of several row tiles,
 # partial tiles, empty groups, K and N tails, and rows past the last group.
@@ -25,7 +35,9 @@ def _gen(*key) -> torch.Generator:
 
 @pytest.mark.parametrize("sizes,tail,k,n,dtype", CASES)
 @pytest.mark.parametrize("use_offsets", [True, False])
-def test_grouped_mm_forward_backward(sizes, tail, k, n, dtype, use_offsets):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_grouped_mm_forward_backward(monkeypatch, sizes, tail, k, n, dtype, use_offsets, kernel):
+    monkeypatch.setattr(gg, "GEMM_KERNEL", kernel)
     gen = _gen(sizes, tail, k, n, use_offsets)
     g = len(sizes)
     sizes_t = torch.tensor(sizes)
@@ -58,8 +70,10 @@ def test_grouped_mm_forward_backward(sizes, tail, k, n, dtype, use_offsets):
             assert rel_err(w.grad[gi], w64.grad[gi]) < TOL[dtype]
 
 
-def test_grouped_mm_transposed_weight_view():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_grouped_mm_transposed_weight_view(monkeypatch, kernel):
     # w given as a transposed view (stride (K*N, 1, K)): the kernel takes any strides.
+    monkeypatch.setattr(gg, "GEMM_KERNEL", kernel)
     gen = _gen("t")
     sizes = torch.tensor([19, 0, 13])
     x = torch.randn(32, 24, generator=gen).bfloat16()
@@ -79,3 +93,31 @@ def test_bad_arguments():
         grouped_mm(x, torch.randn(2, 8, 3), torch.tensor([0, 4]))
     with pytest.raises(TypeError):
         grouped_mm(x, torch.randn(2, 8, 3).double(), group_sizes=torch.tensor([2, 2]))
+
+
+@pytest.mark.skipif(not gg.HAS_TMA, reason="no tl.make_tensor_descriptor in this Triton")
+def test_tma_kernel_selection_and_tail_rows(monkeypatch):
+    # Which operands the TMA kernel takes, and that it writes zeros (not NaN) for rows past the
+    # last group even when x holds NaN there.
+    monkeypatch.setattr(gg, "GEMM_KERNEL", "tma")
+    gen = _gen("tma")
+    x = torch.randn(40, 32, generator=gen).bfloat16()
+    x[-6:] = float("nan")
+    w = torch.randn(3, 32, 48, generator=gen).bfloat16()
+    w_kc = w.transpose(1, 2).contiguous().transpose(1, 2)
+    out = torch.empty(40, 48, dtype=torch.bfloat16)
+
+    def sel(t: torch.Tensor, bk: int = 16):
+        return gg._tma_operands(x, t, (t.stride(0), t.stride(1), t.stride(2)), 48, out, bk)
+
+    assert sel(w) == (True, 48)  # [G*K, N], N contiguous
+    assert sel(w_kc) == (False, 32)  # [G*N, K], K contiguous
+    assert sel(w, bk=64) is None  # K = 32 is not a whole number of K steps
+    gap = torch.randn(3, 40, 48).bfloat16()[:, :32]  # groups 40 rows apart: no single 2-D view
+    assert sel(gap) is None
+    sizes = torch.tensor([10, 0, 24])
+    for ww in (w, w_kc):
+        y = grouped_mm(x, ww, group_sizes=sizes)
+        ref = grouped_mm_reference(x[:34].double(), ww.double(), group_sizes=sizes)
+        assert torch.all(y[34:] == 0)
+        assert rel_err(y[:34], ref) < TOL[torch.bfloat16]
