@@ -66,7 +66,7 @@ def test_bounds_below_every_layout(seed):
     """lp_bound <= replica_bound <= the max rank time of every feasible layout (each with
     its best shares), on tiny cases enumerated in full."""
     rng = np.random.default_rng(100 + seed)
-    e, n = int(rng.integers(2, 5)), int(rng.integers(2, 4))
+    e, n = int(rng.integers(2, 4)), int(rng.integers(2, 4))  # <= 2^9 layouts
     cost = _random_cost(rng, e, n, locality=seed % 2 == 1)
     slots = _slots(rng, e, n)
     lp = lp_bound(cost, slots)
@@ -145,10 +145,11 @@ def test_costly_changes_keep_the_previous_layout_exactly():
     m = ModelConfig(num_experts=12, top_k=2, d_model=64, d_ffn=64, attn_heads=1)
     rng = np.random.default_rng(5)
     load_a, load_b = rng.integers(50, 500, 12), rng.integers(50, 500, 12)
-    cfg = PlannerConfig(slots_per_rank=5, time_limit_s=5)
+    # 1 s: on this small case HiGHS cannot close the last 1.5% to the bound in any time
+    cfg = PlannerConfig(slots_per_rank=5, time_limit_s=1)
     pa, _ = fsep_placement(m, cfg, load_a, 4, with_bound=False)
     _, free = fsep_placement(m, cfg, load_b, 4, with_bound=False)
-    sticky_cfg = PlannerConfig(slots_per_rank=5, time_limit_s=5,
+    sticky_cfg = PlannerConfig(slots_per_rank=5, time_limit_s=1,
                                change_penalty=10 * free.max_time)
     pb, st_b = fsep_placement(m, sticky_cfg, load_b, 4, previous=pa, with_bound=False)
     assert (pb.hosted() == pa.hosted()).all()
