@@ -89,6 +89,12 @@ SORT_BYTES_PER_KEY = 8 * 32 + 8
 # Kernels of one sort call when no measured fixed cost is given (iota, histogram, scan and
 # the 8 passes land around this many launches).
 SORT_LAUNCHES = 10
+# Elements per token and ffn unit the gated activation moves between the two GEMMs: torch's
+# silu(h[:, :f]) * h[:, f:] reads the gate half and writes silu (2), then reads both and writes
+# the product (3). A kernel fused into the up GEMM's epilogue would move none. Thin experts
+# with a wide hidden layer (64 x 5632 in the 4-node Multi-Head LatentMoE preset) are bound by
+# this traffic, not by their FLOPs.
+ACTIVATION_ELEMENTS = 5
 # A device-to-host round trip (a read of a count or a size), when no measured one is given.
 SYNC_SECONDS = 20e-6
 
@@ -266,7 +272,8 @@ class ComputeModel:
         t = np.maximum(mult * self.grouped_gemm_seconds(rows, dim, ffn), byt / self.rates["hbm"])
         # Two grouped GEMMs forward (up+gate, down), four backward.
         t = np.where(tokens > 0, t + 2 * mult * self.launch_overhead, 0.0)
-        t = t + self._kernels(tokens, 2 * mult, mult * 5.0 * tokens * ffn * dtype_bytes)
+        t = t + self._kernels(tokens, 2 * mult,
+                              mult * ACTIVATION_ELEMENTS * tokens * ffn * dtype_bytes)
         return t, flops
 
     def gather(self, nbytes: np.ndarray) -> np.ndarray:
