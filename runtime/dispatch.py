@@ -53,8 +53,10 @@ def build_route(placement: Placement, tokens: np.ndarray, rank: int,
                            f"routing made {assign_expert.numel()}")
     # Assignments sorted by expert (stable: item order within an expert).
     by_expert = torch.argsort(assign_expert, stable=True)
+    # Sizes known on the host (output_size): no device-to-host sync in the expansions.
     replica_of = torch.repeat_interleave(torch.as_tensor(np.array(rep_order), device=device),
-                                         torch.as_tensor(np.array(mine[rep_order]), device=device))
+                                         torch.as_tensor(np.array(mine[rep_order]), device=device),
+                                         output_size=int(mine.sum()))
     # Send buffer: destination-major, then replica index, then the expert-sorted order.
     rep_r_dev = torch.as_tensor(np.array(rep_r), device=device)
     key = rep_r_dev[replica_of] * len(rep_e) + replica_of
@@ -67,12 +69,17 @@ def build_route(placement: Placement, tokens: np.ndarray, rank: int,
     lengths = blocks.T.reshape(-1)  # replica-major
     first = starts.T.reshape(-1)
     total = int(lengths.sum())
-    recv_to_group = np.repeat(first - _exclusive_cumsum(lengths), lengths) + np.arange(total)
+    # Built on the device from the small per-block arrays: the host-built index and its
+    # upload (1 MB at 131k rows) cost more than the kernels.
+    shift = torch.as_tensor((first - _exclusive_cumsum(lengths)).astype(np.int64), device=device)
+    recv_to_group = torch.repeat_interleave(
+        shift, torch.as_tensor(lengths.astype(np.int64), device=device), output_size=total) \
+        + torch.arange(total, device=device)
     return TokenRoute(
         send_order=send_order,
         send_splits=send_splits.tolist(),
         recv_splits=recv_splits.tolist(),
-        recv_to_group=torch.from_numpy(recv_to_group.astype(np.int64)).to(device),
+        recv_to_group=recv_to_group,
         group_sizes=blocks.sum(axis=0).tolist(),
         local_replicas=local,
     )

@@ -1,0 +1,25 @@
+"""Forced routing: the device-built choice equals the host reference, meets the counts exactly
+and never sends an item to one expert twice."""
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.routing import forced_choice, forced_choice_on
+from traces.generators import TraceSpec, generate
+
+
+@pytest.mark.parametrize("kind,k", [("uniform", 2), ("zipf", 8), ("bursty", 4)])
+def test_forced_choice_on_device_matches_reference(kind: str, k: int) -> None:
+    n, e = 300, 16
+    counts = generate(TraceSpec(kind=kind, steps=1, layers=1, shards=1, experts=e, top_k=k,
+                                tokens_per_shard=n, seed=3)).counts[0, 0, 0, 0]
+    idx = forced_choice_on(counts, n, k, torch.device("cpu"))
+    assert np.array_equal(idx.numpy(), forced_choice(counts, n, k))
+    assert np.array_equal(np.bincount(idx.reshape(-1).numpy(), minlength=e), counts)
+    assert all(len(set(row)) == k for row in idx.tolist())
+
+
+def test_forced_choice_rejects_counts_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        forced_choice_on(np.array([5, 1]), 3, 2, torch.device("cpu"))
