@@ -373,18 +373,16 @@ def bench_grouped_gemm(dev: torch.device, small: bool) -> None:
             if gg.HAS_TMA:
                 cands = [*gg.TMA_CONFIGS]
                 c0 = gg.TMA_CONFIGS[0]
-                cands.append(
-                    triton.Config(
-                        {**c0.kwargs, "FLATTEN": False},
-                        num_warps=c0.num_warps,
-                        num_stages=c0.num_stages,
-                    )
-                )
+                # Two more: one epilogue store (the config the first H200 run measured), and
+                # loop flattening (failed to compile with Triton 3.6 in that run).
+                for extra in ({"EPI_SPLIT": 1}, {"FLATTEN": True}):
+                    cands.append(triton.Config({**c0.kwargs, **extra}, num_warps=c0.num_warps,
+                                               num_stages=c0.num_stages))  # fmt: skip
                 for cfg in cands:
                     kw = cfg.kwargs
                     name = (
                         f"{kw['BM']}x{kw['BN']}x{kw['BK']} w{cfg.num_warps} s{cfg.num_stages}"
-                        f" split{kw['EPI_SPLIT']}{'' if kw['FLATTEN'] else ' noflat'}"
+                        f" split{kw['EPI_SPLIT']}{' flatten' if kw['FLATTEN'] else ''}"
                     )
                     for layout, w in layouts:
                         key = f"gmm fwd/tma {name}/{layout}/{tag}"

@@ -183,8 +183,6 @@ def _gmm_tma_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BK)
     width = GROUP_M * num_pid_n
-    rm0 = tl.arange(0, BM)
-    rn0 = tl.arange(0, BN)
 
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
         # Supertile order (GROUP_M row tiles walk the N tiles together): the programs running
@@ -214,23 +212,30 @@ def _gmm_tma_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, G, M, N, K, stride_am, stride
         # Slot G's B loads fall past the descriptor (zero fill); its A rows may hold anything,
         # so its tile is zeroed explicitly (0 * NaN is NaN).
         acc = tl.where(g < G, acc, 0.0)
-        if m_start + BM <= m_end:
-            # Whole tile inside the group: TMA store (clipped at N by the descriptor).
-            if EPI_SPLIT == 1:
-                c_desc.store([m_start, n0], acc.to(c_ptr.dtype.element_ty))
-            else:
-                # Two halves: half the shared-memory staging, so more pipeline stages fit.
-                acc2 = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1))
-                acc_lo, acc_hi = tl.split(acc2)
-                c_desc.store([m_start, n0], acc_lo.to(c_ptr.dtype.element_ty))
-                c_desc.store([m_start, n0 + BN // 2], acc_hi.to(c_ptr.dtype.element_ty))
+        if EPI_SPLIT == 1:
+            _gmm_tma_store(c_desc, c_ptr, acc, m_start, m_end, n0, N, stride_cm, BM, BN)
         else:
-            # The group's last, partial tile: rows past its end belong to the next group.
-            rm = m_start + rm0
-            rn = n0 + rn0
-            c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
-                     mask=(rm < m_end)[:, None] & (rn < N)[None, :])  # fmt: skip
+            # Two column halves: half the registers for the partial tile's pointers and half
+            # the shared-memory staging for the TMA store.
+            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            _gmm_tma_store(c_desc, c_ptr, acc_lo, m_start, m_end, n0, N, stride_cm, BM, BN // 2)
+            _gmm_tma_store(c_desc, c_ptr, acc_hi, m_start, m_end, n0 + BN // 2, N, stride_cm, BM,
+                           BN // 2)  # fmt: skip
+
+
+@triton.jit
+def _gmm_tma_store(c_desc, c_ptr, part, m_start, m_end, n0, N, stride_cm, BM: tl.constexpr,
+                   BNP: tl.constexpr):  # fmt: skip
+    val = part.to(c_ptr.dtype.element_ty)
+    if m_start + BM <= m_end:
+        # Whole tile inside the group: TMA store (clipped at N by the descriptor).
+        c_desc.store([m_start, n0], val)
+    else:
+        # The group's last, partial tile: rows past its end belong to the next group.
+        rm = m_start + tl.arange(0, BM)
+        rn = n0 + tl.arange(0, BNP)
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, val, mask=(rm < m_end)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
@@ -309,15 +314,17 @@ _gmm_tuned = triton.autotune(configs=_tc_configs(), key=["N", "K", "G_PAD", "M_B
 
 
 def _tma_configs() -> list[triton.Config]:
-    # Hopper candidates for the persistent TMA kernel. N = 1408 = 11 x 128 favours BN = 128;
-    # shared memory = stages * (BM + BN) * BK * 2 B plus the epilogue's BM * BN / split * 2 B
-    # staging, under 227 KB for each.
+    # Hopper candidates for the persistent TMA kernel. N = 1408 = 11 x 128 favours BN = 128.
+    # Shared memory = stages * (BM + BN) * BK * 2 B plus the epilogue's staging, under 227 KB.
+    # All store the tile in two column halves: with one, 8 warps spill registers (the partial
+    # tile's pointers). No loop flattening: Triton 3.6's TritonGPUFuseNestedLoops fails on
+    # this kernel (seen on the H200, 2026-11-23); 632 TFLOP/s without it.
     cfgs = []
-    for bm, bn, warps, stages, split in ((128, 128, 8, 4, 1), (128, 128, 4, 4, 1),
-                                         (128, 256, 8, 3, 2), (256, 128, 8, 3, 1)):  # fmt: skip
-        cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8,
-                                   "EPI_SPLIT": split, "FLATTEN": True},
-                                  num_warps=warps, num_stages=stages))  # fmt: skip
+    shapes = ((128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 5), (256, 128, 8, 3),
+              (128, 256, 8, 3), (128, 128, 4, 4))  # fmt: skip
+    for bm, bn, warps, stages in shapes:
+        meta = {"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8, "EPI_SPLIT": 2, "FLATTEN": False}
+        cfgs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return cfgs
 
 

@@ -103,15 +103,16 @@ def _index_kernel(e_ptr, map_ptr, local_ptr, super_ptr, offsets_ptr, ticket_ptr,
         srow = tl.arange(0, NS_PAD)
         s_ok = srow[:, None] < NS
         run = tl.zeros((), tl.int32)
-        for b0 in tl.static_range(0, BB, BBS):
-            bcols = b0 + tl.arange(0, BBS)
-            ptrs = super_ptr + srow[:, None] * BB + bcols[None, :]
+        # (New names in this branch: a compiled `if` may not change an outer variable's shape.)
+        for s0 in tl.static_range(0, BB, BBS):
+            scols = s0 + tl.arange(0, BBS)
+            ptrs = super_ptr + srow[:, None] * BB + scols[None, :]
             # .cg: read from L2, where the other programs' stores landed, never a stale L1 line.
             tab = tl.load(ptrs, mask=s_ok, other=0, cache_modifier=".cg")
             tot = tl.sum(tab, axis=0)
             ends = tl.cumsum(tot, axis=0) + run
             tl.store(ptrs, tl.cumsum(tab, axis=0) - tab + (ends - tot)[None, :], mask=s_ok)
-            tl.store(offsets_ptr + 1 + bcols, ends, mask=bcols < B)
+            tl.store(offsets_ptr + 1 + scols, ends, mask=scols < B)
             run += tl.sum(tot, axis=0)
         tl.store(offsets_ptr, 0)
         # Every program has taken its ticket: reset it for the next call on this stream.
