@@ -1,6 +1,7 @@
 """Validate the simulator against every runtime run directory given, in one table.
 
-    python -m benchmarks.validation docs/validation/runs/h200x1-* --out docs/validation
+    python -m benchmarks.validation docs/validation/runs/h200x1-* --out docs/validation \
+        [--set cluster.gpu=h200-measured]
 
 For each run, `moesim validate`'s comparison (moesim.validate); then per run the step-time error
 and the worst phase, and per strategy the median absolute step-time error. Writes
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from moesim.atomic import atomic_path
+from moesim.config import parse_override
 from moesim.validate import compare, compare_passes, simulate_run
 
 
@@ -24,10 +26,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override every run's config (moesim validate --set)")
     args = ap.parse_args()
+    overrides = dict(map(parse_override, args.set))
     comps, rows, passes = [], [], []
     for run in sorted(args.runs):
-        measured, simulated = simulate_run(run)
+        measured, simulated = simulate_run(run, overrides)
         comp = compare(measured, simulated, run).assign(run=run.name)
         comps.append(comp)
         passes.append(compare_passes(measured, simulated).assign(run=run.name))

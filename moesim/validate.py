@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.atomic import atomic_path
-from moesim.config import load_config
+from moesim.config import load_config, parse_override, with_overrides
 from moesim.errors import InputError
 from moesim.results import read_results
 from moesim.simulate import Simulator
@@ -54,10 +54,14 @@ def _run_files(run: Path) -> dict[str, Path]:
     return files
 
 
-def simulate_run(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(measured, simulated) Result tables of the run's steps."""
+def simulate_run(run: Path, overrides: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(measured, simulated) Result tables of the run's steps. `overrides` ('section.field' ->
+    value) change the run's config before simulating, e.g. {"cluster.gpu": "h200-measured"}
+    to use a calibration measured on the run's machine."""
     files = _run_files(run)
     cfg = load_config(files["config.toml"])
+    if overrides:
+        cfg = with_overrides(cfg, overrides)
     measured, _ = read_results(files["results.parquet"])
     measured = measured[measured["source"] == "real"]
     if measured.empty:
@@ -127,6 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", type=Path, required=True, help="runtime run directory")
     p.add_argument("--out", type=Path, help="folder for comparison.csv and the scatter plot "
                    "(default: RUN/validate)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override the run's config, e.g. cluster.gpu=h200-measured (repeatable)")
     p.set_defaults(func=cmd_validate)
 
 
@@ -134,7 +140,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from analysis.figure_files import save_figure
     from analysis.validation import plot_validation
 
-    measured, simulated = simulate_run(args.run)
+    measured, simulated = simulate_run(args.run, dict(map(parse_override, args.set)))
     comp = compare(measured, simulated, args.run)
     out = args.out or args.run / "validate"
     with atomic_path(out / "comparison.csv") as tmp:

@@ -73,3 +73,15 @@ def test_cli_writes_table_and_plot_and_rejects_bad_runs(tmp_path, capsys):
     assert main(["validate", "--run", str(tmp_path / "broken")]) == 2
     assert "trace.parquet: missing" in capsys.readouterr().err
     assert main(["validate", "--run", str(tmp_path / "nope")]) == 2
+
+
+def test_set_overrides_the_runs_config(tmp_path, capsys):
+    # The run's times are the h200.csv simulation; simulating it with another calibration must
+    # move the error off zero, and an unknown field is a one-line input error.
+    run = make_run(tmp_path, "ep", scale=1.0)
+    same = compare(*simulate_run(run), run)
+    other = compare(*simulate_run(run, {"cluster.gpu": "h200-measured"}), run)
+    assert same["rel_error"].abs().max() == pytest.approx(0, abs=1e-9)
+    assert other["rel_error"].abs().max() > 0.01
+    assert main(["validate", "--run", str(run), "--set", "cluster.nope=1"]) == 2
+    assert "cluster.nope" in capsys.readouterr().err
