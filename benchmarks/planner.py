@@ -47,7 +47,7 @@ def run_case(experts: int, ranks: int, slots: int, exponent: float, steps: int, 
             out["lp"].append({"solve_s": time.perf_counter() - t0, "gap": 0.0,
                               "status": "bound"})
             t0 = time.perf_counter()
-            rb = replica_bound(cost)
+            rb = replica_bound(cost, slots)
             out["replica"].append({"solve_s": time.perf_counter() - t0, "gap": rb / bound - 1,
                                    "status": "bound"})
             for solver in METHODS:
@@ -69,8 +69,8 @@ def statuses(rows: list[dict]) -> str:
     within the MIP gap by the warm start and the replica bound alone."""
     names = sorted({r["status"] for r in rows})
     text = ", ".join(f"{k} {sum(r['status'] == k for r in rows)}" for k in names)
-    proved = sum(r.get("proved", False) for r in rows)
-    return f"{text} ({proved} at start)" if "proved" in rows[0] else text
+    proved = sum(r["proved"] for r in rows)
+    return f"{text} ({proved} at start)" if rows[0]["status"] != "heuristic" else text
 
 
 def load_avg() -> str:

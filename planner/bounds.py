@@ -9,9 +9,11 @@
 - `replica_bound`: a counting bound the MILP uses as its dual bound. In a layout whose max rank
   time is z, a replica of e on r runs x[e, r] w[e, r] <= z - g (the rank also pays its g), so e
   needs at least k_e(z) replicas, the fewest ranks whose caps min(1, (z - g) / w[e, r]) cover
-  1; summing the time rows, z >= B(z) = (sum_e min_r w[e, r] + g sum_e k_e(z)) / N. B is
+  1; summing the time rows, z >= B(z) = (sum_e min_r w[e, r] + g sum_e k_e(z)) / N, and the
+  N x C slots must hold sum_e k_e(z) replicas (else no layout reaches z: B(z) = inf). B is
   non-increasing in z, so every layout has z >= U* = the least u with B(u) <= u (bisection).
-  It is never below the closed-form LP bound and is higher when hot experts must be split.
+  It is never below the closed-form LP bound and is higher when hot experts must be split,
+  much higher when the slots leave no room to split them (E = N x C: U* >= max_e w_e + g).
 """
 
 from __future__ import annotations
@@ -55,19 +57,20 @@ def replicas_needed(cost: LayoutCost, z: float) -> np.ndarray:
     return np.where(covered.any(axis=1), covered.argmax(axis=1) + 1, n + 1)
 
 
-def replica_bound(cost: LayoutCost, *, rel_tol: float = 1e-7) -> float:
-    """U*: no layout has a max rank time below it (module docstring), to `rel_tol`, rounded
-    down so that it stays a bound."""
+def replica_bound(cost: LayoutCost, slots: int, *, rel_tol: float = 1e-7) -> float:
+    """U*: no layout with `slots` a rank has a max rank time below it (module docstring), to
+    `rel_tol`, rounded down so that it stays a bound."""
     n = cost.num_ranks
     base = cost.w.min(axis=1).sum()
 
     def b(z: float) -> float:
-        return float((base + cost.g * replicas_needed(cost, z).sum()) / n)
+        k = replicas_needed(cost, z).sum()
+        return float((base + cost.g * k) / n) if k <= n * slots else np.inf
 
     lo = floor_bound(cost)  # B(u) >= lo for every u, so U* >= lo
-    hi = max(lo, b(lo))
+    hi = max(lo, 1e-300)
     while b(hi) > hi:  # B is non-increasing: grow hi until it is feasible
-        hi = hi * 2 if hi > 0 else 1.0
+        hi *= 2
     while hi - lo > rel_tol * hi:
         mid = (lo + hi) / 2
         if b(mid) <= mid:

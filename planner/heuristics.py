@@ -244,7 +244,7 @@ def _least_target(cost: LayoutCost, slots: int, spread: bool) -> np.ndarray | No
 
     w = cost.w.mean(axis=1)
     n = cost.num_ranks
-    lo = replica_bound(cost)  # no layout does better
+    lo = replica_bound(cost, slots)  # no layout does better
     best, hi = None, lo
     for step in (1e-4, 5e-4, 2e-3, 1e-2, 5e-2, 0.2, 0.5):
         hi = lo * (1 + step)

@@ -153,7 +153,7 @@ def solve_milp(cost: LayoutCost, slots: int, *, solver: str = "highs", time_limi
         share = r.values[:e_total * n].reshape(e_total, n)
         return MilpResult(share, r.objective * unit, r.objective * unit, r.status,
                           time.perf_counter() - t0, solver)
-    bound = replica_bound(cost)
+    bound = replica_bound(cost, slots)
     penalty = _penalty(previous, change_penalty)
     sv = cutoff = None
     if start is not None:
@@ -240,7 +240,7 @@ def solve_pulp(cost: LayoutCost, slots: int, *, solver: str = "cbc", time_limit_
     objective = float(pulp.value(prob.objective)) * unit
     bound = objective
     if not relax:
-        bound = replica_bound(cost)
+        bound = replica_bound(cost, slots)
         if isinstance(s, _WarmHiGHS):
             dual = float(s.info.get("mip_dual_bound", -np.inf)) * unit
             bound = max(bound, dual) if np.isfinite(dual) else bound

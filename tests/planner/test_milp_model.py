@@ -70,13 +70,24 @@ def test_bounds_below_every_layout(seed):
     cost = _random_cost(rng, e, n, locality=seed % 2 == 1)
     slots = _slots(rng, e, n)
     lp = lp_bound(cost, slots)
-    rb = replica_bound(cost)
+    rb = replica_bound(cost, slots)
     best = min(cost.rank_time(rebalance_shares(cost, y)).max() for y in _layouts(e, n, slots))
     assert lp <= best * (1 + 1e-9)
     assert rb <= best * (1 + 1e-9)
     assert floor_bound(cost) <= rb * (1 + 1e-9)
     if ranks_interchangeable(cost):
         assert rb >= lp * (1 - 1e-9)
+
+
+def test_replica_bound_counts_slots():
+    """With E = N x C no expert can be split: every layout runs the hottest expert whole on
+    one rank, so the bound is at least its time plus g (the LP bound is far below)."""
+    load = np.array([40.0, 10, 9, 8, 7, 6, 5, 4])
+    cost = LayoutCost(w=np.repeat(load[:, None], 4, axis=1), g=1.0, load=load.astype(np.int64))
+    assert replica_bound(cost, 2) >= 41.0 * (1 - 1e-6)
+    assert replica_bound(cost, 3) < 41.0 and lp_bound(cost, 2) < 30
+    res = solve_milp(cost, 2, mip_gap=0.0)
+    assert res.objective >= replica_bound(cost, 2)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -101,7 +112,7 @@ def test_cuts_keep_the_warm_start(seed):
     for heuristic in (greedy_lpt, laer_fill, lpt_wrap):
         sv = start_values(cost, heuristic(cost, slots), unit)
         a = build_arrays(cost, slots, unit, relax=False, cutoff=float(sv[-1]),
-                         z_floor=replica_bound(cost) / unit)
+                         z_floor=replica_bound(cost, slots) / unit)
         ax = np.array([a.value[a.start[i]:a.start[i + 1]] @ sv[a.index[a.start[i]:a.start[i + 1]]]
                        for i in range(len(a.row_lo))])
         assert np.all(ax >= a.row_lo - 1e-9) and np.all(ax <= a.row_hi + 1e-9)
@@ -133,7 +144,7 @@ def test_warm_starts_satisfy_constraints(e, n, extra, seed, locality):
         assert ((share > 0).sum(axis=0) <= slots).all()
         assert np.allclose(share.sum(axis=1), 1)
         assert (share >= 0).all()
-        assert cost.rank_time(share).max() >= replica_bound(cost) * (1 - 1e-9)
+        assert cost.rank_time(share).max() >= replica_bound(cost, slots) * (1 - 1e-9)
 
 
 def test_costly_changes_keep_the_previous_layout_exactly():
