@@ -65,6 +65,15 @@ def nccl_sweep(dev, cuda: bool, sizes: list[int], iters: int) -> list[dict]:
     return rows
 
 
+def latency_from_sweep(sweep: list[dict], small: int = 256 * 1024) -> float:
+    """The collectives' fixed cost on this machine: the median all_to_all_single time over the
+    sweep's sizes of at most `small` bytes per peer, where the bytes' own time is negligible
+    (written into each run's cluster.collective_latency_us, so `moesim validate` replays the
+    run with the latency measured in the same call)."""
+    times = [r["time_s"] for r in sweep if r["bytes_per_peer"] <= small]
+    return float(np.median(times)) if times else 10e-6
+
+
 def nccl_same_splits(send: list[int], recv: list[int], width: int, dev, cuda: bool,
                      iters: int) -> float:
     x = torch.empty(sum(send), width, dtype=torch.bfloat16, device=dev)
@@ -73,7 +82,7 @@ def nccl_same_splits(send: list[int], recv: list[int], width: int, dev, cuda: bo
 
 
 def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: int, steps: int,
-                warmup: int, env, out: Path, meta: dict) -> dict:
+                warmup: int, env, out: Path, meta: dict, latency_s: float = 10e-6) -> dict:
     from traces.generators import TraceSpec, generate
     world, rank, dev = env.world, env.rank, env.device
     cuda = dev.type == "cuda"
@@ -147,7 +156,8 @@ def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: 
     if rank == 0:
         # The cluster is this machine, so `moesim validate` simulates the same GPUs.
         cluster = ClusterConfig(preset="h200x2" if world == 2 else "dgx-h200", nodes=1,
-                                gpus_per_node=world)
+                                gpus_per_node=world,
+                                collective_latency_us=round(latency_s * 1e6, 2))
         cfg = Config(model=m, cluster=cluster,
                      parallel=ParallelConfig(strategy=strategy, degree=world),
                      run=RunConfig(steps=steps, seed=11, tokens_per_rank=tokens,
@@ -222,7 +232,7 @@ def main() -> int:
                 m = dataclasses.replace(lat if strategy == "hp" else std, top_k=k)
                 name = f"{strategy}-k{k}-{routing}"
                 res = bench_layer(name, strategy, m, routing, tokens, args.steps, args.warmup,
-                                  env, out / "runs" / name, meta)
+                                  env, out / "runs" / name, meta, latency_from_sweep(sweep))
                 results.append(res)
                 if env.rank == 0:
                     print(json.dumps(res), flush=True)
