@@ -226,7 +226,7 @@ def bench_permute_combine(dev: torch.device, small: bool) -> None:
            bench(lambda: permute(x, experts, e, bucket_of), dev), bytes_=perm_bytes)  # fmt: skip
     # Launch-shape sweep of the index build: programs x keys per chunk (each checked exact).
     saved = (pm.INDEX_PROGRAMS, pm.INDEX_CHUNK_KEYS)
-    for progs, chunk in ((64, 128), (256, 128), (512, 128), (128, 64), (128, 256)):
+    for progs, chunk in ((64, 256), (256, 256), (512, 256), (128, 128), (128, 64)):
         pm.INDEX_PROGRAMS, pm.INDEX_CHUNK_KEYS = progs, chunk
         try:
             o = permute(x, experts, e)

@@ -27,10 +27,10 @@ Public API
 Differentiable in ``x`` (the backward sums each token's k row gradients, with the combine kernel).
 
 How: two launches, no host sync. The first builds the counting sort's bases: per chunk of
-~128 keys (whole tokens), how many keys of each bucket come before it; its last program (an
+~256 keys (whole tokens), how many keys of each bucket come before it; its last program (an
 atomic ticket) scans the per-program totals into absolute bases and writes ``offsets``. The
 second runs one program per token: it ranks the token's k keys among the earlier keys of its
-chunk (at most ~128, read from L2), writes ``row_map`` and copies the row, reading it once and
+chunk (at most ~256, read from L2), writes ``row_map`` and copies the row, reading it once and
 writing it k times. (The earlier version took three index launches, ~53 us on an H200.)
 """
 
@@ -246,10 +246,12 @@ def _check(x: torch.Tensor, experts: torch.Tensor, num_buckets: int) -> None:
         raise ValueError(f"need at least one bucket, got {num_buckets}")
 
 
-# Launch shape of the index build: superchunks per launch (about one program per SM), chunk
-# tiles per step. Module-level so the benchmark can sweep them.
+# Launch shape of the index build: superchunks per launch (about one program per SM) and keys
+# per chunk (the copy kernel's rank window). Module-level so the benchmark can sweep them. On
+# the H200 (32k tokens, top-8 of 64) 256-key chunks ran 0.686 ms end to end, 128-key 0.693,
+# 64-key 0.703; 64 to 512 programs within 0.693-0.709 (benchmarks/kernels.py, 2026-11-23).
 INDEX_PROGRAMS = 128
-INDEX_CHUNK_KEYS = 128
+INDEX_CHUNK_KEYS = 256
 
 # One ticket per (device, stream): the index kernel's last program resets it, so calls on the
 # same stream (ordered) reuse it without a memset; other streams get their own.
