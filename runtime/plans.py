@@ -13,7 +13,7 @@ from planner.placement import Placement, replicated_placement
 
 # The heuristics run on the device path: they need neither pulp nor highspy (the GPU machines
 # have neither), unlike the ILP.
-HEURISTICS = ("laer", "greedy", "best_fit")
+HEURISTICS = ("laer", "greedy")
 
 
 def online_layout(m: ModelConfig, n: int, planner: PlannerConfig | None = None,
@@ -23,10 +23,10 @@ def online_layout(m: ModelConfig, n: int, planner: PlannerConfig | None = None,
     from planner.cost import layout_cost
     planner = planner or PlannerConfig()
     name = solver or (planner.solver if planner.solver in HEURISTICS else "laer")
-    fn = {"laer": heuristics.laer_fill, "greedy": heuristics.greedy_lpt,
-          "best_fit": getattr(heuristics, "best_fit_split", None)}[name]
-    if fn is None:
-        raise InputError("config", "planner.solver", f"{name!r} is not in this planner")
+    if name not in HEURISTICS:
+        raise InputError("config", "planner.solver",
+                         f"{name!r}: the online planner runs {', '.join(HEURISTICS)}")
+    fn = {"laer": heuristics.laer_fill, "greedy": heuristics.greedy_lpt}[name]
     # A rank must hold at least its even part of the experts; 25% more slots leave the solver
     # room to replicate the hot ones.
     even = -(-m.total_experts // n)
