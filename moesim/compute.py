@@ -255,14 +255,16 @@ class ComputeModel:
         return np.maximum(per_group.sum(axis=-1), floor)
 
     def expert_ffn(self, expert_tokens: np.ndarray, dim: int, ffn: int, dtype_bytes: int,
-                   backward: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   backward: bool = False, fused_activation: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """Gated-FFN experts on each rank: the up+gate and the down grouped GEMMs, and the
         activation between them. `expert_tokens` int[N, E]: rows of each group. Forward
         6 * tokens * dim * ffn FLOPs, backward twice that. GEMMs: compute time per group
         (`grouped_gemm_seconds`), bounded below by their bytes (each non-empty expert's
         weights, the activations in and out of each GEMM). Activation: silu(h[:, :f]) * h[:,
         f:] as torch runs it, two memory-bound kernels over 5 * tokens * ffn elements (read
-        h's gate half, write silu; read both, write the product); twice that backward."""
+        h's gate half, write silu; read both, write the product); twice that backward. With
+        `fused_activation` (model.activation = "fused") it is in the GEMM epilogue: free."""
         rows = np.asarray(expert_tokens, dtype=np.float64)
         mult = 2 if backward else 1
         tokens = rows.sum(axis=1)
@@ -272,8 +274,9 @@ class ComputeModel:
         t = np.maximum(mult * self.grouped_gemm_seconds(rows, dim, ffn), byt / self.rates["hbm"])
         # Two grouped GEMMs forward (up+gate, down), four backward.
         t = np.where(tokens > 0, t + 2 * mult * self.launch_overhead, 0.0)
-        t = t + self._kernels(tokens, 2 * mult,
-                              mult * ACTIVATION_ELEMENTS * tokens * ffn * dtype_bytes)
+        if not fused_activation:
+            t = t + self._kernels(tokens, 2 * mult,
+                                  mult * ACTIVATION_ELEMENTS * tokens * ffn * dtype_bytes)
         return t, flops
 
     def gather(self, nbytes: np.ndarray) -> np.ndarray:

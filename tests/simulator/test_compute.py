@@ -207,3 +207,18 @@ def test_a_curve_of_known_shape_is_looked_up_by_rows(tmp_path):
     p.write_text(base + "param,curve_dim,,4096\n")
     with pytest.raises(InputError, match="curve_dim"):
         ComputeModel.load("x", p)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_fused_activation_drops_exactly_the_activation_kernels(backward):
+    # Closed form of what the unfused SwiGLU adds: 2 (4 backward) launches and 5 (10) bf16
+    # elements per token and hidden unit through HBM, on ranks that have tokens.
+    cm = ComputeModel.load("h200")
+    rows = np.array([[300, 0, 17, 4096], [0, 0, 0, 0]])
+    dim, ffn, mult = 64, 5632, 2 if backward else 1
+    plain, f1 = cm.expert_ffn(rows, dim, ffn, 2, backward=backward)
+    fused, f2 = cm.expert_ffn(rows, dim, ffn, 2, backward=backward, fused_activation=True)
+    tokens = rows.sum(axis=1)
+    act = 2 * mult * cm.launch_overhead + mult * 5 * tokens * ffn * 2 / cm.rates["hbm"]
+    assert plain[0] - fused[0] == pytest.approx(act[0], rel=1e-9)
+    assert plain[1] == fused[1] == 0.0 and np.array_equal(f1, f2)
