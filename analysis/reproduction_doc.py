@@ -59,7 +59,8 @@ def _why(summary: pd.DataFrame, claim: str) -> str:
                 "rank, overlap included), which bounds the speed-up. The paper's cluster is "
                 "not known to us: 1 and 2 nodes bracket it. Only MoE layers are simulated (no "
                 "attention or dense compute to dilute the saving), so our speed-ups are upper "
-                "bounds for a whole model; the paper's IO-aware kernels are not modelled.")
+                "bounds for a whole model; of the paper's IO-aware kernels only the fused "
+                "activation is modelled (the routing/dispatch fusion is not).")
     if claim.startswith("HP (2x"):
         big = list(R.HP_SIZES)[-1]
         hp, hp2 = _arm(summary, "hp", f"{big}-hp"), _arm(summary, "hp", f"{big}-hp2x")
