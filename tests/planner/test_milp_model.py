@@ -50,11 +50,14 @@ def test_highspy_and_pulp_models_agree(seed):
     arrays = solve_milp(cost, slots, solver="highs", **kw)
     # with a warm start the array model also carries the cuts; they must not move the optimum
     cut = solve_milp(cost, slots, solver="highs", start=greedy_lpt(cost, slots), **kw)
+    # Optimal objectives agree to the solvers' tolerances: primal feasibility 1e-7 on rows
+    # with coefficients in the hundreds moves them by ~1e-6 relative (seen between highspy
+    # 1.15 and 1.16), so 1e-5 is the honest bar, not 1e-6.
     for ref_solver in ("highs", "cbc"):
         ref = solve_pulp(cost, slots, solver=ref_solver, **kw)
         assert ref.status == "optimal"
-        assert arrays.objective == pytest.approx(ref.objective, rel=1e-6)
-        assert cut.objective == pytest.approx(ref.objective, rel=1e-6)
+        assert arrays.objective == pytest.approx(ref.objective, rel=1e-5)
+        assert cut.objective == pytest.approx(ref.objective, rel=1e-5)
     # the LP relaxations agree too
     lp_arrays = solve_milp(cost, slots, relax=True).objective
     lp_pulp = solve_pulp(cost, slots, solver="highs", relax=True).objective
