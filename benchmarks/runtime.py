@@ -168,19 +168,22 @@ def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: 
     return res
 
 
-def models(cpu: bool) -> tuple[ModelConfig, ModelConfig]:
+def models(cpu: bool, world: int = 1) -> tuple[ModelConfig, ModelConfig]:
+    """The standard MoE and the Multi-Head LatentMoE of the benchmark. HP places whole heads,
+    so the latent model has max(4, world) heads (the same latent width, split finer)."""
+    heads = max(4, world)
     if cpu:
         std = ModelConfig(name="bench-std", num_layers=1, d_model=32, d_ffn=16, num_experts=8,
                           top_k=2, dtype="fp32", attn_heads=4)
-        lat = dataclasses.replace(std, name="bench-mhl", num_heads=4, head_dim=8)
+        lat = dataclasses.replace(std, name="bench-mhl", num_heads=heads, head_dim=32 // heads)
         return std, lat
     # Standard MoE of DESIGN.md's GEMM ceiling (64 experts of 2048 x 1408), and a Multi-Head
-    # LatentMoE with the same latent width (4 heads of 512) and the same expert FLOPs per
-    # token-slot-head scaled by the head width.
+    # LatentMoE with the same latent width (4 heads of 512 up to 4 GPUs, 8 of 256 on 8) and
+    # 32 experts of d_ffn 704 per head.
     std = ModelConfig(name="bench-std", num_layers=1, d_model=2048, d_ffn=1408, num_experts=64,
                       top_k=2, dtype="bf16", attn_heads=16)
-    lat = dataclasses.replace(std, name="bench-mhl", num_heads=4, head_dim=512, d_ffn=704,
-                              num_experts=32)
+    lat = dataclasses.replace(std, name="bench-mhl", num_heads=heads, head_dim=2048 // heads,
+                              d_ffn=704, num_experts=32)
     return std, lat
 
 
@@ -219,7 +222,7 @@ def main() -> int:
         for r in sweep:
             print(f"nccl a2a {r['bytes_per_peer']:>10d} B/peer  {r['time_s'] * 1e6:9.1f} us  "
                   f"{r['gbps']:7.1f} GB/s", flush=True)
-    std, lat = models(args.cpu)
+    std, lat = models(args.cpu, env.world)
     only = set(args.only.split(",")) if args.only else {"ep", "hp", "fsep"}
     results = []
     for k in (2, 4, 8):
