@@ -73,7 +73,11 @@ def _why(summary: pd.DataFrame, claim: str) -> str:
     if claim.startswith("FSEP vs"):
         ep, hot, fs = (_arm(summary, "fsep", a) for a in ("ep", "ep-hot", "fsep"))
         more = fs["comm_bytes_per_gpu"] / max(ep["comm_bytes_per_gpu"], 1)
-        return (f"Inside the paper's range because the setup was matched to it: EP load CV "
+        speedup = ep["step_time_s"] / fs["step_time_s"]
+        lo, hi = 1.45, 1.69
+        where = ("Inside" if lo <= speedup <= hi else "Just below" if lo - 0.05 <= speedup < lo
+                 else "Below" if speedup < lo else "Above")
+        return (f"{where} the paper's range ({lo}-{hi}x); the setup was matched to it: EP load CV "
                 f"{_pct(ep['imbalance_cv'])} as the paper states (~30%), 8 GPUs, a 1.2B "
                 "Mixtral-style model. The speed-up comes from removing EP's wait for the "
                 f"busiest GPU (see the breakdown); FSEP pays {more:.1f}x "
