@@ -282,16 +282,34 @@ def build_ep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> 
     _final_sync(prog, ctx, last)
 
 
+def _head_pack(prog: Program, ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
+    """HP's send buffer: the latent's heads gathered into destination order (a gather over
+    T x latent) and, when the group has more than one rank, made destination-major (a
+    transpose copy); the mirror after the combine's all-to-all, and the same in backward.
+    runtime/layers_hp.py does both around each all-to-all, on the compute stream."""
+    m = ctx.cfg.model
+    nbytes = lin.tokens.astype(np.float64) * m.latent_dim * m.dtype_bytes
+    t = ctx.compute.gather(nbytes)
+    if prog.n // ctx.groups > 1:
+        t = t + np.where(nbytes > 0, ctx.compute.local_copy(nbytes)
+                         + ctx.compute.launch_overhead, 0.0)
+    return t
+
+
 def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
     """HP (Multi-Head LatentMoE): project down to the latent, all-to-all the latent (each rank
     gets its heads' slices of every token), route and run experts locally, all-to-all back,
-    project up. The all-to-all bytes are the planner's (fixed by the batch)."""
+    project up. The all-to-all bytes are the planner's (fixed by the batch); packing the
+    heads into the send buffer and unpacking them is compute-stream work timed as part of the
+    dispatch and combine phases (`_head_pack`)."""
     gpu, m = ctx.compute, ctx.cfg.model
     db, lat = m.dtype_bytes, m.latent_dim
     last = []
     for li, lin in enumerate(layers):
+        pack = _head_pack(prog, ctx, lin)
         dt, df = gpu.gemm(lin.tokens, m.d_model, lat, db)
         a = _cmp(prog, li, "fwd", "latent_down", last, dt, df, lin.tokens)
+        a = _cmp(prog, li, "fwd", "dispatch", [a], pack)
         b = _comm(prog, ctx, lin, li, "fwd", "dispatch", [a])
         rt, rf = _router(ctx, lin, False)
         c = _cmp(prog, li, "fwd", "router", [b], rt, rf, lin.routed)
@@ -300,13 +318,16 @@ def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> 
         e = _cmp(prog, li, "fwd", "expert", [d], et, ef, lin.expert_tokens.sum(1))
         f = _cmp(prog, li, "fwd", "combine", [e], _unpermute(ctx, lin, False))
         g = _comm(prog, ctx, lin, li, "fwd", "combine", [f])
+        g = _cmp(prog, li, "fwd", "combine", [g], pack)
         ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db)
         h = _cmp(prog, li, "fwd", "latent_up", [g], ut, uf, lin.tokens)
         last = [h]
     for li in reversed(range(len(layers))):
         lin = layers[li]
+        pack = _head_pack(prog, ctx, lin)
         ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db, backward=True)
         a = _cmp(prog, li, "bwd", "latent_up", last, ut, uf, lin.tokens)
+        a = _cmp(prog, li, "bwd", "combine", [a], pack)
         b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
         c = _cmp(prog, li, "bwd", "combine", [b], _unpermute(ctx, lin, True))
         et, ef = _expert(ctx, lin, True, regroup=False)
@@ -315,6 +336,7 @@ def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> 
         rt, rf = _router(ctx, lin, True)
         f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.routed)
         g = _comm(prog, ctx, lin, li, "bwd", "dispatch", [f])
+        g = _cmp(prog, li, "bwd", "dispatch", [g], pack)
         dt, df = gpu.gemm(lin.tokens, m.d_model, lat, db, backward=True)
         h = _cmp(prog, li, "bwd", "latent_down", [g], dt, df, lin.tokens)
         _grad_sync(prog, ctx, lin, li, [d])

@@ -57,13 +57,23 @@ def test_hp_dispatch_matches_closed_form():
     # the 7 others over its 450 GB/s port: (n-1)/n x S / B with S = T x 8 x 64 x 2.
     sim = Simulator(_cfg(8, 2), _trace(8, 2), "gen")
     f = sim.simulate_step("hp", 0).frame
-    row = f[(f["pass"] == "fwd") & (f["phase"] == "dispatch") & (f["layer"] == 0)]
+    disp = f[(f["pass"] == "fwd") & (f["phase"] == "dispatch") & (f["layer"] == 0)]
+    row = disp[disp["stream"] == "comm"]
     t = 1024
     s = t * 8 * 64 * 2
     want = 7 / 8 * s / 450e9 + 10e-6
     assert (row["end_s"] - row["start_s"]).to_numpy() == pytest.approx(np.full(8, want),
                                                                        rel=1e-9)
     assert (row["bytes"] == 7 * t * 64 * 2).all()
+    # Packing the heads into the send buffer, before it on the compute stream: a gather of the
+    # latent and, with 8 ranks, a transpose copy (closed forms of ComputeModel.gather/local_copy).
+    pack = disp[disp["stream"] == "compute"]
+    cm = sim.compute
+    want_pack = 2 * s / cm.rates["gather"] + 2 * s / cm.rates["hbm"] + 2 * cm.launch_overhead
+    assert (pack["end_s"] - pack["start_s"]).to_numpy() == pytest.approx(
+        np.full(8, want_pack), rel=1e-9)
+    assert (pack.sort_values("rank")["end_s"].to_numpy()
+            <= row.sort_values("rank")["start_s"].to_numpy() + 1e-15).all()
 
 
 def test_streams_never_overlap_and_dependencies_hold():
