@@ -136,6 +136,9 @@ class ParallelConfig:
     degree: int = _f(0, lo=0, doc="ranks in the MoE group; 0 means every GPU of the cluster")
     ep_dedup: bool = _f(False, doc="EP: send a token once per node (DeepEP-style dispatch)")
     fsep_chunks: int = _f(4, lo=1, doc="FSEP: chunks that overlap shard gathers with compute")
+    fsep_backward_gather: bool = _f(True, doc="FSEP: gather the experts' weights again for the "
+                                    "backward (FSDP-style: freed in between); false keeps the "
+                                    "forward's materialised weights, as runtime/ does")
     a2a_algorithm: str = _f("direct", choices=("direct", "hierarchical"),
                             doc="simulator: all-to-all as direct pairwise flows, or intra-node "
                             "then inter-node (same-rail) stages")

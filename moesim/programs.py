@@ -355,8 +355,9 @@ def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -
     gather the shards of the replicas the re-layout gave them (in `fsep_chunks` chunks), the
     tokens go to the replicas, and chunk c's expert GEMMs start once chunk c's weights and the
     tokens are in, overlapping the later chunks' gathers. Backward re-gathers the weights
-    (FSDP-style), and scatters the weight-gradient shards back to their owners chunk by chunk
-    as each chunk's backward GEMMs finish. The first chunk's gather has no dependency on the
+    (FSDP-style; not with parallel.fsep_backward_gather = false), and scatters the
+    weight-gradient shards back to their owners chunk by chunk as each chunk's backward GEMMs
+    finish. The first chunk's gather has no dependency on the
     layer's compute, so it prefetches while the router runs."""
     k = ctx.cfg.parallel.fsep_chunks
     last: list[int] = []
@@ -384,16 +385,19 @@ def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -
     pending: list[tuple[int, list[int], list[np.ndarray], LayerInputs]] = []
     for li in reversed(range(len(layers))):
         lin = layers[li]
-        gathers = _chunks(lin.phases[("bwd", "weight_gather")], k)
+        # Without a backward gather (parallel.fsep_backward_gather = false: the forward's
+        # weights were kept) the expert backward waits only for the combine's gradient.
+        regather = ("bwd", "weight_gather") in lin.phases
         scatters = _chunks(lin.phases[("bwd", "grad_scatter")], k)
-        g0 = _comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[0], chunk=0,
-                   share=1 / k)
+        if regather:
+            gathers = _chunks(lin.phases[("bwd", "weight_gather")], k)
+            g0 = _comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[0], chunk=0,
+                       share=1 / k)
         up = _latent(prog, ctx, lin, li, "bwd", "latent_up", last)
         a = _cmp(prog, li, "bwd", "combine", up, _unpermute(ctx, lin, True))
         b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
-        g = [g0] + [_comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[j], chunk=j,
-                          share=1 / k)
-                    for j in range(1, k)]
+        g = ([g0] + [_comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[j],
+                           chunk=j, share=1 / k) for j in range(1, k)]) if regather else [b] * k
         # The previous layer's gradient scatters go after this layer's gathers on the comm
         # stream, so they overlap this layer's expert backward.
         for pli, pdeps, pscat, plin in pending:

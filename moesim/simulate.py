@@ -122,7 +122,8 @@ class Simulator:
                                                      self.cfg.parallel.ep_dedup) else 0
             if gpn and self.g % gpn:
                 gpn = 0  # a group inside one node: nothing to deduplicate
-            lt = layer_traffic(self.cfg.model, placement, counts, gpus_per_node=gpn)
+            lt = layer_traffic(self.cfg.model, placement, counts, gpus_per_node=gpn,
+                               fsep_backward_gather=self.cfg.parallel.fsep_backward_gather)
             self._traffic[key] = (lt, {k: Traffic.dense(v) for k, v in lt.phases.items()})
         return self._traffic[key]
 

@@ -165,7 +165,7 @@ def _ring_grad_sync(placement: Placement, param_bytes: int) -> np.ndarray:
 
 
 def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, *,
-                  gpus_per_node: int = 0) -> LayerTraffic:
+                  gpus_per_node: int = 0, fsep_backward_gather: bool = True) -> LayerTraffic:
     """Traffic of one (step, layer). `counts` is int [N, H, E] (see module docstring).
 
     - tokens / expert_tokens: integer splits of `counts` over replicas (`split_tokens`).
@@ -175,10 +175,11 @@ def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, 
     - HP: dispatch[src, dst] = T_src * heads_on(dst) * head_dim * dtype_bytes, fixed by the
       batch whatever the routing and top-k; combine is its transpose.
     - FSEP: the EP token phases to replicas, plus weight_gather (fwd, and again in bwd since
-      weights are freed after use, FSDP-style): rank q sends its shard of every expert rank r
-      materialises; and ("bwd", "grad_scatter"), its transpose. Shards are an even split of
-      `model.expert_params` (the first P mod N ranks hold one element more); gradients move in
-      the model dtype.
+      weights are freed after use, FSDP-style, unless `fsep_backward_gather` is False: the
+      forward's materialised weights are kept, as runtime/ does): rank q sends its shard of
+      every expert rank r materialises; and ("bwd", "grad_scatter"), its transpose. Shards
+      are an even split of `model.expert_params` (the first P mod N ranks hold one element
+      more); gradients move in the model dtype.
     """
     n, e_total = placement.num_ranks, placement.num_experts
     counts = np.asarray(counts)
@@ -226,7 +227,8 @@ def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, 
         shard = (p // n + (np.arange(n) < p % n)).astype(np.int64) * db  # bytes rank q holds
         gather = np.outer(shard, placement.replicas_per_rank())  # [q, r]
         phases[("fwd", "weight_gather")] = gather
-        phases[("bwd", "weight_gather")] = gather.copy()
+        if fsep_backward_gather:
+            phases[("bwd", "weight_gather")] = gather.copy()
         phases[("bwd", "grad_scatter")] = gather.T.copy()
     elif placement.strategy == "ep" and placement.num_replicas > e_total:
         phases[("bwd", "grad_sync")] = _ring_grad_sync(placement, model.expert_params * db)

@@ -14,14 +14,15 @@ materialise which experts. The layer then
      gradient is cut into shards and sent back to their owners, which sum them over replicas
      (the grad_scatter phase).
 The materialised weights are kept from forward to backward (not re-gathered, as an FSDP-style
-implementation would do to save memory): the planner's ("bwd", "weight_gather") bytes are not
-moved by this runtime.
+implementation would do to save memory): the run directory records
+`parallel.fsep_backward_gather = false` (runtime.rundir.what_ran), so the planner's traffic
+for the replay has no ("bwd", "weight_gather") phase.
 
 The layout comes from `layout(counts, layer)`, a callable: a plan replayed from plan.json, or
 the online planner fed with the counts of this layer's previous step (the first step uses its
 own counts). Planning ahead lets the weight all-to-all run on a side CUDA stream over a second
 communicator, overlapping routing and the token dispatch (LAER-MoE's communication overlap, at
-the granularity of one gather per layer; `parallel.fsep_chunks` is not used yet).
+the granularity of one gather per layer: the run directory records `parallel.fsep_chunks = 1`).
 """
 
 from __future__ import annotations

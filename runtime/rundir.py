@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from moesim.atomic import atomic_path, write_text_atomic
-from moesim.config import Config, config_to_dict
+from moesim.config import Config, ParallelConfig, config_to_dict
 from moesim.results import empty_frame, write_results
 
 
@@ -61,14 +61,25 @@ def to_toml(cfg: dict) -> str:
     return "\n".join(lines)
 
 
+# How runtime/layers_fsep.py schedules FSEP's weights whatever the config asks: one gather
+# per layer (planned ahead, on a side stream), kept for the backward.
+FSEP_RUNTIME_SCHEDULE = {"fsep_chunks": 1, "fsep_backward_gather": False}
+
+
+def what_ran(parallel: ParallelConfig, world: int) -> ParallelConfig:
+    """The parallel config as the runtime executed it: the job's rank count, and for FSEP its
+    weight schedule, so that `moesim validate` simulates the work that ran."""
+    extra = FSEP_RUNTIME_SCHEDULE if parallel.strategy == "fsep" else {}
+    return dataclasses.replace(parallel, degree=world, **extra)
+
+
 def write_run_dir(out: Path, cfg: Config, world: int, rows: list[dict], counts: list[np.ndarray],
                   placements: dict, meta: dict, losses: list[float] | None = None) -> None:
     """rows: Result rows of every rank; counts: per step [layers, N, H, E]; placements:
     (step, layer) -> Placement (FSEP)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    as_dict = config_to_dict(dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, degree=world)))
+    as_dict = config_to_dict(dataclasses.replace(cfg, parallel=what_ran(cfg.parallel, world)))
     write_text_atomic(out / "config.toml", to_toml(as_dict))
     df = pd.DataFrame(rows) if rows else empty_frame()
     write_results(df, out / "results.parquet",

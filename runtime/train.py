@@ -32,7 +32,7 @@ from runtime.comm import DistEnv, all_reduce_grads, init_distributed
 from runtime.data import Batches
 from runtime.kernels_bridge import expert_backend
 from runtime.model import MoETransformer
-from runtime.rundir import machine_meta, write_run_dir
+from runtime.rundir import FSEP_RUNTIME_SCHEDULE, machine_meta, write_run_dir
 from runtime.timing import PhaseTimer
 
 # Test hook: "RANK:STEP" makes that rank die (os._exit) at the start of that step, to check
@@ -70,6 +70,11 @@ class Trainer:
         if cfg.parallel.degree and cfg.parallel.degree != env.world:
             raise InputError(cfg.source, "parallel.degree", f"{cfg.parallel.degree}, but the "
                              f"job has {env.world} ranks (torchrun --nproc-per-node)")
+        if env.rank == 0 and cfg.parallel.strategy == "fsep" and any(
+                getattr(cfg.parallel, k) != v for k, v in FSEP_RUNTIME_SCHEDULE.items()):
+            print("runtime: FSEP gathers each layer's weights once and keeps them for the "
+                  "backward (parallel.fsep_chunks and fsep_backward_gather are simulator "
+                  "options); the run directory records that schedule", flush=True)
         self.forced = forced_routing(cfg, env.world)
         self.model = MoETransformer(cfg, env, make_layout(cfg, env.world)).to(env.device)
         self.dtype = torch.bfloat16 if env.device.type == "cuda" and m.dtype == "bf16" \

@@ -127,6 +127,9 @@ def test_fsep_weight_phases_closed_form():
     assert np.array_equal(t.bytes_received(("fwd", "weight_gather")), reps * 3 * 96 * 2)
     assert np.array_equal(t.phases[("bwd", "grad_scatter")], g.T)
     assert np.array_equal(t.phases[("bwd", "weight_gather")], g)
+    kept = layer_traffic(m, p, c, fsep_backward_gather=False)  # runtime/: weights kept
+    assert ("bwd", "weight_gather") not in kept.phases
+    assert all(np.array_equal(kept.phases[k], v) for k, v in t.phases.items() if k in kept.phases)
     # tokens to a replicated expert split evenly (within one token per source)
     reps0 = p.replicas_of(0)
     assert np.all(np.abs(t.tokens[:, reps0] - c[:, 0, :1] / 4) < 1)

@@ -31,5 +31,8 @@ def test_device_script_runs_on_4_ranks_and_its_runs_validate(tmp_path):
         run = tmp_path / "runs" / name
         cfg = tomllib.loads((run / "config.toml").read_text())
         assert cfg["cluster"]["gpus_per_node"] == 4 and cfg["cluster"]["collective_latency_us"] > 0
+        if name.startswith("fsep"):  # the weight schedule the runtime ran, for the replay
+            assert cfg["parallel"]["fsep_chunks"] == 1
+            assert cfg["parallel"]["fsep_backward_gather"] is False
         measured, simulated = simulate_run(run)
         assert set(measured["rank"]) == set(simulated["rank"]) == {0, 1, 2, 3}

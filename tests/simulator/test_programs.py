@@ -149,3 +149,23 @@ def test_one_rank_all_to_all_is_a_local_copy():
         assert (row["end_s"] - row["start_s"]).iloc[0] == pytest.approx(
             10e-6 + 2 * local / 4.2e12, rel=1e-9)
         assert row["bytes"].iloc[0] == 0  # not network traffic
+
+
+def test_fsep_without_backward_gather_moves_no_backward_weights():
+    # parallel.fsep_backward_gather = false (runtime/'s FSEP keeps the forward's weights): the
+    # planner emits no ("bwd", "weight_gather") traffic, the program issues no such op, the
+    # forward is unchanged, and the gradient scatter still runs.
+    cfg_on = _cfg(1, 4, fsep_chunks=2)
+    cfg_off = _cfg(1, 4, fsep_chunks=2, fsep_backward_gather=False)
+    on = Simulator(cfg_on, _trace(1, 4), "gen").simulate_step("fsep", 0)
+    off = Simulator(cfg_off, _trace(1, 4), "gen").simulate_step("fsep", 0)
+
+    def ops(out, pass_, phase):
+        return [o for o in out.ops if o.pass_ == pass_ and o.phase == phase]
+
+    assert len(ops(on, "bwd", "weight_gather")) == 2 * 2  # chunks x layers
+    assert ops(off, "bwd", "weight_gather") == []
+    assert len(ops(off, "bwd", "grad_scatter")) == len(ops(on, "bwd", "grad_scatter")) == 4
+    fwd = [(o.phase, float(o.end.max())) for o in off.ops if o.pass_ == "fwd"]
+    assert fwd == [(o.phase, float(o.end.max())) for o in on.ops if o.pass_ == "fwd"]
+    assert off.frame["end_s"].max() <= on.frame["end_s"].max() + 1e-12
