@@ -283,17 +283,16 @@ def build_ep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> 
 
 
 def _head_pack(prog: Program, ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
-    """HP's send buffer: the latent's heads gathered into destination order (a gather over
-    T x latent) and, when the group has more than one rank, made destination-major (a
-    transpose copy); the mirror after the combine's all-to-all, and the same in backward.
-    runtime/layers_hp.py does both around each all-to-all, on the compute stream."""
+    """HP's send buffer: with head h on rank h mod N the latent's heads are made
+    destination-major by one strided copy of T x latent (a view, free, when the group is one
+    rank); its mirror after the combine's all-to-all, and the same in backward.
+    runtime/layers_hp.py does exactly that around each all-to-all, on the compute stream."""
     m = ctx.cfg.model
     nbytes = lin.tokens.astype(np.float64) * m.latent_dim * m.dtype_bytes
-    t = ctx.compute.gather(nbytes)
-    if prog.n // ctx.groups > 1:
-        t = t + np.where(nbytes > 0, ctx.compute.local_copy(nbytes)
-                         + ctx.compute.launch_overhead, 0.0)
-    return t
+    if prog.n // ctx.groups == 1:
+        return np.zeros_like(nbytes)
+    return np.where(nbytes > 0, ctx.compute.local_copy(nbytes) + ctx.compute.launch_overhead,
+                    0.0)
 
 
 def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
