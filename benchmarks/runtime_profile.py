@@ -28,25 +28,20 @@ from runtime.layers import build_layer
 from traces.generators import TraceSpec, generate
 
 
-def kernel_table(prof, rows: int) -> str:
-    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    evs.sort(key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in evs)
-    out = [f"    {'kernel time':>12s} {'calls':>6s}  name  (GPU total {total / 1e3:.2f} ms)"]
-    for e in evs[:rows]:
-        out.append(f"    {e.device_time_total / 1e3:9.3f} ms {e.count:6d}  {e.key[:110]}")
-    return "\n".join(out)
+def op_table(prof, device: str, rows: int) -> str:
+    """The profile's ops on `device` ("CUDA": kernels by GPU time; "CPU": host ops by self
+    time, what keeps the GPU waiting when the events exceed the kernels' sum), largest first."""
+    cuda = device == "CUDA"
 
+    def time_of(e) -> float:
+        return e.device_time_total if cuda else e.self_cpu_time_total
 
-def cpu_table(prof, rows: int) -> str:
-    """Host time by op (self time): what keeps the GPU waiting when the events exceed the
-    kernels' sum."""
-    evs = [e for e in prof.key_averages() if e.device_type.name == "CPU"]
-    evs.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in evs)
-    out = [f"    {'host self':>12s} {'calls':>6s}  op  (host total {total / 1e3:.2f} ms)"]
-    for e in evs[:rows]:
-        out.append(f"    {e.self_cpu_time_total / 1e3:9.3f} ms {e.count:6d}  {e.key[:110]}")
+    evs = sorted((e for e in prof.key_averages() if e.device_type.name == device),
+                 key=time_of, reverse=True)
+    label = "kernel time" if cuda else "host self"
+    total = sum(map(time_of, evs))
+    out = [f"    {label:>12s} {'calls':>6s}  name  ({device} total {total / 1e3:.2f} ms)"]
+    out += [f"    {time_of(e) / 1e3:9.3f} ms {e.count:6d}  {e.key[:110]}" for e in evs[:rows]]
     return "\n".join(out)
 
 
@@ -89,11 +84,11 @@ def main() -> int:
     print(f"{args.strategy} top-{args.top_k} {args.routing}, {args.tokens} tokens, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"  forward  {ev[0].elapsed_time(ev[1]):8.2f} ms (events)")
-    print(kernel_table(pf, args.rows))
-    print(cpu_table(pf, args.rows))
+    print(op_table(pf, "CUDA", args.rows))
+    print(op_table(pf, "CPU", args.rows))
     print(f"  backward {ev[1].elapsed_time(ev[2]):8.2f} ms (events, incl. forward sync gap)")
-    print(kernel_table(pb, args.rows))
-    print(cpu_table(pb, args.rows))
+    print(op_table(pb, "CUDA", args.rows))
+    print(op_table(pb, "CPU", args.rows))
     return 0
 
 

@@ -23,7 +23,7 @@ from moesim.errors import InputError
 from planner.placement import hp_placement
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
 from runtime.experts import expert_ffn
-from runtime.moe_layer import MoELayerBase, inverse_perm, take_slices, weighted_sum
+from runtime.moe_layer import MoELayerBase, inverse_perm, take_rows, weighted_sum
 from runtime.routing import local_counts
 
 
@@ -85,7 +85,7 @@ class HPMoE(MoELayerBase):
             order = torch.argsort(flat, stable=True)
             sizes = torch.bincount(flat, minlength=nh * m.num_experts)
             rows_in = tm.bwd_in(items.reshape(n * t * nh, dh), lay, "permute")
-            rows = tm.bwd_out(take_slices(rows_in, order, k), lay, "permute")
+            rows = tm.bwd_out(take_rows(rows_in, order, k), lay, "permute")
             rec.tokens = rec.bwd["tokens"] = flat.numel()
         with tm.fwd(lay, "expert") as rec:
             rows = tm.bwd_in(rows, lay, "expert")

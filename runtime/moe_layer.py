@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels.backend import use_triton
+from kernels.combine import gather_reduce
 from moesim.config import ModelConfig
 from planner.traffic import LayerTraffic, layer_traffic
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
@@ -31,35 +33,38 @@ def inverse_perm(p: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-class _TakeSlices(torch.autograd.Function):
-    """y = x.index_select(dim, order // k), `order` a permutation of range(k * x.shape[dim]):
-    every slice of x is taken exactly k times. The backward gathers each slice's k gradients
-    through the inverse permutation and sums them. index_select's own backward scatters with
-    index_add (bf16 atomics): 6.7 ms against ~1 ms at 131k x 2048 rows on one H200, and
+class _TakeRows(torch.autograd.Function):
+    """y = x.index_select(0, order // k), `order` a permutation of range(k * len(x)): every
+    row of x is taken exactly k times. The backward sums each row's k gradients through the
+    inverse permutation with the combine kernel's gather-reduce (kernels.combine, one pass;
+    index_select and a sum where Triton does not run). index_select's own backward scatters
+    with index_add (bf16 atomics): 6.7 ms against ~1 ms at 131k x 2048 rows on one H200, and
     not deterministic."""
 
     @staticmethod
-    def forward(ctx, x, order, k, dim):
+    def forward(ctx, x, order, k):
         ctx.save_for_backward(order)
-        ctx.k, ctx.dim = k, dim
-        return x.index_select(dim, order // k if k > 1 else order)
+        ctx.k = k
+        return x.index_select(0, order // k if k > 1 else order)
 
     @staticmethod
     def backward(ctx, g):
         (order,) = ctx.saved_tensors
-        k, dim = ctx.k, ctx.dim
-        gx = g.index_select(dim, inverse_perm(order))
-        if k > 1:
-            shape = list(gx.shape)
-            shape[dim: dim + 1] = [shape[dim] // k, k]
-            gx = gx.view(shape).sum(dim + 1)
-        return gx, None, None, None
+        row_map = inverse_perm(order).view(-1, ctx.k)  # row_map[t, j]: y's row of copy j of t
+        if ctx.k == 1:
+            return g.index_select(0, row_map.view(-1)), None, None
+        rows = g.reshape(g.shape[0], -1)
+        if use_triton(rows):
+            gx = gather_reduce(rows.contiguous(), row_map.to(torch.int32), None)
+        else:
+            gx = rows.index_select(0, row_map.reshape(-1)).view(*row_map.shape, -1).sum(1)
+        return gx.view(row_map.shape[0], *g.shape[1:]), None, None
 
 
-def take_slices(x: torch.Tensor, order: torch.Tensor, k: int = 1, dim: int = 0) -> torch.Tensor:
-    """x.index_select(dim, order // k) with a gather for a backward (see _TakeSlices); k = 1
-    is a permutation."""
-    return _TakeSlices.apply(x, order, k, dim)
+def take_rows(x: torch.Tensor, order: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """x.index_select(0, order // k) with a gather for a backward (see _TakeRows); k = 1 is a
+    permutation."""
+    return _TakeRows.apply(x, order, k)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -174,7 +179,7 @@ class MoELayerBase(nn.Module):
             route = build_route(placement, traffic.tokens, self.rank, assign.reshape(-1),
                                 items.device)
             items = tm.bwd_in(items, lay, "permute")
-            send = tm.bwd_out(take_slices(items, route.send_order, k), lay, "permute")
+            send = tm.bwd_out(take_rows(items, route.send_order, k), lay, "permute")
             rec.tokens = rec.bwd["tokens"] = n * k
         width = dim * send.element_size()
         with tm.fwd(lay, "dispatch") as rec:
@@ -187,9 +192,9 @@ class MoELayerBase(nn.Module):
         w1, w2 = expert_weights(route)
         with tm.fwd(lay, "expert") as rec:
             recv = tm.bwd_in(recv, lay, "expert")
-            grouped = take_slices(recv, route.recv_to_group)
+            grouped = take_rows(recv, route.recv_to_group)
             out = expert_ffn(grouped, route.group_sizes, w1, w2)
-            out = take_slices(out, inverse_perm(route.recv_to_group))
+            out = take_rows(out, inverse_perm(route.recv_to_group))
             out = tm.bwd_out(out, lay, "expert")
             rows = int(sum(route.group_sizes))
             rec.tokens = rec.bwd["tokens"] = rows
