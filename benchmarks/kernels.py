@@ -12,6 +12,9 @@
    Variants in the same run: permute's index launch shapes (each checked exact); each TMA
    grouped-GEMM config pinned, the autotuned pick, and the pointer kernel (the fallback).
    The headline pair (autotuned forward, ``torch._grouped_mm``) is timed three times.
+   SwiGLU (section ``swiglu``, the expert FFN's activation at M=131072, F=704 bf16): the fused
+   forward and backward against unfused torch (``F.silu(h[:, :F]) * h[:, F:]`` and its autograd
+   backward), and a sweep of its tile shapes (each checked).
 
 Prints a compact table last and writes every number to ``DIR/kernels.json`` (default ``$OUT``
 or ``./out``). ``--small`` shrinks the shapes (a smoke run; also runs on CPU under
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +51,12 @@ from kernels.grouped_gemm import (
 )
 from kernels.permute import permute, permute_indices, permute_reference, scatter_rows
 from kernels.router import route_reference, route_triton
+from kernels.swiglu import (
+    swiglu,
+    swiglu_backward_triton,
+    swiglu_reference,
+    swiglu_triton,
+)
 
 # Measured on one nvidia-h200-x2 machine, 2026-11-23 (shared/DESIGN.md).
 DESIGN_COPY_TBPS = 4.2
@@ -257,6 +267,84 @@ def bench_permute_combine(dev: torch.device, small: bool) -> None:
     record("combine.backward/triton", ms, bytes_=2 * t * k * d * esz + t * d * esz)
     record("permute.backward/triton", bench(lambda: gather_reduce(x_perm, row_map, None), dev),
            bytes_=comb_bytes)  # fmt: skip
+
+
+def _swiglu_unfused(h: torch.Tensor) -> torch.Tensor:
+    f = h.shape[1] // 2
+    return F.silu(h[:, :f]) * h[:, f:]
+
+
+def bench_swiglu(dev: torch.device, small: bool) -> None:
+    m, f = (300, 704) if small else (131072, 704)
+    gen = torch.Generator(device=dev).manual_seed(5)
+
+    # -- checks vs float64 autograd of the definition: the launchers on NaN-poisoned outputs,
+    # the autograd Function end to end, and masked-tail / other widths at small M.
+    extra = ((64, 1408), (77, 700), (29, 23)) if small else ((1000, 1408), (777, 700), (129, 23))
+    for mm, ff in ((m, f), *extra):
+        name = f"swiglu[{mm}x{ff}]"
+        h = (3 * torch.randn(mm, 2 * ff, device=dev, generator=gen)).bfloat16()
+        dout = torch.randn(mm, ff, device=dev, generator=gen).bfloat16()
+        h64 = h.double().requires_grad_(True)
+        ref = swiglu_reference(h64)
+        ref.backward(dout.double())
+        poison(dev)
+        check(name, "out", rel_err(swiglu_triton(h), ref), 1e-2)
+        poison(dev)
+        check(name, "dh", rel_err(swiglu_backward_triton(h, dout), h64.grad), 1e-2)
+        hg = h.detach().requires_grad_(True)
+        poison(dev)
+        out = swiglu(hg)
+        out.backward(dout)
+        check(name, "autograd out", rel_err(out, ref), 1e-2)
+        check(name, "autograd dh", rel_err(hg.grad, h64.grad), 1e-2)
+        del h64, ref, hg, out
+
+    # -- timings at (m, f): fresh inputs, not the checks'.
+    h = torch.randn(m, 2 * f, device=dev, generator=gen).bfloat16()
+    dout = torch.randn(m, f, device=dev, generator=gen).bfloat16()
+    esz = h.element_size()
+    fwd_bytes = 3 * m * f * esz  # read g and u, write out
+    bwd_bytes = 5 * m * f * esz  # read g, u, dout, write dg and du
+    out = torch.empty((m, f), device=dev, dtype=h.dtype)
+    dh = torch.empty((m, 2 * f), device=dev, dtype=h.dtype)
+    ms_t = bench(lambda: _swiglu_unfused(h), dev)
+    ms_k = bench(lambda: swiglu_triton(h, out), dev)
+    record("swiglu fwd/triton", ms_k, bytes_=fwd_bytes, speedup_vs_torch=ms_t / ms_k)
+    record("swiglu fwd/torch unfused", ms_t, bytes_=fwd_bytes)
+    hg = h.detach().requires_grad_(True)
+    yt = _swiglu_unfused(hg)
+    ms_t = bench(lambda yt=yt: torch.autograd.grad(yt, hg, dout, retain_graph=True), dev)
+    ms_k = bench(lambda: swiglu_backward_triton(h, dout, dh), dev)
+    record("swiglu bwd/triton", ms_k, bytes_=bwd_bytes, speedup_vs_torch=ms_t / ms_k)
+    record("swiglu bwd/torch unfused (autograd)", ms_t, bytes_=bwd_bytes)
+    del yt  # (the lambda above kept its own reference only while timing)
+    # Forward + backward through autograd, as the expert FFN runs it.
+    ms_t = bench(lambda: torch.autograd.grad(_swiglu_unfused(hg), hg, dout), dev)
+    ms_k = bench(lambda: torch.autograd.grad(swiglu(hg), hg, dout), dev)
+    record("swiglu fwd+bwd/autograd, triton", ms_k, bytes_=fwd_bytes + bwd_bytes,
+           speedup_vs_torch=ms_t / ms_k)  # fmt: skip
+    record("swiglu fwd+bwd/autograd, torch unfused", ms_t, bytes_=fwd_bytes + bwd_bytes)
+    # Tile sweep: (elements per tile, warps, BLOCK_F or None for the default), each checked
+    # against the default launch (same fp32 math: bit-identical expected, 1e-6 allowed).
+    out_ref = swiglu_triton(h).clone()
+    dh_ref = swiglu_backward_triton(h, dout).clone()
+    for tile, warps, bf in ((2048, 4, None), (4096, 4, None), (8192, 8, None), (4096, 8, None),
+                            (8192, 4, None), (4096, 4, 256), (8192, 8, 256)):  # fmt: skip
+        tag = f"tile {tile} w{warps}{f' BLOCK_F {bf}' if bf else ''}"
+        poison(dev)
+        o = swiglu_triton(h, tile=tile, num_warps=warps, block_f=bf)
+        check(f"swiglu[{tag}]", "out vs default", rel_err(o, out_ref), 1e-6)
+        poison(dev)
+        d = swiglu_backward_triton(h, dout, tile=tile, num_warps=warps, block_f=bf)
+        check(f"swiglu[{tag}]", "dh vs default", rel_err(d, dh_ref), 1e-6)
+        del o, d
+        ms = bench(lambda t=tile, w=warps, b=bf: swiglu_triton(h, out, tile=t, num_warps=w,
+                                                               block_f=b), dev)  # fmt: skip
+        record(f"swiglu fwd/triton {tag}", ms, bytes_=fwd_bytes)
+        ms = bench(lambda t=tile, w=warps, b=bf: swiglu_backward_triton(
+            h, dout, dh, tile=t, num_warps=w, block_f=b), dev)  # fmt: skip
+        record(f"swiglu bwd/triton {tag}", ms, bytes_=bwd_bytes)
 
 
 def zipf_sizes(m: int, g: int, s: float) -> torch.Tensor:
@@ -477,6 +565,11 @@ def headline() -> list[str]:
                      f"{copy:.2f} (target 85% = {0.85 * copy:.2f})")  # fmt: skip
     for key in ("permute/index only (permute_indices)", "permute/index only, CUDA graph replay"):
         lines.append(f"{key:<36} {RESULTS.get(key, {}).get('ms', float('nan')):7.4f} ms")
+    for key in ("swiglu fwd/triton", "swiglu bwd/triton", "swiglu fwd+bwd/autograd, triton"):
+        row = RESULTS.get(key, {})
+        r, x = row.get("TB/s", float("nan")), row.get("speedup_vs_torch", float("nan"))
+        lines.append(f"{key:<36} {row.get('ms', float('nan')):7.4f} ms {r:5.2f} TB/s = "
+                     f"{100 * r / copy:5.1f}% of copy, x{x:.2f} unfused torch")  # fmt: skip
     for dist in ("uniform", "zipf1.2"):
         for layout in ("w[G,K,N]", "w K-contig"):
             for what in ("fwd", "bwd"):
@@ -529,7 +622,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--small", action="store_true", help="small shapes (smoke run)")
-    ap.add_argument("--only", default="ceilings,router,permute,gemm")
+    ap.add_argument("--only", default="ceilings,router,permute,swiglu,gemm")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"torch": torch.__version__, "triton": triton.__version__,
@@ -544,7 +637,8 @@ def main() -> int:
     t0 = time.time()
     # Permute and GEMM (the open targets) before the router, so a cut-off run still has them.
     steps = (("ceilings", ceilings), ("permute", bench_permute_combine),
-             ("gemm", bench_grouped_gemm), ("router", bench_router))  # fmt: skip
+             ("swiglu", bench_swiglu), ("gemm", bench_grouped_gemm),
+             ("router", bench_router))  # fmt: skip
     for name, fn in steps:
         if name in only:
             t1 = time.time()

@@ -5,6 +5,7 @@
 - ``kernels.permute.permute``: token rows into expert- (or rank-) contiguous order.
 - ``kernels.combine.combine`` / ``unpermute``: weighted sum of expert rows back to tokens.
 - ``kernels.grouped_gemm.grouped_mm``: variable-size grouped GEMM, forward and backward.
+- ``kernels.swiglu.swiglu``: the expert FFN's SwiGLU activation, forward and backward fused.
 
 Each public function takes the Triton kernel on CUDA tensors (and on CPU under
 ``TRITON_INTERPRET=1``) and the torch reference otherwise; see ``kernels.backend``.
@@ -14,6 +15,7 @@ from kernels.combine import combine, combine_reference, unpermute
 from kernels.grouped_gemm import grouped_mm, grouped_mm_reference
 from kernels.permute import Permuted, permute, permute_reference
 from kernels.router import Route, route, route_reference
+from kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "Permuted",
@@ -26,5 +28,7 @@ __all__ = [
     "permute_reference",
     "route",
     "route_reference",
+    "swiglu",
+    "swiglu_reference",
     "unpermute",
 ]

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.swiglu import swiglu
 from moesim.config import ModelConfig
 from runtime.routing import choose, router_probs
 
@@ -52,14 +52,14 @@ def expert_ffn(x: torch.Tensor, group_sizes: list[int], w1: torch.Tensor,
 
 def ffn_loop(x: torch.Tensor, group_sizes: list[int], w1: torch.Tensor,
              w2: torch.Tensor) -> torch.Tensor:
-    """The plain-torch grouped FFN: the CPU path and the reference for the fast ones."""
-    f = w2.shape[1]
+    """The plain-torch grouped FFN: the CPU path and the reference for the fast ones (the
+    activation is kernels.swiglu: its torch path on CPU, the fused kernel on GPU)."""
     outs = []
     for i, part in enumerate(torch.split(x, list(group_sizes))):
         if part.shape[0] == 0:
             continue
         h = part @ w1[i]
-        outs.append((F.silu(h[:, :f]) * h[:, f:]) @ w2[i])
+        outs.append(swiglu(h) @ w2[i])
     if not outs:
         return x.new_zeros((0, w2.shape[2]))
     return torch.cat(outs)

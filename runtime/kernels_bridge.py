@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 
 @functools.cache
@@ -61,6 +60,7 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
                 w2: torch.Tensor) -> torch.Tensor:
     """group_sizes: a list of ints or an int tensor (on the device: no host sync on GPU)."""
+    from kernels.swiglu import swiglu
     from runtime.experts import ffn_loop
     fast = (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
             and w2.shape[1] % 8 == 0 and _torch_grouped_mm() is not None)
@@ -70,6 +70,5 @@ def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
         return ffn_loop(x, group_sizes, w1, w2)
     sizes = torch.as_tensor(group_sizes, device=x.device, dtype=torch.int32)
     offs = sizes.cumsum(0, dtype=torch.int32)
-    f = w2.shape[1]
     h = _gmm(x, w1, offs)
-    return _gmm(F.silu(h[:, :f]) * h[:, f:], w2, offs)
+    return _gmm(swiglu(h), w2, offs)
