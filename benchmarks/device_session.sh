@@ -9,7 +9,8 @@
 # - calibrate: `moesim calibrate` for the simulator's compute model (needs pulp/highspy:
 #              carry the wheels in .whl/, device README);
 # - kernels:   every Triton kernel checked and timed against its ceiling (benchmarks/kernels.py);
-# - profile:   torch.profiler of one EP layer on one GPU (benchmarks/runtime_profile.py).
+# - profile:   torch.profiler of one EP, HP and FSEP layer on one GPU
+#              (benchmarks/runtime_profile.py).
 # Results land in OUTDIR as at most 8 files (what the device tool brings back): runs.tgz,
 # h200-measured.csv, kernels.json, kernels_summary.txt and one log per part.
 set -uo pipefail
@@ -47,6 +48,6 @@ if [[ ,$parts, == *,kernels,* ]]; then
     run kernels python3 -m benchmarks.kernels --out "$out"
 fi
 if [[ ,$parts, == *,profile,* ]]; then
-    run profile python3 -m benchmarks.runtime_profile --strategy ep --top-k 8
+    run profile python3 -m benchmarks.runtime_profile --strategy ep,hp,fsep --top-k 8 --rows 12
 fi
 exit $status

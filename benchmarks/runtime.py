@@ -102,6 +102,7 @@ def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: 
     rows, counts, placements, step_times, expert_fb = [], [], {}, [], []
     for s in range(warmup + steps):
         xs = x.detach().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)  # a training step's gradients start from nothing
         timer.start_step(s - warmup)
         t0 = timer.now()
         y = layer(xs, forced=trace[s, 0])

@@ -1,6 +1,6 @@
 """Where one MoE layer's time goes on one GPU: torch.profiler over forward and backward.
 
-    python -m benchmarks.runtime_profile [--strategy ep] [--top-k 8] [--routing uniform]
+    python -m benchmarks.runtime_profile [--strategy ep[,hp,fsep]] [--top-k 8] [--routing uniform]
                                          [--tokens 16384] [--rows 15]
 
 Builds the same layer as benchmarks/runtime.py (one rank, so the all-to-alls are local copies),
@@ -45,30 +45,23 @@ def op_table(prof, device: str, rows: int) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--strategy", default="ep", choices=["ep", "hp", "fsep"])
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--routing", default="uniform", choices=["uniform", "zipf"])
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rows", type=int, default=15)
-    args = p.parse_args()
-    env = init_distributed("cuda", timeout_s=120)
+def profile_layer(strategy: str, args: argparse.Namespace, env) -> None:
     dev = env.device
     std, lat = models(cpu=False)
-    m = dataclasses.replace(lat if args.strategy == "hp" else std, top_k=args.top_k)
+    m = dataclasses.replace(lat if strategy == "hp" else std, top_k=args.top_k)
     params = {"exponent": 1.2} if args.routing == "zipf" else {}
     trace = generate(TraceSpec(kind=args.routing, steps=args.warmup + 1, layers=1, shards=1,
                                experts=m.num_experts, heads=m.num_heads, top_k=m.top_k,
                                tokens_per_shard=args.tokens, seed=11, params=params)).counts
-    layer = build_layer(args.strategy, m, init_moe_weights(m, seed=5), 0, env).to(dev)
+    layer = build_layer(strategy, m, init_moe_weights(m, seed=5), 0, env).to(dev)
     layer.to(torch.bfloat16)
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(args.tokens, m.d_model, device=dev, dtype=torch.bfloat16, generator=gen)
     gy = torch.randn_like(x)
     for s in range(args.warmup):
+        layer.zero_grad(set_to_none=True)  # as a training step: no gradient accumulation
         layer(x.detach().requires_grad_(True), forced=trace[s, 0]).backward(gy)
+    layer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     xs = x.detach().requires_grad_(True)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
@@ -81,7 +74,7 @@ def main() -> int:
         y.backward(gy)
         ev[2].record()
         torch.cuda.synchronize()
-    print(f"{args.strategy} top-{args.top_k} {args.routing}, {args.tokens} tokens, "
+    print(f"{strategy} top-{args.top_k} {args.routing}, {args.tokens} tokens, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"  forward  {ev[0].elapsed_time(ev[1]):8.2f} ms (events)")
     print(op_table(pf, "CUDA", args.rows))
@@ -89,6 +82,24 @@ def main() -> int:
     print(f"  backward {ev[1].elapsed_time(ev[2]):8.2f} ms (events, incl. forward sync gap)")
     print(op_table(pb, "CUDA", args.rows))
     print(op_table(pb, "CPU", args.rows))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--strategy", default="ep",
+                   help="ep, hp, fsep, or several separated by commas")
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--routing", default="uniform", choices=["uniform", "zipf"])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rows", type=int, default=15)
+    args = p.parse_args()
+    strategies = args.strategy.split(",")
+    if bad := set(strategies) - {"ep", "hp", "fsep"}:
+        p.error(f"--strategy: unknown {sorted(bad)}")
+    env = init_distributed("cuda", timeout_s=120)
+    for strategy in strategies:
+        profile_layer(strategy, args, env)
     return 0
 
 

@@ -35,14 +35,18 @@ from kernels.permute import row_block, scatter_rows
 @triton.jit
 def _gather_reduce_kernel(y_ptr, row_map_ptr, w_ptr, out_ptr, D, stride_y, stride_out,
                           K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                          HAS_W: tl.constexpr):  # fmt: skip
+                          HAS_W: tl.constexpr, PADDED: tl.constexpr):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         acc = tl.zeros((BLOCK_D,), tl.float32)
         for j in tl.static_range(K):
             r = tl.load(row_map_ptr + t * K + j).to(tl.int64)
-            if EVEN_D:
+            if PADDED:  # a negative entry is padding: nothing is read for it
+                lim = tl.where(r >= 0, D, 0)
+                v = tl.load(y_ptr + tl.maximum(r, 0) * stride_y + cols, mask=cols < lim,
+                            other=0.0).to(tl.float32)
+            elif EVEN_D:
                 v = tl.load(y_ptr + r * stride_y + cols).to(tl.float32)
             else:
                 v = tl.load(y_ptr + r * stride_y + cols, mask=cols < D, other=0.0)
@@ -91,10 +95,13 @@ def gather_reduce(
     row_map: torch.Tensor,
     weights: torch.Tensor | None,
     num_warps: int | None = None,
+    padded: bool = False,
 ) -> torch.Tensor:
     """Launch the combine kernel (no autograd): ``out[t] = sum_j w[t, j] * y[row_map[t, j]]``.
 
-    ``num_warps`` overrides the default launch shape (for the benchmark's sweep)."""
+    ``padded``: entries of ``row_map`` below 0 are padding and add nothing (a ragged
+    gather-reduce: rows that sum different numbers of inputs). ``num_warps`` overrides the
+    default launch shape (for the benchmark's sweep)."""
     t, k = row_map.shape
     d = y.shape[1]
     out = torch.empty((t, d), device=y.device, dtype=y.dtype)
@@ -108,7 +115,7 @@ def gather_reduce(
     _gather_reduce_kernel[(t,)](
         y, row_map, weights if weights is not None else row_map, out, d, y.stride(0),
         out.stride(0), K=k, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
-        HAS_W=weights is not None, num_warps=warps,
+        HAS_W=weights is not None, PADDED=padded, num_warps=warps,
     )  # fmt: skip
     return out
 

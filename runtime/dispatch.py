@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from planner.placement import Placement
+from runtime.upload import upload
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,11 @@ def build_route(placement: Placement, tokens: np.ndarray, rank: int,
     rep_e, rep_r = placement.replica_expert, placement.replica_rank
     n = placement.num_ranks
     mine = tokens[rank]
-    # Replicas in (expert, replica index) order; repeating each by its token count labels the
-    # expert-sorted assignments with their replica.
+    # Replicas in (expert, replica index) order.
     rep_order = np.lexsort((np.arange(len(rep_e)), rep_e))
     if int(mine.sum()) != assign_expert.numel():
         raise RuntimeError(f"rank {rank}: planner splits cover {int(mine.sum())} assignments, "
                            f"routing made {assign_expert.numel()}")
-    # Assignments sorted by expert (stable: item order within an expert).
-    by_expert = torch.argsort(assign_expert, stable=True)
-    # Sizes known on the host (output_size): no device-to-host sync in the expansions.
-    replica_of = torch.repeat_interleave(torch.as_tensor(np.array(rep_order), device=device),
-                                         torch.as_tensor(np.array(mine[rep_order]), device=device),
-                                         output_size=int(mine.sum()))
-    # Send buffer: destination-major, then replica index, then the expert-sorted order.
-    rep_r_dev = torch.as_tensor(np.array(rep_r), device=device)
-    key = rep_r_dev[replica_of] * len(rep_e) + replica_of
-    send_order = by_expert[torch.argsort(key, stable=True)]
     send_splits = np.bincount(rep_r, weights=mine, minlength=n).astype(np.int64)
     local = np.flatnonzero(rep_r == rank)
     blocks = tokens[:, local]  # [N, m]: rows from source s for local replica j
@@ -69,11 +59,22 @@ def build_route(placement: Placement, tokens: np.ndarray, rank: int,
     lengths = blocks.T.reshape(-1)  # replica-major
     first = starts.T.reshape(-1)
     total = int(lengths.sum())
-    # Built on the device from the small per-block arrays: the host-built index and its
-    # upload (1 MB at 131k rows) cost more than the kernels.
-    shift = torch.as_tensor((first - _exclusive_cumsum(lengths)).astype(np.int64), device=device)
-    recv_to_group = torch.repeat_interleave(
-        shift, torch.as_tensor(lengths.astype(np.int64), device=device), output_size=total) \
+    # The per-assignment work runs on the device from these small per-replica and per-block
+    # arrays, which go up in one pinned copy (runtime.upload): a host-built index and its
+    # upload (1 MB at 131k rows) cost more than the kernels, and a pageable upload stalls the
+    # stream. Sizes are known on the host (output_size): no device-to-host sync either.
+    rep_order_d, per_rep_d, rep_r_d, shift_d, lengths_d = upload(
+        rep_order, mine[rep_order], rep_r, first - _exclusive_cumsum(lengths), lengths,
+        device=device)
+    # Assignments sorted by expert (stable: item order within an expert); repeating each
+    # replica (in (expert, replica index) order) by its token count labels them with their
+    # replica.
+    by_expert = torch.argsort(assign_expert, stable=True)
+    replica_of = torch.repeat_interleave(rep_order_d, per_rep_d, output_size=int(mine.sum()))
+    # Send buffer: destination-major, then replica index, then the expert-sorted order.
+    key = rep_r_d[replica_of] * len(rep_e) + replica_of
+    send_order = by_expert[torch.argsort(key, stable=True)]
+    recv_to_group = torch.repeat_interleave(shift_d, lengths_d, output_size=total) \
         + torch.arange(total, device=device)
     return TokenRoute(
         send_order=send_order,

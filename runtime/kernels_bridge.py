@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from runtime.upload import upload
+
 
 @functools.cache
 def _torch_grouped_mm():
@@ -68,7 +70,8 @@ def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
         if isinstance(group_sizes, torch.Tensor):
             group_sizes = group_sizes.tolist()
         return ffn_loop(x, group_sizes, w1, w2)
-    sizes = torch.as_tensor(group_sizes, device=x.device, dtype=torch.int32)
-    offs = sizes.cumsum(0, dtype=torch.int32)
+    if not isinstance(group_sizes, torch.Tensor):
+        (group_sizes,) = upload(group_sizes, device=x.device)  # pinned: no stream stall
+    offs = group_sizes.cumsum(0, dtype=torch.int32)
     h = _gmm(x, w1, offs)
     return _gmm(swiglu(h), w2, offs)

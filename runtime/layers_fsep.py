@@ -43,26 +43,61 @@ Layout = Callable[[np.ndarray, int], Placement]
 
 
 def shard_experts(w1: torch.Tensor, w2: torch.Tensor, n: int, j: int) -> torch.Tensor:
-    """Rank j's shard rows [E, 3*dim*F/n] of full weights w1 [E, dim, 2F], w2 [E, F, dim]."""
+    """Rank j's shard rows [E, 3*dim*F/n] of full weights w1 [E, dim, 2F], w2 [E, F, dim]:
+    each row is this rank's gate and up columns side by side ([dim, 2F/n]), then its rows of
+    the down projection ([F/n, dim]). With that layout one rank's gathered weights are views
+    of the received buffer, and N ranks' need one copy each for w1 and w2 (`unshard`)."""
     e, f2 = w1.shape[0], w1.shape[2]
     f = f2 // 2
     fs = f // n
     cols = slice(j * fs, (j + 1) * fs)
-    return torch.cat([w1[:, :, :f][:, :, cols].reshape(e, -1),
-                      w1[:, :, f:][:, :, cols].reshape(e, -1),
-                      w2[:, cols, :].reshape(e, -1)], dim=1)
+    w1_part = torch.cat([w1[:, :, :f][:, :, cols], w1[:, :, f:][:, :, cols]], dim=2)
+    return torch.cat([w1_part.reshape(e, -1), w2[:, cols, :].reshape(e, -1)], dim=1)
+
+
+def _unshard_views(buf: torch.Tensor, n: int, dim: int, f: int):
+    """The [m, dim, 2, n, fs] and [m, n, fs, dim] views of a [n * m, row] buffer of shards
+    (source-major, replica-minor) whose merge is w1 [m, dim, 2F] and w2 [m, F, dim]."""
+    fs = f // n
+    rows = buf.view(n, -1, buf.shape[-1])
+    m, a = rows.shape[1], dim * 2 * fs
+    w1 = rows[:, :, :a].reshape(n, m, dim, 2, fs).permute(1, 2, 3, 0, 4)
+    w2 = rows[:, :, a:].reshape(n, m, fs, dim).permute(1, 0, 2, 3)
+    return w1, w2
+
+
+class _Unshard(torch.autograd.Function):
+    """Received shards [n * m, row] -> w1 [m, dim, 2F], w2 [m, F, dim] (views when n == 1,
+    one copy each otherwise). The backward writes both gradients into one buffer of the
+    received layout, once: autograd's own backward of the slices and permutes zero-fills and
+    adds a full-size buffer per slice (5 passes over 1.1 GB for one H200's FSEP layer)."""
+
+    @staticmethod
+    def forward(ctx, recv, n, dim, f):
+        ctx.n, ctx.dim, ctx.f = n, dim, f
+        w1, w2 = _unshard_views(recv, n, dim, f)
+        m = w1.shape[0]
+        return w1.reshape(m, dim, 2 * f), w2.reshape(m, f, dim)
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        n, dim, f = ctx.n, ctx.dim, ctx.f
+        ref = g1 if g1 is not None else g2
+        m = ref.shape[0]
+        grad = ref.new_empty((n * m, 3 * dim * f // n))
+        v1, v2 = _unshard_views(grad, n, dim, f)
+        for view, g in ((v1, g1), (v2, g2)):
+            if g is None:
+                view.zero_()
+            else:
+                view.copy_(g.reshape(view.shape))
+        return grad, None, None, None
 
 
 def unshard(recv: torch.Tensor, n: int, dim: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """recv [n, m, 3*dim*F/n] (source j's shard of each of m replicas) -> w1 [m, dim, 2F],
-    w2 [m, F, dim]."""
-    fs = f // n
-    m = recv.shape[1]
-    a = dim * fs
-    gate = recv[..., :a].reshape(n, m, dim, fs).permute(1, 2, 0, 3).reshape(m, dim, f)
-    up = recv[..., a:2 * a].reshape(n, m, dim, fs).permute(1, 2, 0, 3).reshape(m, dim, f)
-    w2 = recv[..., 2 * a:].reshape(n, m, fs, dim).permute(1, 0, 2, 3).reshape(m, f, dim)
-    return torch.cat([gate, up], dim=2), w2
+    """recv [n * m, 3*dim*F/n] (source j's shard of each of m replicas, source-major) ->
+    w1 [m, dim, 2F], w2 [m, F, dim]."""
+    return _Unshard.apply(recv, n, dim, f)
 
 
 class FSEPMoE(MoELayerBase):
@@ -102,9 +137,9 @@ class FSEPMoE(MoELayerBase):
             send_splits = np.bincount(rep_r, minlength=n).tolist()
             mine = int(send_splits[self.rank])
             shard = tm.bwd_in(self.shard, lay, "weight_gather")
-            rows = gather_rows(shard, torch.from_numpy(send_experts).to(shard.device))
+            rows = gather_rows(shard, send_experts)
             recv = all_to_all(rows, send_splits, [mine] * n, group=group)
-            w1, w2 = unshard(recv.view(n, mine, -1), n, m.expert_dim, m.d_ffn)
+            w1, w2 = unshard(recv, n, m.expert_dim, m.d_ffn)
             w1 = tm.bwd_out(w1, lay, "weight_gather")
             row_bytes = self.shard.shape[1] * self.shard.element_size()
             rec.bytes = (sum(send_splits) - mine) * row_bytes

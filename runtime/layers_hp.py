@@ -83,7 +83,7 @@ class HPMoE(MoELayerBase):
                                         for s in range(n)]).view(n, nh, m.num_experts)
         with tm.fwd(lay, "permute") as rec:
             order = torch.argsort(flat, stable=True)
-            sizes = torch.bincount(flat, minlength=nh * m.num_experts)
+            sizes = local_counts(flat, nh * m.num_experts)
             rows_in = tm.bwd_in(items.reshape(n * t * nh, dh), lay, "permute")
             rows = tm.bwd_out(take_rows(rows_in, order, k), lay, "permute")
             rec.tokens = rec.bwd["tokens"] = flat.numel()

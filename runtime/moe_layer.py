@@ -25,6 +25,7 @@ from runtime.dispatch import build_route
 from runtime.experts import expert_ffn
 from runtime.routing import choose, local_counts, router_probs
 from runtime.timing import PhaseTimer
+from runtime.upload import upload
 
 
 def inverse_perm(p: torch.Tensor) -> torch.Tensor:
@@ -69,39 +70,52 @@ def take_rows(x: torch.Tensor, order: torch.Tensor, k: int = 1) -> torch.Tensor:
 
 class _GatherRows(torch.autograd.Function):
     """y = x.index_select(0, index) for any index (rows taken 0..m times). The backward sums
-    each row's gradients by a padded gather ([rows, m] positions, the padding pointing at a
-    zero row) instead of index_add's bf16 atomics: deterministic, and ~4x faster for FSEP's
-    weight gradients (1.1 GB on one H200: ~10 ms with index_add)."""
+    each row's gradients with a ragged gather-reduce (kernels.combine.gather_reduce, padded)
+    from a [rows, m] map built on the host with the index, instead of index_add's bf16 atomics:
+    one pass, deterministic; FSEP's 1.1 GB of weight gradients took ~10 ms with index_add on
+    one H200."""
 
     @staticmethod
-    def forward(ctx, x, index):
-        ctx.save_for_backward(index)
-        ctx.rows = x.shape[0]
+    def forward(ctx, x, index, row_map):
+        ctx.save_for_backward(index, row_map)
         return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, g):
-        (index,) = ctx.saved_tensors
-        rows, n = ctx.rows, index.numel()
-        if n == 0:
-            return g.new_zeros((rows, *g.shape[1:])), None
-        order = torch.argsort(index, stable=True)
-        counts = torch.bincount(index, minlength=rows)
-        width = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        # slot j of row r holds position order[starts[r] + j] if j < counts[r], else n (zeros)
-        j = torch.arange(width, device=index.device)
-        pick = starts[:, None] + j[None, :]
-        valid = j[None, :] < counts[:, None]
-        pos = torch.where(valid, order[pick.clamp(max=n - 1)], n)
-        padded = torch.cat([g, g.new_zeros((1, *g.shape[1:]))])
-        return padded.index_select(0, pos.reshape(-1)).view(rows, width, *g.shape[1:]).sum(1), \
-            None
+        index, row_map = ctx.saved_tensors
+        rows, width = row_map.shape
+        if not use_triton(g) or width == 0:
+            gx = g.new_zeros((rows, *g.shape[1:]))
+            return gx.index_add_(0, index, g), None, None
+        flat = g.reshape(g.shape[0], -1)
+        d = flat.shape[1]
+        # A shard row is megabytes: cut every row into c pieces so that the kernel's one
+        # program per output row becomes rows * c programs (64 rows would leave most SMs idle).
+        c = 1
+        while d % (2 * c) == 0 and d // (2 * c) >= 8192:
+            c *= 2
+        piece = torch.arange(c, device=g.device, dtype=torch.int32)
+        rm = row_map.to(torch.int32)[:, None, :]
+        sub = torch.where(rm >= 0, rm * c + piece[None, :, None], -1).reshape(rows * c, width)
+        gx = gather_reduce(flat.contiguous().view(-1, d // c), sub, None, padded=True)
+        return gx.view(rows, *g.shape[1:]), None, None
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x.index_select(0, index) with a gather-and-sum backward (see _GatherRows)."""
-    return _GatherRows.apply(x, index)
+def gather_rows(x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """x.index_select(0, index) with a one-pass gather-reduce backward (see _GatherRows).
+    `index` is a host array (the FSEP send list): the backward's map is built from it here,
+    and both go up in one pinned copy."""
+    index = np.asarray(index, dtype=np.int64)
+    rows = x.shape[0]
+    counts = np.bincount(index, minlength=rows)
+    width = int(counts.max()) if index.size else 0
+    order = np.argsort(index, kind="stable")
+    starts = np.cumsum(counts) - counts
+    slot = np.arange(width)
+    pick = np.minimum(starts[:, None] + slot[None, :], max(index.size - 1, 0))
+    row_map = np.where(slot[None, :] < counts[:, None], order[pick] if index.size else -1, -1)
+    index_d, row_map_d = upload(index, row_map, device=x.device)
+    return _GatherRows.apply(x, index_d, row_map_d)
 
 
 class MoELayerBase(nn.Module):

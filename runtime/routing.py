@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from runtime.upload import upload
+
 
 def router_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Scores over the experts, [..., E], in fp32 so that top-k is the same on every rank."""
@@ -42,14 +44,15 @@ def forced_choice(counts: np.ndarray, n: int, k: int) -> np.ndarray:
 
 
 def forced_choice_on(counts: np.ndarray, n: int, k: int, device: torch.device) -> torch.Tensor:
-    """`forced_choice` built on `device`: only the E counts are uploaded, and the expansion
-    knows its output size, so it needs no device-to-host sync (the host-built [n, k] array and
-    its upload cost 0.5-3 ms a layer on one H200, more than the router's kernels)."""
+    """`forced_choice` built on `device`: only the E counts are uploaded (pinned, so the copy
+    does not wait for the stream: runtime.upload), and the expansion knows its output size, so
+    nothing synchronises (the host-built [n, k] array and its upload cost 0.5-3 ms a layer on
+    one H200, more than the router's kernels)."""
     counts = np.asarray(counts, dtype=np.int64)
     if counts.sum() != n * k or (counts > n).any() or (counts < 0).any():
         raise ValueError(f"forced routing counts do not fit {n} items x top-{k}: "
                          f"sum {counts.sum()}, max {counts.max()}")
-    c = torch.from_numpy(counts).to(device, non_blocking=True)
+    (c,) = upload(counts, device=device)
     flat = torch.repeat_interleave(torch.arange(len(counts), device=device), c,
                                    output_size=n * k)
     return flat.view(k, n).t()
@@ -66,5 +69,8 @@ def choose(probs: torch.Tensor, k: int, forced: np.ndarray | None) -> tuple[torc
 
 
 def local_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens sent to each expert: int64 [E] from experts [n, k]."""
-    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+    """Tokens sent to each expert: int64 [E] from experts [n, k]. A scatter-add, not
+    torch.bincount, which reads the largest id back to the host (a sync) on CUDA."""
+    flat = experts.reshape(-1)
+    out = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return out.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
