@@ -19,6 +19,9 @@ Measured, each as the median of `repeat` timed runs after warm-up, on fresh rand
   sizes; keys per second from the two largest, the fixed cost per call from the smallest;
 - overhead sync: a device-to-host read between two kernels (`.item()`), less the two launches:
   the bubble a sync leaves on the GPU;
+- overhead split: host time from an EP layer's exchanged counts to its dispatch layout (the
+  planner's splits and runtime.dispatch's index layout, its kernels queued), `experts`
+  experts on one rank: what the GPU waits for after the size exchange's sync;
 - param sms: the device's multiprocessor count; param tile_m, tile_n: the grouped GEMM's output
   tile, ASSUMED (128 x 256, CUTLASS's on Hopper), written so the file says what was used;
   param curve_dim, curve_ffn: the expert shape of the plain grouped GEMM curve.
@@ -176,12 +179,42 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
         one.add_(1.0)
 
     rows.append(("overhead", "sync", "", busy(time_it(synced, repeat), 2)))
+    rows.append(("overhead", "split", "", split_seconds(experts, device, repeat)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if gpu else 1
     rows += [("param", "sms", "", float(sms)), ("param", "tile_m", "", float(TILE[0])),
              ("param", "tile_n", "", float(TILE[1])),
              ("param", "curve_dim", "", float(shapes[0][1])),
              ("param", "curve_ffn", "", float(shapes[0][2]))]
     return rows
+
+
+def split_seconds(experts: int, device: str, repeat: int, tokens: int = 16384,
+                  top_k: int = 8) -> float:
+    """Host seconds from an EP layer's exchanged counts to its dispatch layout on one rank:
+    the planner's splits (planner.traffic.layer_traffic) and the send/receive index layout
+    (runtime.dispatch.build_route, whose kernels are only queued), as the runtime runs them
+    right after the size exchange's sync, while the GPU waits."""
+    import torch
+
+    from moesim.config import ModelConfig
+    from planner.placement import ep_placement
+    from planner.traffic import layer_traffic
+    from runtime.dispatch import build_route
+
+    device = torch.device(device)
+    m = ModelConfig(num_experts=experts, top_k=min(top_k, experts))
+    placement = ep_placement(experts, 1)
+    assign = torch.randint(0, experts, (tokens * m.top_k,), device=device)
+    counts = torch.bincount(assign, minlength=experts).cpu().numpy().reshape(1, 1, experts)
+    times = []
+    for _ in range(max(repeat, 5)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        traffic = layer_traffic(m, placement, counts)
+        build_route(placement, traffic.tokens, 0, assign, device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def sort_fit(keys: tuple[int, ...], seconds: list[float]) -> tuple[float, float]:
@@ -204,8 +237,9 @@ def write_calibration(rows: list[tuple[str, str, float | str, float]], path: Pat
         f"python {platform.python_version()}",
         f"# command: {command}",
         "# record: rate (FLOP/s, bytes/s, or keys/s for sort), overhead (s per launch, per sort "
-        "call, per device-to-host sync), curve (size = FLOPs of one GEMM or of one expert "
-        "group, value = fraction of the rate), param (sms measured; tile_m, tile_n assumed)",
+        "call, per device-to-host sync, per dispatch layout on the host), curve (size = FLOPs "
+        "of one GEMM or of one expert group, value = fraction of the rate), param (sms "
+        "measured; tile_m, tile_n assumed)",
         "record,op,size,value",
     ]
     lines = [f"{r},{op},{'' if size == '' else f'{size:.6g}'},{value:.6g}"

@@ -32,21 +32,23 @@ Models, and what each assumes:
   separate small kernels they are (launches x overhead + bytes / HBM).
 - Permute (`permute`): a histogram of the expert ids, `sorts` stable sorts of the assignment
   keys (`sort`: a fixed cost per call + keys / sort rate, O(n) radix passes), the index-build
-  passes, the row gather at the gather bandwidth, and `syncs` device-to-host round trips
+  passes, the row gather at the gather bandwidth, `syncs` device-to-host round trips
   (`overhead.sync`: EP's size exchange must bring the counts to the host for the all-to-all
-  splits; torch's bincount and repeat_interleave read a size back). Its backward is the
-  gather through the inverse permutation and the sum over the k copies of each token.
+  splits) and, after it, the host's work from the counts to the dispatch layout
+  (`overhead.split`: the planner's splits and the index layout, which the GPU waits for). Its
+  backward is the gather through the inverse permutation and the sum over the k copies of
+  each token.
 - Combine (`combine`): the fused weighted gather-reduce (k rows in, one row out per token).
 - Regroup (`regroup`): EP/FSEP re-order received rows expert-major before the grouped GEMM and
   back after it: two row gathers.
 - Local copy (`local_copy`): the block of an all-to-all a rank sends itself, a device-to-device
   copy (the HBM rate counts bytes read plus written, as calibrate measures a copy).
 
-Ignored: host work between kernels (Python, the planner on the CPU, numpy index building),
-beyond the launch overhead and the syncs named above, so the model is the GPU's time when
-the host keeps it fed; contention
-with communication kernels for SMs or HBM; L2 reuse between kernels; kernel fusion beyond
-what is listed. Bounded: the wave floor uses the dense-GEMM peak (a lower bound).
+Ignored: host work between kernels (Python, numpy index building) beyond the launch
+overhead, the syncs and the split named above, so the model is the GPU's time when the host
+keeps it fed; contention with communication kernels for SMs or HBM; L2 reuse between
+kernels; kernel fusion beyond what is listed. Bounded: the wave floor uses the dense-GEMM
+peak (a lower bound).
 """
 
 from __future__ import annotations
@@ -89,14 +91,24 @@ SORT_BYTES_PER_KEY = 8 * 32 + 8
 # Kernels of one sort call when no measured fixed cost is given (iota, histogram, scan and
 # the 8 passes land around this many launches).
 SORT_LAUNCHES = 10
-# Elements per token and ffn unit the gated activation moves between the two GEMMs: torch's
-# silu(h[:, :f]) * h[:, f:] reads the gate half and writes silu (2), then reads both and writes
-# the product (3). A kernel fused into the up GEMM's epilogue would move none. Thin experts
-# with a wide hidden layer (64 x 5632 in the 4-node Multi-Head LatentMoE preset) are bound by
-# this traffic, not by their FLOPs.
-ACTIVATION_ELEMENTS = 5
+# Launches and elements per token and ffn unit that the gated activation silu(h[:, :f]) *
+# h[:, f:] moves between the two GEMMs, forward and backward, by implementation
+# (model.activation):
+# - "unfused", torch ops: read the gate half and write silu (2), read both and write the
+#   product (3); the backward runs the two ops' backward kernels (twice the traffic).
+# - "kernel", one fused kernel each way (kernels/swiglu.py, what runtime/ runs on the GPU):
+#   read h, write the product (2 + 1); backward read h and the output gradient, write dh
+#   (2 + 1 + 2).
+# - "fused", in the up GEMM's epilogue: no extra kernel or traffic.
+# Thin experts with a wide hidden layer (64 x 5632 in the 4-node Multi-Head LatentMoE preset)
+# are bound by this traffic, not by their FLOPs.
+ACTIVATION = {"unfused": ((2, 5), (4, 10)), "kernel": ((1, 3), (1, 5)), "fused": ((0, 0), (0, 0))}
 # A device-to-host round trip (a read of a count or a size), when no measured one is given.
 SYNC_SECONDS = 20e-6
+# Host time from the size exchange's counts to the dispatch's first kernel (the planner's
+# integer splits and the send/receive layout, runtime.dispatch), when no measured one is
+# given: 0.2 ms, what the dev box's CPU takes for 64 experts on one rank.
+SPLIT_SECONDS = 200e-6
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class ComputeModel:
     params: dict[str, float] = field(default_factory=lambda: dict(PARAM_DEFAULTS))
     sort_overhead: float | None = None                 # seconds per sort call (None: launches)
     sync_overhead: float = SYNC_SECONDS                # seconds per device-to-host round trip
+    split_overhead: float = SPLIT_SECONDS              # host seconds from counts to dispatch
     defaulted: tuple[str, ...] = ()                    # rows the file lacked, defaults used
     curve_shape: tuple[int, int] | None = None         # (dim, ffn) the plain grouped curve had
 
@@ -156,6 +169,10 @@ class ComputeModel:
         if sync is None:
             sync = SYNC_SECONDS
             defaulted.append("overhead.sync")
+        split = one("overhead", "split", False)
+        if split is None:
+            split = SPLIT_SECONDS
+            defaulted.append("overhead.split")
         params = {}
         for name, default in PARAM_DEFAULTS.items():
             v = one("param", name, False)
@@ -187,8 +204,8 @@ class ComputeModel:
             if (np.diff(size[order]) <= 0).any():
                 raise InputError(src, f"curve.{op}", "sizes must be distinct")
             curves[op] = (np.log10(size[order]), eff[order])
-        return cls(gpu, rates, curves, overhead, params, sort_overhead, sync, tuple(defaulted),
-                   curve_shape)
+        return cls(gpu, rates, curves, overhead, params, sort_overhead, sync, split,
+                   tuple(defaulted), curve_shape)
 
     def efficiency(self, op: str, size: np.ndarray) -> np.ndarray:
         x, y = self.curves[op]
@@ -255,16 +272,15 @@ class ComputeModel:
         return np.maximum(per_group.sum(axis=-1), floor)
 
     def expert_ffn(self, expert_tokens: np.ndarray, dim: int, ffn: int, dtype_bytes: int,
-                   backward: bool = False, fused_activation: bool = False
+                   backward: bool = False, activation: str = "kernel"
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Gated-FFN experts on each rank: the up+gate and the down grouped GEMMs, and the
         activation between them. `expert_tokens` int[N, E]: rows of each group. Forward
         6 * tokens * dim * ffn FLOPs, backward twice that. GEMMs: compute time per group
         (`grouped_gemm_seconds`), bounded below by their bytes (each non-empty expert's
-        weights, the activations in and out of each GEMM). Activation: silu(h[:, :f]) * h[:,
-        f:] as torch runs it, two memory-bound kernels over 5 * tokens * ffn elements (read
-        h's gate half, write silu; read both, write the product); twice that backward. With
-        `fused_activation` (model.activation = "fused") it is in the GEMM epilogue: free."""
+        weights, the activations in and out of each GEMM). Activation: memory-bound kernels
+        whose launches and traffic depend on how it is implemented (`activation`, see
+        ACTIVATION: torch ops, one fused kernel each way, or the GEMM epilogue)."""
         rows = np.asarray(expert_tokens, dtype=np.float64)
         mult = 2 if backward else 1
         tokens = rows.sum(axis=1)
@@ -274,9 +290,9 @@ class ComputeModel:
         t = np.maximum(mult * self.grouped_gemm_seconds(rows, dim, ffn), byt / self.rates["hbm"])
         # Two grouped GEMMs forward (up+gate, down), four backward.
         t = np.where(tokens > 0, t + 2 * mult * self.launch_overhead, 0.0)
-        if not fused_activation:
-            t = t + self._kernels(tokens, 2 * mult,
-                                  mult * ACTIVATION_ELEMENTS * tokens * ffn * dtype_bytes)
+        launches, elements = ACTIVATION[activation][1 if backward else 0]
+        if launches:
+            t = t + self._kernels(tokens, launches, elements * tokens * ffn * dtype_bytes)
         return t, flops
 
     def gather(self, nbytes: np.ndarray) -> np.ndarray:
@@ -310,11 +326,13 @@ class ComputeModel:
         return t + self._kernels(n, launches, n * per_item(experts, top_k)), flops
 
     def permute(self, assignments: np.ndarray, row_bytes: int, top_k: int, sorts: int = 1,
-                syncs: int = 1, backward: bool = False) -> np.ndarray:
+                syncs: int = 1, splits: int = 0, backward: bool = False) -> np.ndarray:
         """Permute of `assignments` (token, expert) pairs per rank, each a row of `row_bytes`.
-        Forward: histogram of the expert ids (zero-fill + bincount), `sorts` stable sorts of
-        the int64 keys, four index-build passes over int64 (repeat, key, take, divide by k),
-        the row gather, and `syncs` device-to-host round trips. Backward: the inverse
+        Forward: histogram of the expert ids (zero-fill + scatter-add), `sorts` stable sorts
+        of the int64 keys, four index-build passes over int64 (repeat, key, take, divide by
+        k), the row gather, `syncs` device-to-host round trips and `splits` times the host
+        work from exchanged counts to the dispatch layout (the GPU waits: it follows a sync).
+        Backward: the inverse
         permutation (two launches over int64), the gather through it, and the sum over each
         token's k rows (A rows in, A / k out); no sync."""
         a = np.asarray(assignments, dtype=np.float64)
@@ -323,7 +341,8 @@ class ComputeModel:
                     + self._kernels(a, 1, a * row_bytes * (1.0 + 1.0 / top_k)))
         return (self._kernels(a, 2, 8.0 * a) + sorts * self.sort(a)
                 + self._kernels(a, 4, 4 * 16.0 * a) + self.gather(a * row_bytes)
-                + np.where(a > 0, syncs * self.sync_overhead, 0.0))
+                + np.where(a > 0, syncs * self.sync_overhead + splits * self.split_overhead,
+                           0.0))
 
     def combine(self, assignments: np.ndarray, row_bytes: int, top_k: int,
                 backward: bool = False) -> np.ndarray:

@@ -46,10 +46,11 @@ class ModelConfig:
     head_dim: int = _f(0, lo=0, doc="latent width per head; required when num_heads > 1")
     dtype: str = _f("bf16", choices=tuple(DTYPE_BYTES))
     router: str = _f("softmax", choices=("softmax", "sigmoid"))
-    activation: str = _f("unfused", choices=("unfused", "fused"),
-                         doc="the experts' SwiGLU: 'unfused' runs as separate memory-bound "
-                             "kernels (what runtime/ does, torch ops); 'fused' sits in the up "
-                             "GEMM's epilogue and moves no extra bytes (IO-aware kernels)")
+    activation: str = _f("kernel", choices=("unfused", "kernel", "fused"),
+                         doc="the experts' SwiGLU: 'unfused' as separate torch ops; 'kernel' "
+                             "one fused memory-bound kernel forward and one backward (what "
+                             "runtime/ runs, kernels/swiglu.py); 'fused' in the up GEMM's "
+                             "epilogue, moving no extra bytes")
     vocab_size: int = _f(32000, lo=2, doc="runtime model only")
     seq_len: int = _f(2048, lo=1, doc="runtime model only")
     attn_heads: int = _f(16, lo=1, doc="runtime model only")

@@ -158,15 +158,58 @@ def _with_local_copy(res: CollectiveResult, copy_s: np.ndarray,
 def _comm(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
           phase: str, deps: list[int], traffic: Traffic | None = None, chunk: int = -1,
           share: float = 1.0) -> int:
-    """An all-to-all of the phase's traffic (or `traffic`, a `share` of it, for chunks)."""
+    """An all-to-all of the phase's traffic (or `traffic`, a `share` of it, for chunks), with
+    the copies that pack and unpack its buffers where the phase has them (FSEP's weights)."""
     t = lin.phases[(pass_, phase)] if traffic is None else traffic
     local = lin.local.get((pass_, phase))
     copy_s = (ctx.compute.local_copy(local * share) if local is not None
               else np.zeros(prog.n))
     latency = ctx.cfg.cluster.collective_latency_us * 1e-6
-    return prog.add(Op(layer, pass_, phase, "comm", deps,
-                       comm=lambda t=t: _with_local_copy(ctx.a2a(t), copy_s, latency),
-                       nbytes=t.sent(prog.n), chunk=chunk))
+    pack, unpack = _weight_copies(ctx, lin, pass_, phase, t, share, prog.n)
+
+    def run(t=t) -> CollectiveResult:
+        return _packed(_with_local_copy(ctx.a2a(t), copy_s, latency), pack, unpack)
+
+    return prog.add(Op(layer, pass_, phase, "comm", deps, comm=run, nbytes=t.sent(prog.n),
+                       chunk=chunk))
+
+
+def _weight_copies(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str,
+                   t: Traffic, share: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds per rank of FSEP's copies around its weight all-to-alls (runtime.layers_fsep),
+    before the collective (pack) and after it (unpack):
+    - weight gather: the shards of every replica a rank serves are gathered into the send
+      buffer (a row gather of all it sends, its own block included); the received shards
+      are merged into whole experts by one copy of all it receives (none with one rank: the
+      merged weights are views of the buffer).
+    - gradient scatter: the replicas' weight gradients are copied into one send buffer (all
+      it sends); the received shard gradients are summed per expert into the rank's shard
+      (read all it receives, write its shard of every expert).
+    Other phases have none."""
+    zero = np.zeros(n)
+    if phase not in ("weight_gather", "grad_scatter"):
+        return zero, zero
+    local = lin.local.get((pass_, phase), zero) * share
+    sent = np.bincount(t.src, weights=t.nbytes, minlength=n) + local
+    recv = np.bincount(t.dst, weights=t.nbytes, minlength=n) + local
+    cm, degree = ctx.compute, ctx.cfg.parallel.degree or ctx.cfg.cluster.num_gpus
+    if phase == "weight_gather":
+        unpack = (cm.local_copy(recv) + 2 * cm.launch_overhead) if degree > 1 else zero
+        return cm.gather(sent), np.where(recv > 0, unpack, 0.0)
+    m = ctx.cfg.model
+    shard = share * m.total_experts * m.expert_params * m.dtype_bytes / degree
+    pack = np.where(sent > 0, cm.local_copy(sent) + 2 * cm.launch_overhead, 0.0)
+    reduce = (recv + shard) / cm.rates["hbm"] + cm.launch_overhead
+    return pack, np.where(recv > 0, reduce, 0.0)
+
+
+def _packed(res: CollectiveResult, pack: np.ndarray, unpack: np.ndarray) -> CollectiveResult:
+    """The collective after every rank's pack (it starts when the slowest rank's is done),
+    each rank's unpack after its own part."""
+    if not (np.any(pack > 0) or np.any(unpack > 0)):
+        return res
+    end = res.rank_end + float(pack.max()) + unpack
+    return dataclasses.replace(res, rank_end=end, duration=float(end.max()))
 
 
 def _cmp(prog: Program, layer: int, pass_: str, phase: str, deps: list[int],
@@ -176,13 +219,13 @@ def _cmp(prog: Program, layer: int, pass_: str, phase: str, deps: list[int],
                        tokens=tokens, chunk=chunk))
 
 
-# A permute's stable sorts and device-to-host syncs. EP and FSEP sort the assignments by
-# expert, then by destination replica (runtime.dispatch.build_route), and sync three times: the
-# counts' histogram, the size exchange (the all-to-all splits are host integers) and the
-# replica labels' repeat. HP sorts once by expert; its only sync is the histogram: its
-# all-to-all sizes are known in advance (no size exchange).
-EP_PERMUTE = {"sorts": 2, "syncs": 3}
-HP_PERMUTE = {"sorts": 1, "syncs": 1}
+# A permute's stable sorts, device-to-host syncs and host split work. EP and FSEP sort the
+# assignments by expert, then by destination replica (runtime.dispatch.build_route), and sync
+# once: the size exchange, whose counts the host needs for the all-to-all splits; the host then
+# computes the splits and the layout while the GPU waits. HP sorts once by expert and never
+# syncs: its all-to-all sizes are known in advance (no size exchange).
+EP_PERMUTE = {"sorts": 2, "syncs": 1, "splits": 1}
+HP_PERMUTE = {"sorts": 1, "syncs": 0}
 
 
 def _expert(ctx: StrategyContext, lin: LayerInputs, backward: bool, regroup: bool = True):
@@ -190,8 +233,7 @@ def _expert(ctx: StrategyContext, lin: LayerInputs, backward: bool, regroup: boo
     row gathers into and out of expert-major order, which the runtime times as expert too."""
     m = ctx.cfg.model
     t, f = ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
-                                  backward=backward,
-                                  fused_activation=m.activation == "fused")
+                                  backward=backward, activation=m.activation)
     if regroup:
         t = t + ctx.compute.regroup(lin.expert_tokens.sum(axis=1), _row_bytes(ctx))
     return t, f
