@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/device_session.sh OUTDIR [runtime,calibrate,kernels,profile]
 #
-# - runtime:   NCCL all_to_all sweep + EP/HP/FSEP layers x top-k {2,4,8} x {uniform, Zipf 1.2}
-#              on every GPU of the machine (benchmarks/runtime.py), run directories included;
+# - runtime:   the layers checked against the float64 reference (benchmarks/runtime_check.py),
+#              then NCCL all_to_all sweep + EP/HP/FSEP layers x top-k {2,4,8} x {uniform,
+#              Zipf 1.2} on every GPU of the machine (benchmarks/runtime.py), run directories;
 # - calibrate: `moesim calibrate` for the simulator's compute model (needs pulp/highspy:
 #              carry the wheels in .whl/, device README);
 # - kernels:   every Triton kernel checked and timed against its ceiling (benchmarks/kernels.py);
@@ -36,8 +37,11 @@ run() {  # name, command...: a failing part is reported and the others still run
     fi
 }
 if [[ ,$parts, == *,runtime,* ]]; then
-    run runtime torchrun --standalone --nproc-per-node "$gpus" benchmarks/runtime.py \
-        --out /tmp/device_runtime
+    # The layers' GPU numerics first (bf16 against the float64 reference): timings of a
+    # wrong layer are worth nothing.
+    run runtime bash -c "torchrun --standalone --nproc-per-node $gpus benchmarks/runtime_check.py \
+        && torchrun --standalone --nproc-per-node $gpus benchmarks/runtime.py \
+        --out /tmp/device_runtime"
     tar czf "$out/runs.tgz" -C /tmp/device_runtime . 2>/dev/null
 fi
 if [[ ,$parts, == *,calibrate,* ]]; then

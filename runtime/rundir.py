@@ -73,13 +73,22 @@ def what_ran(parallel: ParallelConfig, world: int) -> ParallelConfig:
     return dataclasses.replace(parallel, degree=world, **extra)
 
 
+def activation_ran(device: str) -> str:
+    """The experts' SwiGLU as the runtime ran it (moesim's model.activation): the fused kernel
+    of kernels/swiglu.py on CUDA, separate torch ops elsewhere."""
+    return "kernel" if device == "cuda" else "unfused"
+
+
 def write_run_dir(out: Path, cfg: Config, world: int, rows: list[dict], counts: list[np.ndarray],
                   placements: dict, meta: dict, losses: list[float] | None = None) -> None:
     """rows: Result rows of every rank; counts: per step [layers, N, H, E]; placements:
     (step, layer) -> Placement (FSEP)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    as_dict = config_to_dict(dataclasses.replace(cfg, parallel=what_ran(cfg.parallel, world)))
+    activation = activation_ran(meta.get("device", cfg.run.device))
+    ran = dataclasses.replace(cfg, parallel=what_ran(cfg.parallel, world),
+                              model=dataclasses.replace(cfg.model, activation=activation))
+    as_dict = config_to_dict(ran)
     write_text_atomic(out / "config.toml", to_toml(as_dict))
     df = pd.DataFrame(rows) if rows else empty_frame()
     write_results(df, out / "results.parquet",
