@@ -103,8 +103,9 @@ FSEP_STEPS = 20
 FSEP_TRACE = {"kind": "drifting", "exponent": 0.4, "period": 5}  # EP load CV ~29%
 
 FUSED = ("Every arm fuses the experts' SwiGLU into the GEMM (model.activation = 'fused'), as "
-         "the papers' optimised kernels do; moesim's own runtime runs it unfused, which would "
-         "bind the thin Multi-Head LatentMoE experts by the activation's memory traffic.")
+         "the papers' optimised kernels do; moesim's own runtime runs it as a separate fused "
+         "kernel (model.activation = 'kernel'), whose memory traffic would weigh on the thin "
+         "Multi-Head LatentMoE experts.")
 
 ASSUMPTIONS = {
     "hp": [
