@@ -46,7 +46,7 @@ if [[ ,$parts, == *,runtime,* ]]; then
 fi
 if [[ ,$parts, == *,calibrate,* ]]; then
     run calibrate python3 -m moesim.cli calibrate --device cuda --repeat 20 --d-model 4096 \
-        --d-ffn 1408 --experts 64 --expert-shapes 512x704,256x704 --out "$out/h200-measured.csv"
+        --d-ffn 1408 --experts 64 --expert-shapes 2048x1408,512x704,256x704 --out "$out/h200-measured.csv"
 fi
 if [[ ,$parts, == *,kernels,* ]]; then
     run kernels python3 -m benchmarks.kernels --out "$out"

@@ -309,54 +309,65 @@ class ComputeModel:
                  else SORT_LAUNCHES * self.launch_overhead)
         return np.where(n > 0, fixed + n / self.rates["sort"], 0.0)
 
-    # Router kernels after the logits GEMM, as (launches, bytes per item as a function of
-    # experts E and top-k): fp32 cast of the logits, softmax, top-k, the renormalisation's
-    # sum and divide, and stacking heads' choices (runtime.routing, runtime.layers_*).
-    ROUTER_FWD = (7, lambda e, k: 6 * e + 8 * e + (4 * e + 12 * k) + (16 * k + 8) + 24 * k)
+    # Router kernels after the logits GEMM (all heads in one batched GEMM), as (launches,
+    # bytes per item as a function of experts E and top-k): fp32 cast of the logits, softmax,
+    # top-k, the renormalisation's sum and divide, and the heads' expert offsets (arange,
+    # multiply, add) (runtime.routing.route).
+    ROUTER_FWD = (8, lambda e, k: 6 * e + 8 * e + (4 * e + 12 * k) + (16 * k + 8) + 24 * k)
+    # Forced routing (a benchmark's synthetic trace) chooses instead of top-k: the counts'
+    # upload, the expansion (two kernels) and its layout copy, then a gather of the chosen
+    # scores in top-k's place.
+    FORCED_EXTRA_LAUNCHES = 4
     # Backward: renormalisation (3), top-k's scatter into zeros (2), softmax (1), cast (1).
     ROUTER_BWD = (7, lambda e, k: 24 * k + (4 * e + 12 * k) + 12 * e + 6 * e)
 
     def router(self, items: np.ndarray, dim: int, experts: int, top_k: int,
-               dtype_bytes: int, backward: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               dtype_bytes: int, backward: bool = False,
+               forced: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Routing of `items` (sub-)tokens per rank: the logits GEMM [items x dim] @ [dim x
-        experts] (`gemm`), then the small kernels of ROUTER_FWD / ROUTER_BWD."""
+        experts] (`gemm`), then the small kernels of ROUTER_FWD / ROUTER_BWD (and, `forced`,
+        FORCED_EXTRA_LAUNCHES)."""
         n = np.asarray(items, dtype=np.float64)
         t, flops = self.gemm(n, dim, experts, dtype_bytes, backward)
         launches, per_item = self.ROUTER_BWD if backward else self.ROUTER_FWD
+        if forced and not backward:
+            launches += self.FORCED_EXTRA_LAUNCHES
         return t + self._kernels(n, launches, n * per_item(experts, top_k)), flops
 
     def permute(self, assignments: np.ndarray, row_bytes: int, top_k: int, sorts: int = 1,
                 syncs: int = 1, splits: int = 0, backward: bool = False) -> np.ndarray:
         """Permute of `assignments` (token, expert) pairs per rank, each a row of `row_bytes`.
-        Forward: histogram of the expert ids (zero-fill + scatter-add), `sorts` stable sorts
-        of the int64 keys, four index-build passes over int64 (repeat, key, take, divide by
-        k), the row gather, `syncs` device-to-host round trips and `splits` times the host
-        work from exchanged counts to the dispatch layout (the GPU waits: it follows a sync).
-        Backward: the inverse
-        permutation (two launches over int64), the gather through it, and the sum over each
-        token's k rows (A rows in, A / k out); no sync."""
+        Forward: histogram of the expert ids (cast + histogram), `sorts` stable sorts of the
+        int64 keys, four index-build passes over int64 (repeat, key, take, divide by k), the
+        row gather, `syncs` device-to-host round trips and `splits` times the host work from
+        exchanged counts to the dispatch layout. The GPU waits for that host work (it follows
+        the sync), but the sorts and index passes it queues run meanwhile: the split and
+        those kernels overlap, the longer counts. Backward: the inverse permutation (two
+        launches over int64) and one fused gather-reduce (kernels.combine: A rows in, A / k
+        out, at HBM speed); no sync."""
         a = np.asarray(assignments, dtype=np.float64)
         if backward:
-            return (self._kernels(a, 2, 24.0 * a) + self.gather(a * row_bytes)
+            return (self._kernels(a, 2, 24.0 * a)
                     + self._kernels(a, 1, a * row_bytes * (1.0 + 1.0 / top_k)))
-        return (self._kernels(a, 2, 8.0 * a) + sorts * self.sort(a)
-                + self._kernels(a, 4, 4 * 16.0 * a) + self.gather(a * row_bytes)
-                + np.where(a > 0, syncs * self.sync_overhead + splits * self.split_overhead,
-                           0.0))
+        index = sorts * self.sort(a) + self._kernels(a, 4, 4 * 16.0 * a)
+        host = np.where(a > 0, splits * self.split_overhead, 0.0)
+        return (self._kernels(a, 2, 8.0 * a) + np.maximum(index, host)
+                + self.gather(a * row_bytes) + np.where(a > 0, syncs * self.sync_overhead, 0.0))
 
     def combine(self, assignments: np.ndarray, row_bytes: int, top_k: int,
                 backward: bool = False) -> np.ndarray:
         """The weighted combine (unpermute) of `assignments` rows into assignments / top_k
         tokens, one fused gather-reduce (kernels/combine.py). Forward: the inverse
         permutation and its int32 copy (3 launches, 40 bytes per row of indices and gates),
-        then k rows in and one out per token at the gather bandwidth. Backward: one fused
-        kernel (and its output allocation) reading the token gradient and the k rows (for the
-        gate gradients) and writing the k row gradients."""
+        then k rows in and one out per token at HBM speed (the kernel streams whole rows:
+        99.6% of the copy rate on an H200, docs/benchmarks.md). Backward: one fused kernel
+        (and its output allocation) reading the token gradient and the k rows (for the gate
+        gradients) and writing the k row gradients."""
         a = np.asarray(assignments, dtype=np.float64)
         n = a / top_k
         if backward:
-            return self._kernels(a, 2, (2 * a + n) * row_bytes, "gather")
-        return self._kernels(a, 3, 40.0 * a) + self._kernels(a, 1, (a + n) * row_bytes, "gather")
+            return self._kernels(a, 2, (2 * a + n) * row_bytes)
+        return self._kernels(a, 3, 40.0 * a) + self._kernels(a, 1, (a + n) * row_bytes)
 
     def regroup(self, rows: np.ndarray, row_bytes: int) -> np.ndarray:
         """EP/FSEP: received rows arrive source-major; the grouped GEMM wants them expert-major

@@ -278,7 +278,7 @@ def _router(ctx: StrategyContext, lin: LayerInputs, backward: bool):
     [dim x E], softmax, top-k and the gate renormalisation (`ComputeModel.router`)."""
     m = ctx.cfg.model
     return ctx.compute.router(lin.routed, m.expert_dim, m.num_experts, m.top_k, m.dtype_bytes,
-                              backward)
+                              backward, forced=ctx.cfg.run.routing == "forced")
 
 
 def _latent(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,

@@ -15,6 +15,7 @@ from torch import nn
 
 from moesim.config import ModelConfig
 from planner.placement import ep_placement
+from runtime import routing
 from runtime.comm import DistEnv
 from runtime.moe_layer import MoELayerBase
 
@@ -40,14 +41,14 @@ class EPMoE(MoELayerBase):
         t = x.shape[0]
         z = self.to_items(x)  # [T, H, dim]
         with self.timer.fwd(lay, "router") as rec:
-            heads = [self.route_head(z[:, h], self.router[h],
-                                     None if forced is None else [forced[self.rank, h]])
-                     for h in range(m.num_heads)]
-            experts = torch.stack([e + h * m.num_experts for h, (e, _) in enumerate(heads)], 1)
-            gates = torch.stack([g for _, g in heads], 1)  # [T, H, k]
+            forced_here = None if forced is None else forced[self.rank][None]
+            # [T, H, k], all heads in one batched GEMM and one set of kernels
+            local, gates = routing.route(z, self.router, m.router, m.top_k, forced_here)
+            offset = torch.arange(m.num_heads, device=z.device)[None, :, None] * m.num_experts
+            experts = local + offset
             rec.tokens = t * m.num_heads
-        y = self.exchange(z.reshape(t * m.num_heads, -1), experts.view(t * m.num_heads, -1),
-                          gates.view(t * m.num_heads, -1), self.placement,
+        y = self.exchange(z.reshape(t * m.num_heads, -1), experts.reshape(t * m.num_heads, -1),
+                          gates.reshape(t * m.num_heads, -1), self.placement,
                           lambda route: (self.w1, self.w2))
         return self.from_items(y.view(t, m.num_heads, -1))
 

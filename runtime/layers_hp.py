@@ -21,6 +21,7 @@ from torch import nn
 from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import hp_placement
+from runtime import routing
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
 from runtime.experts import expert_ffn
 from runtime.moe_layer import MoELayerBase, inverse_perm, take_rows, weighted_sum
@@ -71,19 +72,21 @@ class HPMoE(MoELayerBase):
             rec.tokens = sum(splits)
         items = recv.view(n * t, nh, dh)  # item (source, token, local head)
         with tm.fwd(lay, "router") as rec:
-            routed = [self.route_head(items[:, j], self.router[j],
-                                      None if forced is None else list(forced[:, h]))
-                      for j, h in enumerate(self.my_heads)]
-            assign = torch.stack([ex + j * m.num_experts for j, (ex, _) in enumerate(routed)], 1)
-            gates = torch.stack([g for _, g in routed], 1).reshape(n * t * nh, k)
+            forced_here = None if forced is None else np.asarray(forced)[:, self.my_heads]
+            local, gates = routing.route(items, self.router, m.router, k, forced_here)
+            offset = torch.arange(nh, device=items.device)[None, :, None] * m.num_experts
+            assign = local + offset  # [n * t, nh, k]: expert ids among this rank's heads
+            gates = gates.reshape(n * t * nh, k)
             rec.tokens = n * t * nh
         flat = assign.reshape(-1)
-        self.last_counts = torch.stack([local_counts(assign[s * t:(s + 1) * t],
-                                                     nh * m.num_experts)
-                                        for s in range(n)]).view(n, nh, m.num_experts)
+        # Every source's counts in one histogram (source s's ids shifted by s * nh * E).
+        per_rank = nh * m.num_experts
+        source = torch.arange(n * t, device=flat.device)[:, None, None] // t
+        self.last_counts = local_counts(assign + source * per_rank, n * per_rank).view(
+            n, nh, m.num_experts)
         with tm.fwd(lay, "permute") as rec:
             order = torch.argsort(flat, stable=True)
-            sizes = local_counts(flat, nh * m.num_experts)
+            sizes = self.last_counts.sum(0).view(-1)
             rows_in = tm.bwd_in(items.reshape(n * t * nh, dh), lay, "permute")
             rows = tm.bwd_out(take_rows(rows_in, order, k), lay, "permute")
             rec.tokens = rec.bwd["tokens"] = flat.numel()

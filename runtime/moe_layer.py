@@ -23,7 +23,7 @@ from planner.traffic import LayerTraffic, layer_traffic
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
 from runtime.dispatch import build_route
 from runtime.experts import expert_ffn
-from runtime.routing import choose, local_counts, router_probs
+from runtime.routing import local_counts
 from runtime.timing import PhaseTimer
 from runtime.upload import upload
 
@@ -160,18 +160,6 @@ class MoELayerBase(nn.Module):
             rec.flops = 2.0 * t * self.up.numel()
             rec.bwd["flops"] = 2 * rec.flops
         return out
-
-    def route_head(self, x: torch.Tensor, router: torch.Tensor,
-                   forced: list[np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route items x [n, dim] of one head. `forced`: counts [E] for each of len(forced)
-        equal contiguous blocks of the items (one per source rank)."""
-        probs = router_probs(x @ router, self.m.router)
-        if forced is None:
-            return choose(probs, self.m.top_k, None)
-        size = x.shape[0] // len(forced)
-        parts = [choose(probs[i * size:(i + 1) * size], self.m.top_k, f)
-                 for i, f in enumerate(forced)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def exchange(self, items: torch.Tensor, assign: torch.Tensor, gates: torch.Tensor,
                  placement, expert_weights) -> torch.Tensor:

@@ -23,3 +23,23 @@ def test_forced_choice_on_device_matches_reference(kind: str, k: int) -> None:
 def test_forced_choice_rejects_counts_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         forced_choice_on(np.array([5, 1]), 3, 2, torch.device("cpu"))
+
+
+def test_forced_choice_blocks_matches_per_block_reference() -> None:
+    from runtime.routing import forced_choice_blocks
+    rng = np.random.default_rng(4)
+    b, h, e, n, k = 3, 2, 5, 7, 3
+    counts = np.stack([[rng.multinomial(n * k, [1 / e] * e) for _ in range(h)]
+                       for _ in range(b)])
+    counts = np.minimum(counts, n)  # the schema's bound; redistribute what was cut
+    for bi in range(b):
+        for hi in range(h):
+            c = counts[bi, hi]
+            while c.sum() < n * k:
+                c[np.argmin(c)] += 1
+    idx = forced_choice_blocks(counts, n, k, torch.device("cpu")).numpy()
+    assert idx.shape == (b * n, h, k)
+    for bi in range(b):
+        for hi in range(h):
+            want = forced_choice(counts[bi, hi], n, k)
+            assert np.array_equal(idx[bi * n:(bi + 1) * n, hi], want)
