@@ -9,7 +9,9 @@
    allocator cache so unwritten elements show; forward and backward.
 3. Timings: medians of ``triton.testing.do_bench`` (it flushes L2 between repetitions), against
    the torch reference and ``torch._grouped_mm``, as TB/s or TFLOP/s against the ceilings.
-   Variants in the same run: permute's index launch shapes (each checked exact); each TMA
+   Variants in the same run: permute with and without the programmatic dependent launch, its
+   trigger, store eviction policy, copy warps and index launch shapes (each checked exact, the
+   default timed three times); each launch of permute alone; each TMA
    grouped-GEMM config pinned, the autotuned pick, and the pointer kernel (the fallback).
    The headline pair (autotuned forward, ``torch._grouped_mm``) is timed three times.
    SwiGLU (section ``swiglu``, the expert FFN's activation at M=131072, F=704 bf16): the fused
@@ -215,11 +217,23 @@ def bench_permute_combine(dev: torch.device, small: bool) -> None:
     perm_bytes = t * d * esz + t * k * d * esz  # read each token once, write k copies
     row_map = out.row_map
     x_perm = torch.empty((t * k, d), device=dev, dtype=x.dtype)
-    record("permute/full (index + copy)", bench(lambda: permute(x, experts, e), dev),
-           bytes_=perm_bytes)  # fmt: skip
+    full = lambda: permute(x, experts, e)  # noqa: E731
+    record("permute/full (index + copy)", bench(full, dev), bytes_=perm_bytes)
     record("permute/copy only (row_map given)",
            bench(lambda: scatter_rows(x, row_map, x_perm), dev), bytes_=perm_bytes)  # fmt: skip
     record("permute/index only (permute_indices)", bench(lambda: permute_indices(experts, e), dev))
+    # Each launch alone: the index build (no copy after it), and the copy launch on an index
+    # already built (launched plainly, so it waits on nothing).
+    record("permute/index launch alone", bench(lambda: pm._index_launch(x, experts, e, None,
+                                                                          None), dev))  # fmt: skip
+    o, rows = pm._index_launch(x, experts, e, None, None)
+    pm._rows_launch(rows, pdl=False)
+    exact("permute[copy launch alone]", "row_map+x_perm",
+          torch.equal(o.row_map, ref.row_map) and torch.equal(o.x_perm, ref.x_perm))  # fmt: skip
+    record("permute/copy launch alone (index built)",
+           bench(lambda rows=rows: pm._rows_launch(rows, pdl=False), dev),
+           bytes_=perm_bytes)  # fmt: skip
+    del o, rows
     if dev.type == "cuda":
         # The same launches replayed from a CUDA graph: GPU time without the host's launch
         # gaps (what a graph-captured training step sees).
@@ -234,22 +248,46 @@ def bench_permute_combine(dev: torch.device, small: bool) -> None:
         del graph
     record("permute/full, rank-major buckets",
            bench(lambda: permute(x, experts, e, bucket_of), dev), bytes_=perm_bytes)  # fmt: skip
-    # Launch-shape sweep of the index build: programs x keys per chunk (each checked exact).
-    saved = (pm.INDEX_PROGRAMS, pm.INDEX_CHUNK_KEYS)
-    for progs, chunk in ((64, 256), (256, 256), (512, 256), (128, 128), (128, 64)):
-        pm.INDEX_PROGRAMS, pm.INDEX_CHUNK_KEYS = progs, chunk
+    # Variants (each checked exact): the copy launch as a programmatic dependent of the index
+    # launch (PDL, the default on Hopper) or not, and its trigger; the copy's store eviction
+    # policy and warps; the index launch shape (programs x keys per chunk). The default is
+    # timed again between them, for the spread.
+    knob_names = ("INDEX_PROGRAMS", "INDEX_CHUNK_KEYS", "PDL", "PDL_TRIGGER", "STORE_EVICT",
+                  "COPY_WARPS")  # fmt: skip
+    saved = {a: getattr(pm, a) for a in knob_names}
+    variants = [
+        ("no PDL (two plain launches)", {"PDL": False}),
+        ("default again", {}),
+        ("PDL trigger after counting", {"PDL_TRIGGER": 2}),
+        ("stores default eviction", {"STORE_EVICT": ""}),
+        ("copy 4 warps", {"COPY_WARPS": 4}),
+        ("copy 1 warp", {"COPY_WARPS": 1}),
+        ("default again (2)", {}),
+        *[(f"{p} programs, {c}-key chunks", {"INDEX_PROGRAMS": p, "INDEX_CHUNK_KEYS": c})
+          for p, c in ((64, 256), (256, 256), (128, 128))],
+    ]  # fmt: skip
+    for name, knobs in variants:
+        for attr, val in knobs.items():
+            setattr(pm, attr, val)
         try:
             o = permute(x, experts, e)
-            exact(
-                f"permute[{progs} progs,{chunk} keys]",
-                "row_map+x_perm",
-                torch.equal(o.row_map, ref.row_map) and torch.equal(o.x_perm, ref.x_perm),
-            )
+            same = torch.equal(o.row_map, ref.row_map) and torch.equal(o.x_perm, ref.x_perm)
+            exact(f"permute[{name}]", "row_map+x_perm", same)
             del o
-            record(f"permute/full, {progs} programs, {chunk}-key chunks",
-                   bench(lambda: permute(x, experts, e), dev), bytes_=perm_bytes)  # fmt: skip
+            record(f"permute/full, {name}", bench(full, dev), bytes_=perm_bytes)
+            if "INDEX_PROGRAMS" in knobs:
+                record(f"permute/index launch alone, {name}",
+                       bench(lambda: pm._index_launch(x, experts, e, None, None), dev))  # fmt: skip
+            if dev.type == "cuda" and name.startswith("no PDL"):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    permute(x, experts, e)
+                record(f"permute/full, {name}, CUDA graph replay", bench(graph.replay, dev),
+                       bytes_=perm_bytes)  # fmt: skip
+                del graph
         finally:
-            pm.INDEX_PROGRAMS, pm.INDEX_CHUNK_KEYS = saved
+            for attr, val in saved.items():
+                setattr(pm, attr, val)
     del ref
     record("permute/torch reference", bench(lambda: permute_reference(x, experts, e), dev),
            bytes_=perm_bytes)  # fmt: skip
@@ -558,12 +596,16 @@ def headline() -> list[str]:
     copy = _rate("ceiling/copy", "TB/s")
     lines = ["== targets (this run) =="]
     for key in ("permute/full (index + copy)", "permute/full, CUDA graph replay",
+                "permute/full, default again", "permute/full, default again (2)",
+                "permute/full, no PDL (two plain launches)",
+                "permute/copy launch alone (index built)",
                 "permute/copy only (row_map given)", "combine/triton"):  # fmt: skip
         r = _rate(key, "TB/s")
         ms = RESULTS.get(key, {}).get("ms", float("nan"))
         lines.append(f"{key:<36} {ms:7.4f} ms {r:5.2f} TB/s = {100 * r / copy:5.1f}% of copy "
                      f"{copy:.2f} (target 85% = {0.85 * copy:.2f})")  # fmt: skip
-    for key in ("permute/index only (permute_indices)", "permute/index only, CUDA graph replay"):
+    for key in ("permute/index only (permute_indices)", "permute/index only, CUDA graph replay",
+                "permute/index launch alone"):  # fmt: skip
         lines.append(f"{key:<36} {RESULTS.get(key, {}).get('ms', float('nan')):7.4f} ms")
     for key in ("swiglu fwd/triton", "swiglu bwd/triton", "swiglu fwd+bwd/autograd, triton"):
         row = RESULTS.get(key, {})

@@ -27,11 +27,15 @@ Public API
 Differentiable in ``x`` (the backward sums each token's k row gradients, with the combine kernel).
 
 How: two launches, no host sync. The first builds the counting sort's bases: per chunk of
-~256 keys (whole tokens), how many keys of each bucket come before it; its last program (an
-atomic ticket) scans the per-program totals into absolute bases and writes ``offsets``. The
-second runs one program per token: it ranks the token's k keys among the earlier keys of its
-chunk (at most ~256, read from L2), writes ``row_map`` and copies the row, reading it once and
-writing it k times. (The earlier version took three index launches, ~53 us on an H200.)
+~256 keys (whole tokens), how many keys of each bucket come before it (counted with L2 atomics);
+its last program (an atomic ticket) scans the per-program totals into absolute bases and writes
+``offsets``. The second runs one program per token: it ranks the token's k keys among the
+earlier keys of its chunk (at most ~256, read from L2), writes ``row_map`` and copies the row,
+reading it once and writing it k times (stores marked evict-first). On Hopper the second is a
+programmatic dependent launch of the first: its programs start while the index launch runs,
+load their rows and rank their keys, and wait for the index launch's results only before
+reading the bases. (The earlier versions took three index launches, ~53 us on an H200, then one
+index launch of ~29 us and no overlap; docs/benchmarks.md has the figures.)
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import use_triton
+from kernels.backend import INTERPRET, use_triton
 
 
 class Permuted(NamedTuple):
@@ -64,7 +68,7 @@ def _bucket_keys(e_ptr, map_ptr, i, ok, HAS_MAP: tl.constexpr):
 def _index_kernel(e_ptr, map_ptr, local_ptr, super_ptr, offsets_ptr, ticket_ptr, N, B, NCHUNK,
                   NCS, NS, CH: tl.constexpr, CH_PAD: tl.constexpr, NCS_T: tl.constexpr,
                   BB: tl.constexpr, BBB: tl.constexpr, NS_PAD: tl.constexpr, BBS: tl.constexpr,
-                  HAS_MAP: tl.constexpr):  # fmt: skip
+                  HAS_MAP: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     # Counting sort, bases only, in one launch. The keys are cut into chunks of CH keys (whole
     # tokens), chunks into NS superchunks of NCS chunks, one program each. A program writes,
     # for each of its chunks, how many keys of each bucket its superchunk holds before that
@@ -72,28 +76,51 @@ def _index_kernel(e_ptr, map_ptr, local_ptr, super_ptr, offsets_ptr, ticket_ptr,
     # (an atomic ticket; no spin-wait, so any grid size and the interpreter are safe) scans the
     # small [NS, B] totals into absolute superchunk bases and writes `offsets`. The copy kernel
     # adds the rank inside a chunk, so no launch ever ranks all keys.
+    if PDL == 1:
+        # Let the copy kernel (launched as a programmatic dependent) start now: its programs
+        # load their rows and rank their keys, which need nothing from this launch, then wait
+        # (gdc_wait) for this whole grid to finish and flush before they read the bases.
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     c_lo = s * NCS
     c_hi = tl.minimum(c_lo + NCS, NCHUNK)
     rows = tl.arange(0, NCS_T)
     kk = tl.arange(0, CH_PAD)
+    # Count with one relaxed atomic per key into this program's own rows of `local` (L2
+    # atomics, in place of a [keys x buckets] one-hot whose reductions were most of this
+    # launch's time), then turn the counts into exclusive prefixes over the chunks in place.
+    # A CTA barrier separates the phases (the accesses before it are performed for the whole
+    # CTA after it); the counts are zeroed and read back at L2 (atomics, .cg loads).
     for b0 in tl.static_range(0, BB, BBB):
-        # Buckets in slices of BBB keep the [NCS_T, CH_PAD, BBB] one-hot at 32k values; the
-        # key tile is reloaded per slice from L1/L2, which is cheaper than a larger tile.
+        bcols = b0 + tl.arange(0, BBB)
+        for c0 in range(c_lo, c_hi, NCS_T):
+            c = c0 + rows
+            tl.atomic_xchg(local_ptr + c[:, None] * BB + bcols[None, :], 0,
+                           mask=(c < c_hi)[:, None], sem="relaxed")  # fmt: skip
+    tl.debug_barrier()
+    for c0 in range(c_lo, c_hi, NCS_T):
+        c = c0 + rows
+        i = c[:, None] * CH + kk[None, :]
+        ok = (c < c_hi)[:, None] & (kk[None, :] < CH) & (i < N)
+        key = _bucket_keys(e_ptr, map_ptr, i, ok, HAS_MAP)
+        tl.atomic_add(local_ptr + c[:, None] * BB + key, 1, mask=ok, sem="relaxed")
+    tl.debug_barrier()
+    for b0 in tl.static_range(0, BB, BBB):
         bcols = b0 + tl.arange(0, BBB)
         carry = tl.zeros((BBB,), tl.int32)
         for c0 in range(c_lo, c_hi, NCS_T):
             c = c0 + rows
             c_ok = c < c_hi
-            i = c[:, None] * CH + kk[None, :]
-            ok = c_ok[:, None] & (kk[None, :] < CH) & (i < N)
-            key = _bucket_keys(e_ptr, map_ptr, i, ok, HAS_MAP)
-            hit = (key[:, :, None] == bcols[None, None, :]) & ok[:, :, None]
-            h = tl.sum(hit.to(tl.int32), axis=1)
+            ptrs = local_ptr + c[:, None] * BB + bcols[None, :]
+            h = tl.load(ptrs, mask=c_ok[:, None], other=0, cache_modifier=".cg")
             before = tl.cumsum(h, axis=0) - h + carry[None, :]
-            tl.store(local_ptr + c[:, None] * BB + bcols[None, :], before, mask=c_ok[:, None])
+            tl.debug_barrier()  # every thread has read the tile before any overwrites it
+            tl.store(ptrs, before, mask=c_ok[:, None])
             carry += tl.sum(h, axis=0)
         tl.store(super_ptr + s * BB + bcols, carry)
+    if PDL == 2:
+        # (The later trigger: the copy kernel starts once every program has counted its keys.)
+        tl.extra.cuda.gdc_launch_dependents()
 
     # Every thread's stores above, then one release by the program (the scalar atomic runs on
     # one thread; the barrier orders the others' stores before it, as CUTLASS's semaphores do).
@@ -124,7 +151,8 @@ def _permute_rows_kernel(x_ptr, e_ptr, map_ptr, local_ptr, super_ptr, row_map_pt
                          NCS, stride_x, stride_out, K: tl.constexpr, K_PAD: tl.constexpr,
                          TOKC: tl.constexpr, CH_PAD: tl.constexpr, BB: tl.constexpr,
                          BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                         COPY: tl.constexpr, HAS_MAP: tl.constexpr):  # fmt: skip
+                         COPY: tl.constexpr, HAS_MAP: tl.constexpr, PDL: tl.constexpr,
+                         EVICT: tl.constexpr):  # fmt: skip
     # One program per token: it finds its k destinations (superchunk base + chunk base + rank
     # among the earlier keys of its chunk, at most CH_PAD of them, all in L2), writes them to
     # row_map, and copies its row there: T*D reads and T*k*D writes, the minimum.
@@ -149,6 +177,10 @@ def _permute_rows_kernel(x_ptr, e_ptr, map_ptr, local_ptr, super_ptr, row_map_pt
     # tokens, then earlier slots of its own token).
     same = (w[None, :] < own[:, None]) & (wkey[None, :] == b[:, None])
     rank = tl.sum(same.to(tl.int32), axis=1)
+    if PDL:
+        # Everything above reads only x and the keys (written before the index launch began);
+        # the bases below are the index launch's output.
+        tl.extra.cuda.gdc_wait()
     base = tl.load(super_ptr + s * BB + b, mask=own_ok, other=0)
     base += tl.load(local_ptr + c * BB + b, mask=own_ok, other=0)
     dest = base + rank
@@ -159,9 +191,10 @@ def _permute_rows_kernel(x_ptr, e_ptr, map_ptr, local_ptr, super_ptr, row_map_pt
                 r = tl.sum(tl.where(jj == j, dest, 0), axis=0).to(tl.int64)
                 val = v.to(out_ptr.dtype.element_ty)
                 if EVEN_D:
-                    tl.store(out_ptr + r * stride_out + cols, val)
+                    tl.store(out_ptr + r * stride_out + cols, val, eviction_policy=EVICT)
                 else:
-                    tl.store(out_ptr + r * stride_out + cols, val, mask=cols < D)
+                    tl.store(out_ptr + r * stride_out + cols, val, mask=cols < D,
+                             eviction_policy=EVICT)  # fmt: skip
         else:
             for d0 in range(0, D, BLOCK_D):
                 dc = d0 + cols
@@ -172,9 +205,10 @@ def _permute_rows_kernel(x_ptr, e_ptr, map_ptr, local_ptr, super_ptr, row_map_pt
                 for j in tl.static_range(K):
                     r = tl.sum(tl.where(jj == j, dest, 0), axis=0).to(tl.int64)
                     if EVEN_D:
-                        tl.store(out_ptr + r * stride_out + dc, v)
+                        tl.store(out_ptr + r * stride_out + dc, v, eviction_policy=EVICT)
                     else:
-                        tl.store(out_ptr + r * stride_out + dc, v, mask=dc < D)
+                        tl.store(out_ptr + r * stride_out + dc, v, mask=dc < D,
+                                 eviction_policy=EVICT)  # fmt: skip
 
 
 @triton.jit
@@ -247,11 +281,23 @@ def _check(x: torch.Tensor, experts: torch.Tensor, num_buckets: int) -> None:
 
 
 # Launch shape of the index build: superchunks per launch (about one program per SM) and keys
-# per chunk (the copy kernel's rank window). Module-level so the benchmark can sweep them. On
-# the H200 (32k tokens, top-8 of 64) 256-key chunks ran 0.686 ms end to end, 128-key 0.693,
-# 64-key 0.703; 64 to 512 programs within 0.693-0.709 (benchmarks/kernels.py, 2026-11-23).
+# per chunk (the copy kernel's rank window). Module-level so the benchmark can sweep them, with
+# the knobs below. On the H200 (32k tokens, top-8 of 64; benchmarks/kernels.py, 2026-11-23 15:18,
+# docs/benchmarks.md) the defaults ran 0.654 ms end to end; 64 / 256 programs 0.656 / 0.657;
+# 128-key chunks 0.651 (0.660 against 0.658 in the run before: no clear winner).
 INDEX_PROGRAMS = 128
 INDEX_CHUNK_KEYS = 256
+# Programmatic dependent launch of the copy kernel (Hopper and newer; never under the
+# interpreter): PDL_TRIGGER 1 lets it launch as soon as every index program has started, 2 once
+# each has counted its keys (0.654 ms either way; 0.659 without PDL). STORE_EVICT is the copy's
+# store eviction policy (evict_first; the default policy "" ran 0.660). COPY_WARPS overrides the
+# copy's warps (None: half of row_block's, 2 for 8 KiB rows; row_block's 4 ran 0.658, and 1 ran
+# 0.646 in one timing: the next candidate).
+PDL = True
+PDL_TRIGGER = 1
+STORE_EVICT = "evict_first"
+COPY_WARPS: int | None = None
+_PDL_DEVICES: dict[int, bool] = {}
 
 # One ticket per (device, stream): the index kernel's last program resets it, so calls on the
 # same stream (ordered) reuse it without a memset; other streams get their own.
@@ -269,15 +315,26 @@ def _ticket(dev: torch.device) -> torch.Tensor:
     return tk
 
 
-def _permute_launch(
+def _pdl_ok(dev: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA on Hopper or newer, never the interpreter."""
+    if not PDL or dev.type != "cuda" or INTERPRET:
+        return False
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    ok = _PDL_DEVICES.get(idx)
+    if ok is None:
+        ok = _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return ok
+
+
+def _index_launch(
     x: torch.Tensor | None,
     experts: torch.Tensor,
     num_experts: int,
     bucket_of: torch.Tensor | None,
     num_buckets: int | None,
-) -> Permuted:
-    """Index build (one launch) and row copy with the ranks in its prologue (one launch).
-    With ``x=None`` only ``row_map`` and ``offsets`` are built (``x_perm`` is ``None``)."""
+) -> tuple[Permuted, dict | None]:
+    """Allocate the outputs and run the index build (one launch). Returns the outputs (rows not
+    yet written) and the copy launch's arguments (``None`` when there are no keys)."""
     nb_keys = num_experts if num_buckets is None else num_buckets
     t, k = experts.shape
     n = t * k
@@ -289,7 +346,7 @@ def _permute_launch(
     if x is not None:
         x_perm = torch.empty((n, x.shape[1]), device=dev, dtype=x.dtype)
     if n == 0:
-        return Permuted(x_perm, row_map, offsets.zero_())
+        return Permuted(x_perm, row_map, offsets.zero_()), None
     bb = triton.next_power_of_2(nb_keys)
     # Chunks are whole tokens, about INDEX_CHUNK_KEYS keys: the copy kernel's rank window.
     tokc = max(1, INDEX_CHUNK_KEYS // k)
@@ -300,31 +357,63 @@ def _permute_launch(
     ns = triton.cdiv(nchunk, ncs)
     ncs_t = min(16, triton.next_power_of_2(ncs))
     ns_pad = triton.next_power_of_2(ns)
-    bbb = max(1, min(bb, 32768 // (ncs_t * ch_pad)))
+    bbb = max(1, min(bb, 8192 // ncs_t))
     bbs = max(1, min(bb, 16384 // ns_pad))
     local = torch.empty((nchunk, bb), device=dev, dtype=torch.int32)
     sup = torch.empty((ns, bb), device=dev, dtype=torch.int32)
     bmap = bucket_of.contiguous() if bucket_of is not None else flat
     has_map = bucket_of is not None
+    pdl = _pdl_ok(dev)
     _index_kernel[(ns,)](
         flat, bmap, local, sup, offsets, _ticket(dev), n, nb_keys, nchunk, ncs, ns, CH=ch,
         CH_PAD=ch_pad, NCS_T=ncs_t, BB=bb, BBB=bbb, NS_PAD=ns_pad, BBS=bbs, HAS_MAP=has_map,
-        num_warps=8,
+        PDL=PDL_TRIGGER if pdl else 0, num_warps=8,
     )  # fmt: skip
     d = x.shape[1] if x is not None else 0
     copy = x is not None and d > 0
     if copy:
+        # Half row_block's warps: each thread keeps twice the bytes in flight, which suits a
+        # copy that stores k times what it loads (measured on 8 KiB rows: see COPY_WARPS).
         block_d, warps = row_block(d, x.element_size())
+        warps = COPY_WARPS or max(1, warps // 2)
     else:
         block_d, warps = 16, 4
-    _permute_rows_kernel[(t,)](
-        x if copy else flat, flat, bmap, local, sup, row_map, x_perm if copy else row_map, n, d,
-        ncs, x.stride(0) if copy else 0, x_perm.stride(0) if copy else 0, K=k,
-        K_PAD=triton.next_power_of_2(k), TOKC=tokc, CH_PAD=ch_pad, BB=bb, BLOCK_D=block_d,
-        EVEN_D=d % block_d == 0, ONE_BLOCK=d <= block_d, COPY=copy, HAS_MAP=has_map,
-        num_warps=warps,
+    rows = dict(
+        grid=(t,),
+        args=(x if copy else flat, flat, bmap, local, sup, row_map, x_perm if copy else row_map,
+              n, d, ncs, x.stride(0) if copy else 0, x_perm.stride(0) if copy else 0),
+        meta=dict(K=k, K_PAD=triton.next_power_of_2(k), TOKC=tokc, CH_PAD=ch_pad, BB=bb,
+                  BLOCK_D=block_d, EVEN_D=d % block_d == 0, ONE_BLOCK=d <= block_d, COPY=copy,
+                  HAS_MAP=has_map, num_warps=warps),
+        pdl=pdl,
     )  # fmt: skip
-    return Permuted(x_perm, row_map, offsets)
+    return Permuted(x_perm, row_map, offsets), rows
+
+
+def _rows_launch(rows: dict, pdl: bool | None = None) -> None:
+    """The copy launch (ranks, ``row_map``, rows). It must follow its index launch on the
+    stream with nothing between them: as a programmatic dependent it waits on the launch just
+    before it. ``pdl=False`` launches it plainly (the benchmark times it alone that way)."""
+    pdl = rows["pdl"] if pdl is None else pdl
+    extra = {"launch_pdl": True} if pdl else {}
+    _permute_rows_kernel[rows["grid"]](*rows["args"], **rows["meta"], PDL=pdl, EVICT=STORE_EVICT,
+                                       **extra)  # fmt: skip
+
+
+def _permute_launch(
+    x: torch.Tensor | None,
+    experts: torch.Tensor,
+    num_experts: int,
+    bucket_of: torch.Tensor | None,
+    num_buckets: int | None,
+) -> Permuted:
+    """Index build (one launch) and row copy with the ranks in its prologue (one launch, a
+    programmatic dependent of the first where the GPU has them).
+    With ``x=None`` only ``row_map`` and ``offsets`` are built (``x_perm`` is ``None``)."""
+    out, rows = _index_launch(x, experts, num_experts, bucket_of, num_buckets)
+    if rows is not None:
+        _rows_launch(rows)
+    return out
 
 
 def permute_indices(
