@@ -81,6 +81,12 @@ def nccl_same_splits(send: list[int], recv: list[int], width: int, dev, cuda: bo
     return median_time(lambda: dist.all_to_all_single(y, x, recv, send), iters, 3, cuda)
 
 
+def _copy_counts(c):
+    """The layer's counts of this step, kept past the next step (a device tensor stays on the
+    device: reading it back would synchronize the step)."""
+    return c.clone() if isinstance(c, torch.Tensor) else c
+
+
 def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: int, steps: int,
                 warmup: int, env, out: Path, meta: dict, latency_s: float = 10e-6) -> dict:
     from traces.generators import TraceSpec, generate
@@ -100,24 +106,29 @@ def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: 
     x = torch.randn(tokens, m.d_model, device=dev, dtype=dtype, generator=gen)
     gy = torch.randn(tokens, m.d_model, device=dev, dtype=dtype, generator=gen)
     rows, counts, placements, step_times, expert_fb = [], [], {}, [], []
+    timed = []  # (step's spans, its end stamp, the layer's counts), read after the loop
     for s in range(warmup + steps):
         xs = x.detach().requires_grad_(True)
         layer.zero_grad(set_to_none=True)  # a training step's gradients start from nothing
-        timer.start_step(s - warmup)
-        t0 = timer.now()
+        # Steps back to back, as in training: no synchronize at the boundary (the host queues
+        # this step while the GPU finishes the last); the events are read after the loop.
+        timer.start_step(s - warmup, sync=False)
         y = layer(xs, forced=trace[s, 0])
         y.backward(gy)
-        t1 = timer.now()
-        r = timer.rows(rank, strategy)
+        end = timer.now()
         if s < warmup:
             continue
-        step_times.append(timer._elapsed(t1) - timer._elapsed(t0))
+        timed.append((timer.end_step(), end, _copy_counts(layer.last_counts)))
+        if getattr(layer, "last_placement", None) is not None:
+            placements[(s - warmup, 0)] = layer.last_placement
+    for spans, end, seen in timed:
+        r = timer.rows(rank, strategy, spans)
+        step_times.append(timer.elapsed(spans, end))
         rows += r
         ex = [row["end_s"] - row["start_s"] for row in r if row["phase"] == "expert"]
         expert_fb.append(sum(ex))
+        layer.last_counts = seen
         counts.append(layer.seen_counts()[None])
-        if getattr(layer, "last_placement", None) is not None:
-            placements[(s - warmup, 0)] = layer.last_placement
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows)
     step_t = [max_over_ranks(t) for t in step_times]

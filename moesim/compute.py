@@ -341,18 +341,18 @@ class ComputeModel:
         int64 keys, four index-build passes over int64 (repeat, key, take, divide by k), the
         row gather, `syncs` device-to-host round trips and `splits` times the host work from
         exchanged counts to the dispatch layout. The GPU waits for that host work (it follows
-        the sync), but the sorts and index passes it queues run meanwhile: the split and
-        those kernels overlap, the longer counts. Backward: the inverse permutation (two
+        the sync), and the sorts and index passes come after it (the layout's arrays are
+        built on the host first, runtime.dispatch). Backward: the inverse permutation (two
         launches over int64) and one fused gather-reduce (kernels.combine: A rows in, A / k
         out, at HBM speed); no sync."""
         a = np.asarray(assignments, dtype=np.float64)
         if backward:
             return (self._kernels(a, 2, 24.0 * a)
                     + self._kernels(a, 1, a * row_bytes * (1.0 + 1.0 / top_k)))
-        index = sorts * self.sort(a) + self._kernels(a, 4, 4 * 16.0 * a)
-        host = np.where(a > 0, splits * self.split_overhead, 0.0)
-        return (self._kernels(a, 2, 8.0 * a) + np.maximum(index, host)
-                + self.gather(a * row_bytes) + np.where(a > 0, syncs * self.sync_overhead, 0.0))
+        return (self._kernels(a, 2, 8.0 * a) + sorts * self.sort(a)
+                + self._kernels(a, 4, 4 * 16.0 * a) + self.gather(a * row_bytes)
+                + np.where(a > 0, syncs * self.sync_overhead + splits * self.split_overhead,
+                           0.0))
 
     def combine(self, assignments: np.ndarray, row_bytes: int, top_k: int,
                 backward: bool = False) -> np.ndarray:

@@ -9,6 +9,10 @@ is off.
 On CUDA the timestamps are CUDA events on the current stream (read after one synchronize at the
 end of the step, so timing never stalls the GPU mid-step); on CPU (gloo) they are
 `time.perf_counter` readings, taken after the op returned (gloo collectives are synchronous).
+A benchmark that wants steps back to back, as a training loop runs them (the host queueing the
+next step while the GPU finishes this one), starts steps with `sync=False`, keeps each step's
+`end_step()` and reads them all with `rows(..., step=...)` after the loop: a synchronize at
+every step boundary leaves the GPU idle while the host queues the first kernels of the next.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ class _Span:
     bytes: int = 0
     tokens: int = 0
     flops: float = 0.0
+
+
+@dataclass
+class StepSpans:
+    """One step's timestamps: its start (`base`) and its phases' spans."""
+
+    step: int
+    base: object
+    spans: list[_Span]
 
 
 @dataclass
@@ -63,18 +76,28 @@ class PhaseTimer:
         return time.perf_counter()
 
     def _elapsed(self, t) -> float:
-        if self.cuda:
-            return self._base.elapsed_time(t) / 1e3
-        return t - self._base
+        return self.elapsed(StepSpans(self.step, self._base, []), t)
 
-    def start_step(self, step: int) -> None:
+    def elapsed(self, step: StepSpans, t) -> float:
+        """Seconds from `step`'s start to timestamp `t` (after a synchronize, on CUDA)."""
+        if self.cuda:
+            return step.base.elapsed_time(t) / 1e3
+        return t - step.base
+
+    def start_step(self, step: int, sync: bool = True) -> None:
         self.step = step
         self._spans = []
         self._open_bwd = {}
         if self.enabled:
-            if self.cuda:
+            if self.cuda and sync:
                 torch.cuda.synchronize()
             self._base = self._now()
+
+    def end_step(self) -> StepSpans:
+        """This step's timestamps, to be read later by `rows(..., step=)` (no sync here)."""
+        spans = self._spans + [s for s in self._open_bwd.values()
+                               if s.start is not None and s.end is not None]
+        return StepSpans(self.step, self._base, spans)
 
     @contextlib.contextmanager
     def fwd(self, layer: int, phase: str) -> Iterator[PhaseRecord]:
@@ -122,18 +145,18 @@ class PhaseTimer:
     def now(self):
         return self._now() if self.enabled else None
 
-    def rows(self, rank: int, strategy: str) -> list[dict]:
-        """Result rows of the step (call after backward); synchronizes the device once."""
+    def rows(self, rank: int, strategy: str, step: StepSpans | None = None) -> list[dict]:
+        """Result rows of the step (call after backward), or of an earlier step's `end_step()`;
+        synchronizes the device once."""
         if not self.enabled:
             return []
         if self.cuda:
             torch.cuda.synchronize()
-        spans = self._spans + [s for s in self._open_bwd.values()
-                               if s.start is not None and s.end is not None]
+        step = step or self.end_step()
         out = []
-        for s in spans:
-            a, b = self._elapsed(s.start), self._elapsed(s.end)
-            out.append({"source": "real", "strategy": strategy, "step": self.step,
+        for s in step.spans:
+            a, b = self.elapsed(step, s.start), self.elapsed(step, s.end)
+            out.append({"source": "real", "strategy": strategy, "step": step.step,
                         "layer": s.layer, "rank": rank, "pass": s.pass_, "phase": s.phase,
                         "stream": "comm" if s.phase in COMM_PHASES else "compute",
                         "start_s": a, "end_s": max(a, b), "bytes": int(s.bytes),
