@@ -14,7 +14,11 @@ Measured, each as the median of `repeat` timed runs after warm-up, on fresh rand
   achieved / best achieved. The activation between the GEMMs is not timed: the compute model
   charges it as its own memory-bound kernels. Each extra expert shape (`--expert-shapes
   512x704`) gets its own curve `grouped_gemm@512x704`, relative to the same rate (the best of
-  all shapes), which experts of that shape use;
+  all shapes), which experts of that shape use; and each shape its backward (the input and
+  weight gradients of both GEMMs) as `grouped_gemm_bwd@<dim>x<ffn>`, size = the group's
+  forward FLOPs, value = backward FLOPs per second (twice the forward's FLOPs) over the
+  rate: thin experts' backward is faster per FLOP than their forward (its weight-gradient
+  GEMM contracts over the group's rows, not over a short expert dimension);
 - rate sort, overhead sort: stable `argsort` of int64 keys (what the permute runs) at several
   sizes; keys per second from the two largest, the fixed cost per call from the smallest;
 - overhead sync: a device-to-host read between two kernels (`.item()`), less the two launches:
@@ -42,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moesim.atomic import atomic_path
-from moesim.compute import shaped_op
+from moesim.compute import BACKWARD, SHAPED, shaped_op
 from moesim.errors import InputError
 
 GEMM_SIZES_GPU = (256, 512, 1024, 2048, 4096, 8192)
@@ -52,6 +56,17 @@ GROUP_TOKENS_CPU = (4, 16, 64, 256)
 SORT_KEYS_GPU = (4096, 1 << 20, 1 << 22)
 SORT_KEYS_CPU = (1024, 1 << 14, 1 << 16)
 TILE = (128, 256)  # grouped GEMM output tile (rows, columns), assumed
+
+
+def _expert_gemms_backward(x, a, w_up, w_down, offs) -> Callable[[], object]:
+    """The backward of `_expert_gemms` (input and weight gradients of both GEMMs: four
+    grouped GEMMs), as a function to time: the graph is built once and kept."""
+    import torch
+
+    leaves = [t.detach().requires_grad_(True) for t in (x, a, w_up, w_down)]
+    outs = _expert_gemms(*leaves, offs)
+    grads = [torch.randn_like(o) for o in outs]
+    return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, device: str,
@@ -155,7 +170,7 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
     families = {}
     for op, d, f in shapes:
         w_up, w_down = rand(e, d, 2 * f), rand(e, f, d)
-        grouped = []
+        grouped, backward = [], []
         for t_per in GROUP_TOKENS_GPU if gpu else GROUP_TOKENS_CPU:
             xg, ag = rand(e * t_per, d), rand(e * t_per, f)
             offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
@@ -163,7 +178,11 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
             sec = busy(time_it(lambda xg=xg, ag=ag, offs=offs, w_up=w_up, w_down=w_down:
                                _expert_gemms(xg, ag, w_up, w_down, offs), repeat), 2)
             grouped.append((flops_group, e * flops_group / sec))
+            bwd = _expert_gemms_backward(xg, ag, w_up, w_down, offs)
+            sec = busy(time_it(bwd, repeat), 4)
+            backward.append((flops_group, e * 2 * flops_group / sec))
         families[op] = grouped
+        families[shaped_op(d, f).replace(SHAPED, BACKWARD, 1)] = backward
     best = max(r for grouped in families.values() for _, r in grouped)
     rows.append(("rate", "grouped_gemm", "", best))
     rows += [("curve", op, f, r / best) for op, grouped in families.items() for f, r in grouped]

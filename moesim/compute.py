@@ -67,6 +67,10 @@ CURVE_OPS = ("gemm", "grouped_gemm")
 # Grouped GEMM curves measured at a given expert shape: op "grouped_gemm@<dim>x<ffn>". An
 # expert of that shape uses its own curve, any other the plain "grouped_gemm" one.
 SHAPED = "grouped_gemm"
+# Their backward (input and weight gradients, twice the forward's FLOPs), measured at a shape:
+# op "grouped_gemm_bwd@<dim>x<ffn>", size = the group's forward FLOPs. Without one the backward
+# costs twice the forward.
+BACKWARD = "grouped_gemm_bwd"
 
 
 def _shape_of(op: str) -> tuple[int, int] | None:
@@ -187,7 +191,7 @@ class ComputeModel:
         curve_shape = None if shape[0] is None else (int(shape[0]), int(shape[1]))
         curves = {}
         shaped = sorted({op for op in df.op[df.record == "curve"]
-                         if op.startswith(f"{SHAPED}@")})
+                         if op.startswith((f"{SHAPED}@", f"{BACKWARD}@"))})
         for op in shaped:
             if _shape_of(op) is None:
                 raise InputError(src, f"curve.{op}", f"name the expert shape as "
@@ -247,15 +251,31 @@ class ComputeModel:
                                           s))
         return shapes[near], near[0], near[1]
 
-    def grouped_gemm_seconds(self, rows: np.ndarray, dim: int, ffn: int) -> np.ndarray:
-        """Compute time of one forward gated FFN over groups (`rows` [..., G] rows per group),
+    def _backward_curve(self, dim: int, ffn: int) -> tuple[str, int, int] | None:
+        """The measured backward curve for experts of dim x ffn: the exact shape, else the
+        nearest measured one (log distance); None when the file has none."""
+        shapes = {_shape_of(op): op for op in self.curves if op.startswith(f"{BACKWARD}@")}
+        if not shapes:
+            return None
+        near = min(shapes, key=lambda s: (abs(np.log(s[0] / dim)) + abs(np.log(s[1] / ffn)),
+                                          s))
+        return shapes[near], near[0], near[1]
+
+    def grouped_gemm_seconds(self, rows: np.ndarray, dim: int, ffn: int,
+                             backward: bool = False) -> np.ndarray:
+        """Compute time of one gated FFN over groups (`rows` [..., G] rows per group),
         launches and the bytes bound excluded: max(sum over groups of the padded group's
         calibrated time, the wave floor of the up and the down GEMM: ceil(tiles / SMs) waves
-        of one tile per SM at the dense-GEMM peak)."""
+        of one tile per SM at the dense-GEMM peak). Backward (twice the FLOPs) on the
+        measured backward curve of the shape (`grouped_gemm_bwd@...`), else twice the
+        forward."""
         rows = np.asarray(rows, dtype=np.float64)
+        bwd_curve = self._backward_curve(dim, ffn) if backward else None
+        if backward and bwd_curve is None:
+            return 2.0 * self.grouped_gemm_seconds(rows, dim, ffn)
         tm, tn, sms = (self.params[k] for k in ("tile_m", "tile_n", "sms"))
-        rate = self.rates["grouped_gemm"]
-        curve, cdim, cffn = self._grouped_curve(dim, ffn)
+        rate = self.rates["grouped_gemm"] / (2.0 if backward else 1.0)
+        curve, cdim, cffn = bwd_curve or self._grouped_curve(dim, ffn)
         # The floor's tiles run at the dense-GEMM peak: no tile goes faster, so the floor is a
         # true lower bound and stays below the calibrated many-wave points it must reproduce.
         tile_rate = self.rates["gemm"] / sms
@@ -269,7 +289,7 @@ class ComputeModel:
         for n, k in ((2 * ffn, dim), (dim, ffn)):  # up+gate, then down
             waves = np.ceil(tiles * np.ceil(n / tn) / sms)
             floor = floor + waves * 2.0 * tm * tn * k / tile_rate
-        return np.maximum(per_group.sum(axis=-1), floor)
+        return np.maximum(per_group.sum(axis=-1), floor * (2.0 if backward else 1.0))
 
     def expert_ffn(self, expert_tokens: np.ndarray, dim: int, ffn: int, dtype_bytes: int,
                    backward: bool = False, activation: str = "kernel"
@@ -287,7 +307,8 @@ class ComputeModel:
         groups = (rows > 0).sum(axis=1)
         flops = 6.0 * tokens * dim * ffn * mult
         byt = (groups * 3.0 * dim * ffn + tokens * (2 * dim + 3 * ffn)) * dtype_bytes * mult
-        t = np.maximum(mult * self.grouped_gemm_seconds(rows, dim, ffn), byt / self.rates["hbm"])
+        t = np.maximum(self.grouped_gemm_seconds(rows, dim, ffn, backward),
+                       byt / self.rates["hbm"])
         # Two grouped GEMMs forward (up+gate, down), four backward.
         t = np.where(tokens > 0, t + 2 * mult * self.launch_overhead, 0.0)
         launches, elements = ACTIVATION[activation][1 if backward else 0]

@@ -30,7 +30,15 @@ def test_rows_from_a_known_roofline(tmp_path, monkeypatch):
     for s in cal.GEMM_SIZES_CPU:
         assert gemm[2.0 * s**3] == pytest.approx(2.0 * s**3 / busy / best)
     assert rows_rate["hbm"] == pytest.approx(2 * (1 << 23) * 4 / 1e-3)
-    assert {op for r, op, _, _ in rows if r == "curve"} == {"gemm", "grouped_gemm"}
+    assert {op for r, op, _, _ in rows if r == "curve"} == {"gemm", "grouped_gemm",
+                                                             "grouped_gemm_bwd@128x64"}
+    # The backward does twice the forward's FLOPs in the same (fake) millisecond less four
+    # launches: it is the best rate, and the forward's efficiency is half of it, less.
+    grouped = {size: v for r, op, size, v in rows if r == "curve" and op == "grouped_gemm"}
+    bwd = {size: v for r, op, size, v in rows if r == "curve" and op == "grouped_gemm_bwd@128x64"}
+    assert max(bwd.values()) == pytest.approx(1.0)
+    top = max(grouped)
+    assert grouped[top] / bwd[top] == pytest.approx((1e-3 - 4e-3 / 200) / (2 * (1e-3 - 2e-3 / 200)))
     path = tmp_path / "cpu.csv"
     cal.write_calibration(rows, path, "fake", "test")
     model = ComputeModel.load("cpu", path)
@@ -49,7 +57,8 @@ def test_extra_expert_shapes_get_their_own_curves(monkeypatch, tmp_path):
     monkeypatch.setattr(cal, "_timer", lambda device: lambda fn, repeat: 1e-3)
     rows = cal.measure("cpu", repeat=1, expert_shapes=cal.parse_shapes("32x16, 64x8"))
     ops = {op for r, op, _, _ in rows if r == "curve"}
-    assert ops == {"gemm", "grouped_gemm", "grouped_gemm@32x16", "grouped_gemm@64x8"}
+    assert ops == {"gemm", "grouped_gemm", "grouped_gemm@32x16", "grouped_gemm@64x8",
+                   "grouped_gemm_bwd@128x64", "grouped_gemm_bwd@32x16", "grouped_gemm_bwd@64x8"}
     path = tmp_path / "c.csv"
     cal.write_calibration(rows, path, "fake", "test")
     assert "grouped_gemm@64x8" in ComputeModel.load("c", path).curves

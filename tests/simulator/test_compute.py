@@ -194,6 +194,15 @@ def test_an_expert_shape_with_its_own_curve_uses_it(tmp_path):
     # Any other shape keeps the plain curve.
     assert cm.grouped_gemm_seconds(g, 2048, 1408)[0] == plain.grouped_gemm_seconds(
         g, 2048, 1408)[0]
+    # A measured backward curve at the shape: backward = 2 x FLOPs / (rate x its efficiency)
+    # for every group (whole tiles: 4096 rows), where there was 2 x the forward before.
+    bwd = "".join(f"curve,grouped_gemm_bwd@512x704,{s:.6g},0.8\n" for s in (1e8, 1e12))
+    p.write_text(base + rows + bwd)
+    cb = ComputeModel.load("x", p)
+    assert cb.grouped_gemm_seconds(g, 512, 704, backward=True)[0] == pytest.approx(
+        128 * 2 * 6.0 * 4096 * 512 * 704 / (609e12 * 0.8), rel=1e-9)
+    assert cm.grouped_gemm_seconds(g, 512, 704, backward=True)[0] == pytest.approx(
+        2 * cm.grouped_gemm_seconds(g, 512, 704)[0], rel=1e-12)
     p.write_text(base + "curve,grouped_gemm@thin,1e9,0.5\n")
     with pytest.raises(InputError, match=r"curve\.grouped_gemm@thin"):
         ComputeModel.load("x", p)
