@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -70,12 +71,13 @@ def _expert_gemms_backward(x, a, w_up, w_down, offs) -> Callable[[], object]:
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, device: str,
-                   warmup: int = 2) -> float:
+                   warmup: int = 2, between: Callable[[], object] | None = None) -> float:
     """Median seconds of `fn` over `repeat` runs after `warmup`. On a GPU the runs are queued
     back to back, each between two CUDA events, and read after one synchronize: the GPU time
     of a call as it runs inside a step (the host ahead). A synchronize after every run timed
     the host's launch latency and an idle GPU's clock ramp too, and put the grouped GEMMs
-    12-17% below what the same GEMMs take inside the runtime's steps (H200, session 3)."""
+    12-17% below what the same GEMMs take inside the runtime's steps (H200, session 3).
+    `between` is queued before each run, outside its events (on a GPU only)."""
     import torch
 
     for _ in range(warmup):
@@ -85,6 +87,8 @@ def median_seconds(fn: Callable[[], object], repeat: int, device: str,
                   for _ in range(repeat)]
         torch.cuda.synchronize()
         for start, end in events:
+            if between is not None:
+                between()
             start.record()
             fn()
             end.record()
@@ -98,9 +102,9 @@ def median_seconds(fn: Callable[[], object], repeat: int, device: str,
     return statistics.median(times)
 
 
-def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
-    """The timer `measure` uses (a seam for tests)."""
-    return lambda fn, repeat: median_seconds(fn, repeat, device)
+def _timer(device: str) -> Callable[..., float]:
+    """The timer `measure` uses (a seam for tests): (fn, repeat, between=None) -> seconds."""
+    return lambda fn, repeat, between=None: median_seconds(fn, repeat, device, between=between)
 
 
 def _expert_gemms(x, a, w_up, w_down, offs):
@@ -155,10 +159,20 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
         # or small GEMMs would pay it twice (a floor keeps launch-bound points positive).
         return max(seconds - kernels * overhead, 0.05 * seconds)
 
+    # GEMMs are timed as they run in a step: between memory-bound kernels (a 1 GiB copy
+    # before each run, not timed) and on weights of the model's scale (randn / sqrt(fan-in)).
+    # Back to back, GEMMs hold the board at its power limit and lower the clocks: on an H200
+    # the 2048 x 1408 experts ran 746 TFLOP/s with scaled weights back to back, 719 with a 1 GiB
+    # copy between runs, 667 with a synchronize after each (benchmarks/gemm_context.py), and
+    # about 680 inside the runtime's EP steps.
+    in_step = None
+    if gpu:
+        src = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
+        in_step = functools.partial(torch.empty_like(src).copy_, src)
     gemm = []
     for s in GEMM_SIZES_GPU if gpu else GEMM_SIZES_CPU:
-        a, b = rand(s, s), rand(s, s)
-        sec = busy(time_it(lambda a=a, b=b: a @ b, repeat), 1)
+        a, b = rand(s, s), rand(s, s) / s ** 0.5
+        sec = busy(time_it(lambda a=a, b=b: a @ b, repeat, between=in_step), 1)
         gemm.append((2.0 * s**3, 2.0 * s**3 / sec))
     best = max(r for _, r in gemm)
     rows.append(("rate", "gemm", "", best))
@@ -169,17 +183,18 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
     shapes += [(shaped_op(d, f), d, f) for d, f in expert_shapes]
     families = {}
     for op, d, f in shapes:
-        w_up, w_down = rand(e, d, 2 * f), rand(e, f, d)
+        w_up, w_down = rand(e, d, 2 * f) / d ** 0.5, rand(e, f, d) / f ** 0.5
         grouped, backward = [], []
         for t_per in GROUP_TOKENS_GPU if gpu else GROUP_TOKENS_CPU:
             xg, ag = rand(e * t_per, d), rand(e * t_per, f)
             offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
             flops_group = 6.0 * t_per * d * f
             sec = busy(time_it(lambda xg=xg, ag=ag, offs=offs, w_up=w_up, w_down=w_down:
-                               _expert_gemms(xg, ag, w_up, w_down, offs), repeat), 2)
+                               _expert_gemms(xg, ag, w_up, w_down, offs), repeat,
+                               between=in_step), 2)
             grouped.append((flops_group, e * flops_group / sec))
             bwd = _expert_gemms_backward(xg, ag, w_up, w_down, offs)
-            sec = busy(time_it(bwd, repeat), 4)
+            sec = busy(time_it(bwd, repeat, between=in_step), 4)
             backward.append((flops_group, e * 2 * flops_group / sec))
         families[op] = grouped
         families[shaped_op(d, f).replace(SHAPED, BACKWARD, 1)] = backward

@@ -15,7 +15,7 @@ def test_rows_from_a_known_roofline(tmp_path, monkeypatch):
     calls = []
 
     def fake_timer(device):
-        def run(fn, repeat):
+        def run(fn, repeat, between=None):
             calls.append(fn)
             return 1e-3
         return run
@@ -54,7 +54,7 @@ def test_rows_from_a_known_roofline(tmp_path, monkeypatch):
 
 def test_extra_expert_shapes_get_their_own_curves(monkeypatch, tmp_path):
     # Timings that scale with the work: every shape reaches the same rate at its largest size.
-    monkeypatch.setattr(cal, "_timer", lambda device: lambda fn, repeat: 1e-3)
+    monkeypatch.setattr(cal, "_timer", lambda device: lambda fn, repeat, between=None: 1e-3)
     rows = cal.measure("cpu", repeat=1, expert_shapes=cal.parse_shapes("32x16, 64x8"))
     ops = {op for r, op, _, _ in rows if r == "curve"}
     assert ops == {"gemm", "grouped_gemm", "grouped_gemm@32x16", "grouped_gemm@64x8",
