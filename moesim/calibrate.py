@@ -5,8 +5,11 @@ Measured, each as the median of `repeat` timed runs after warm-up, on fresh rand
 - rate hbm: a large device copy (bytes read + written over time);
 - rate gather: `index_select` of token rows in a random order (bytes read + written);
 - overhead kernel: time per launch of a tiny kernel, launched back to back;
-- curve gemm: bf16 square GEMMs from 256 to 8192, efficiency = achieved / best achieved, the
-  launch overhead taken out of each time (the compute model adds it back per launch);
+- curve gemm: bf16 square GEMMs from 256 to 8192, efficiency = achieved / best achieved. On a
+  GPU every GEMM (here and below) is timed as in a step: a 1 GiB copy queued before each run
+  (memory-bound work between GEMMs keeps the board off its power limit, as in a step), the
+  weights at the model's scale, GPU time alone; on the CPU the launch overhead is taken out
+  of each time (the compute model adds it back per launch);
 - curve grouped_gemm: the two grouped GEMMs of a gated expert FFN (up+gate, then down;
   `torch._grouped_mm` where the GPU has it, else one matmul per expert) over `experts` groups
   of t tokens each, for t from 16 to 8192 (128 and its multiples: whole row tiles); size =
@@ -159,6 +162,11 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
         # or small GEMMs would pay it twice (a floor keeps launch-bound points positive).
         return max(seconds - kernels * overhead, 0.05 * seconds)
 
+    def gpu_busy(seconds: float, kernels: int) -> float:
+        # A GEMM timed in step (the host ahead, a copy queued before it) is GPU time alone:
+        # no launch time to take out. On the CPU the host runs it: as `busy`.
+        return seconds if gpu else busy(seconds, kernels)
+
     # GEMMs are timed as they run in a step: between memory-bound kernels (a 1 GiB copy
     # before each run, not timed) and on weights of the model's scale (randn / sqrt(fan-in)).
     # Back to back, GEMMs hold the board at its power limit and lower the clocks: on an H200
@@ -172,7 +180,7 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
     gemm = []
     for s in GEMM_SIZES_GPU if gpu else GEMM_SIZES_CPU:
         a, b = rand(s, s), rand(s, s) / s ** 0.5
-        sec = busy(time_it(lambda a=a, b=b: a @ b, repeat, between=in_step), 1)
+        sec = gpu_busy(time_it(lambda a=a, b=b: a @ b, repeat, between=in_step), 1)
         gemm.append((2.0 * s**3, 2.0 * s**3 / sec))
     best = max(r for _, r in gemm)
     rows.append(("rate", "gemm", "", best))
@@ -189,12 +197,12 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
             xg, ag = rand(e * t_per, d), rand(e * t_per, f)
             offs = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
             flops_group = 6.0 * t_per * d * f
-            sec = busy(time_it(lambda xg=xg, ag=ag, offs=offs, w_up=w_up, w_down=w_down:
+            sec = gpu_busy(time_it(lambda xg=xg, ag=ag, offs=offs, w_up=w_up, w_down=w_down:
                                _expert_gemms(xg, ag, w_up, w_down, offs), repeat,
                                between=in_step), 2)
             grouped.append((flops_group, e * flops_group / sec))
             bwd = _expert_gemms_backward(xg, ag, w_up, w_down, offs)
-            sec = busy(time_it(bwd, repeat, between=in_step), 4)
+            sec = gpu_busy(time_it(bwd, repeat, between=in_step), 4)
             backward.append((flops_group, e * 2 * flops_group / sec))
         families[op] = grouped
         families[shaped_op(d, f).replace(SHAPED, BACKWARD, 1)] = backward
