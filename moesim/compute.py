@@ -27,7 +27,12 @@ Models, and what each assumes:
   a file whose curve has no shape (h200.csv's assumed one) by FLOPs per group. Shapes differ
   (measured on an H200: 512 x 704 experts run 15% below 4096 x 1408 ones at equal group
   FLOPs, and 3x above them at 2e9 FLOPs a group), so calibrate the model's shape. Backward
-  (input and weight gradients) costs twice the forward at the same efficiency.
+  (input and weight gradients, twice the FLOPs) runs on the measured backward curve of the
+  nearest shape (`grouped_gemm_bwd@<dim>x<ffn>`) when the file has one, else costs twice the
+  forward: thin experts' backward runs faster per FLOP than their forward (its weight
+  gradient contracts over the group's rows). Ignored: the board's power state (sustained
+  GEMMs run slower than GEMMs between memory-bound kernels; calibrate times them as in a
+  step).
 - Router (`router`): the logits GEMM, then softmax, top-k and the gate renormalisation as the
   separate small kernels they are (launches x overhead + bytes / HBM).
 - Permute (`permute`): a histogram of the expert ids, `sorts` stable sorts of the assignment
