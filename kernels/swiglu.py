@@ -57,9 +57,10 @@ BWD_WARPS = 8
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h_ptr, out_ptr, M, F, stride_h, stride_out, NF, BLOCK_M: tl.constexpr,
-                       BLOCK_F: tl.constexpr, EVEN_F: tl.constexpr):  # fmt: skip
-    # One [BLOCK_M, BLOCK_F] tile of out; program ids run column block fastest.
+def _gate_up_tile(h_ptr, M, F, stride_h, NF, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+                  EVEN_F: tl.constexpr):  # fmt: skip
+    """This program's [BLOCK_M, BLOCK_F] tile (program ids run column block fastest): its rows
+    (int64, [BLOCK_M, 1]), columns, mask, and the gate and up halves of h there, in fp32."""
     pid = tl.program_id(0)
     pid_m = pid // NF
     pid_f = pid % NF
@@ -72,6 +73,13 @@ def _swiglu_fwd_kernel(h_ptr, out_ptr, M, F, stride_h, stride_out, NF, BLOCK_M: 
     g_ptrs = h_ptr + r * stride_h + cols[None, :]
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(g_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+    return r, cols, mask, g, u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(h_ptr, out_ptr, M, F, stride_h, stride_out, NF, BLOCK_M: tl.constexpr,
+                       BLOCK_F: tl.constexpr, EVEN_F: tl.constexpr):  # fmt: skip
+    r, cols, mask, g, u = _gate_up_tile(h_ptr, M, F, stride_h, NF, BLOCK_M, BLOCK_F, EVEN_F)
     s = 1.0 / (1.0 + tl.exp(-g))
     out = (g * s * u).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + r * stride_out + cols[None, :], out, mask=mask)
@@ -82,18 +90,7 @@ def _swiglu_bwd_kernel(h_ptr, d_ptr, dh_ptr, M, F, stride_h, stride_d, stride_dh
                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
                        EVEN_F: tl.constexpr):  # fmt: skip
     # The same tiling; each program writes its columns of both halves of dh.
-    pid = tl.program_id(0)
-    pid_m = pid // NF
-    pid_f = pid % NF
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask = rows[:, None] < M
-    if not EVEN_F:
-        mask = mask & (cols[None, :] < F)
-    r = rows.to(tl.int64)[:, None]
-    g_ptrs = h_ptr + r * stride_h + cols[None, :]
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(g_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+    r, cols, mask, g, u = _gate_up_tile(h_ptr, M, F, stride_h, NF, BLOCK_M, BLOCK_F, EVEN_F)
     d = tl.load(d_ptr + r * stride_d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     ds = d * s

@@ -43,21 +43,6 @@ def forced_choice(counts: np.ndarray, n: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(k, n).T)
 
 
-def forced_choice_on(counts: np.ndarray, n: int, k: int, device: torch.device) -> torch.Tensor:
-    """`forced_choice` built on `device`: only the E counts are uploaded (pinned, so the copy
-    does not wait for the stream: runtime.upload), and the expansion knows its output size, so
-    nothing synchronises (the host-built [n, k] array and its upload cost 0.5-3 ms a layer on
-    one H200, more than the router's kernels)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.sum() != n * k or (counts > n).any() or (counts < 0).any():
-        raise ValueError(f"forced routing counts do not fit {n} items x top-{k}: "
-                         f"sum {counts.sum()}, max {counts.max()}")
-    (c,) = upload(counts, device=device)
-    flat = torch.repeat_interleave(torch.arange(len(counts), device=device), c,
-                                   output_size=n * k)
-    return flat.view(k, n).t()
-
-
 def forced_choice_blocks(counts: np.ndarray, n: int, k: int,
                          device: torch.device) -> torch.Tensor:
     """`forced_choice` for every (block, head) at once: counts [B, H, E] (block b is items
@@ -98,7 +83,8 @@ def choose(probs: torch.Tensor, k: int, forced: np.ndarray | None) -> tuple[torc
     """Route n items given their probs [n, E]; `forced` counts [E] override the choice."""
     if forced is None:
         return top_k(probs, k)
-    idx = forced_choice_on(forced, probs.shape[0], k, probs.device)
+    idx = forced_choice_blocks(np.asarray(forced)[None, None], probs.shape[0], k,
+                               probs.device)[:, 0]
     vals = probs.gather(1, idx)
     return idx, vals / vals.sum(dim=-1, keepdim=True)
 
