@@ -281,10 +281,10 @@ def make_trace(arm: Arm, path: Path) -> Path:
 
 
 def simulate_arm(arm: Arm, out: Path, cache: Path) -> Path:
-    """Simulate one arm with the simulator's Python API (moesim.simulate.Simulator), every
+    """Simulate one arm with the simulator's Python API (moesim.sim.simulate.Simulator), every
     step of `run.steps`; write its Result table with the config in the metadata."""
     from moesim.results import write_results
-    from moesim.simulate import Simulator
+    from moesim.sim.simulate import Simulator
     from traces.io import read_trace
 
     cfg_path = write_arm_config(arm, out)

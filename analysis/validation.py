@@ -10,6 +10,7 @@ rows, plus the step time under the phase name "step".
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -115,3 +116,38 @@ def plot_validation(comp: pd.DataFrame, *, title: str | None = None,
         if title:
             ax.set_title(title, loc="left")
     return fig
+
+
+def compare(measured: pd.DataFrame, simulated: pd.DataFrame, run: Path) -> pd.DataFrame:
+    """Rows: every phase, the mean step, and each step; columns measured_s, simulated_s,
+    rel_error."""
+    comp = comparison_from_results([ResultFile(run / "results.parquet", measured, {}),
+                                    ResultFile(Path("simulated"), simulated, {})])
+    comp.insert(2, "step", "mean")
+    st = step_times(pd.concat([measured, simulated], ignore_index=True))
+    per_step = st.pivot_table(index=["strategy", "step"], columns="source",
+                              values="step_time_s").dropna().reset_index()
+    per_step = pd.DataFrame({"strategy": per_step["strategy"], "phase": "step",
+                             "step": per_step["step"].astype(str),
+                             "measured_s": per_step["real"], "simulated_s": per_step["sim"]})
+    out = pd.concat([comp, per_step], ignore_index=True)
+    out["rel_error"] = (out["simulated_s"] - out["measured_s"]) / out["measured_s"]
+    return out
+
+
+def compare_passes(measured: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:
+    """Rows: every (strategy, pass, phase), both streams together; columns measured_s,
+    simulated_s, rel_error. The time is a phase's summed duration over layers, the mean over
+    ranks and steps. Separating the passes lets a comparison trust one pass when the other's
+    measurements are known to be off (e.g. a runtime whose backward is being fixed)."""
+    rows = []
+    for src, df in (("measured_s", measured), ("simulated_s", simulated)):
+        d = df.assign(dur=df["end_s"] - df["start_s"])
+        per = d.groupby(["strategy", "pass", "phase"])["dur"].sum()
+        norm = d.groupby("strategy").apply(lambda g: g["rank"].nunique() * g["step"].nunique(),
+                                           include_groups=False)
+        rows.append((per / norm.reindex(per.index.get_level_values("strategy")).to_numpy())
+                    .rename(src))
+    out = pd.concat(rows, axis=1).dropna().reset_index()
+    out["rel_error"] = (out["simulated_s"] - out["measured_s"]) / out["measured_s"]
+    return out

@@ -31,8 +31,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moesim.atomic import write_text_atomic
-from moesim.calibrate import median_seconds
 from moesim.config import ClusterConfig, Config, ModelConfig, ParallelConfig, RunConfig
+from runtime.calibrate import median_seconds
 from runtime.comm import init_distributed
 from runtime.experts import init_moe_weights
 from runtime.kernels_bridge import expert_backend

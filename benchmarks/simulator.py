@@ -21,7 +21,7 @@ import statistics
 import time
 
 from moesim.config import config_from_dict
-from moesim.simulate import Simulator
+from moesim.sim.simulate import Simulator
 from traces.generators import TraceSpec, generate
 
 STD = {"name": "moe-e64-k8", "d_model": 2048, "d_ffn": 1408, "num_experts": 64, "top_k": 8}

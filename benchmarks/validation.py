@@ -3,10 +3,10 @@
     python -m benchmarks.validation docs/validation/runs/h200x1-* --out docs/validation \
         [--set cluster.gpu=h200-measured]
 
-For each run, `moesim validate`'s comparison (moesim.validate); then per run the step-time error
-and the worst phase, and per strategy the median absolute step-time error. Writes
+For each run, `moesim validate`'s comparison (analysis.validation.compare); then per run the
+step-time error and the worst phase, and per strategy the median absolute step-time error. Writes
 OUT/comparison.csv (every row), OUT/summary.csv (one row per run) and OUT/passes.csv (each
-phase per pass, `moesim.validate.compare_passes`), and prints the summary and the forward
+phase per pass, `analysis.validation.compare_passes`), and prints the summary and the forward
 phases' errors (the passes can be judged apart: a runtime bug may spoil one of them).
 """
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.validation import compare, compare_passes
 from moesim.atomic import atomic_path
 from moesim.config import parse_override
-from moesim.validate import compare, compare_passes, simulate_run
+from moesim.sim.replay import simulate_run
 
 
 def main() -> None:

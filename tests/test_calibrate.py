@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import moesim.calibrate as cal
+import runtime.calibrate as cal
 from moesim.cli import main
-from moesim.compute import ComputeModel
 from moesim.errors import InputError
+from moesim.sim.compute import ComputeModel
 
 
 def test_rows_from_a_known_roofline(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from moesim.validate import simulate_run
+from moesim.sim.replay import simulate_run
 
 ROOT = Path(__file__).resolve().parents[2]
 

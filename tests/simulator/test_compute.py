@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim.compute import CALIBRATION_DIR, ComputeModel
 from moesim.errors import InputError
+from moesim.sim.compute import CALIBRATION_DIR, ComputeModel
 
 
 def test_h200_matmul_hits_measured_rate():

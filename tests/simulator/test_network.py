@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.sparse import csr_matrix
 
-from moesim.collectives import Collectives
 from moesim.config import ClusterConfig
 from moesim.errors import InputError
-from moesim.network import FlowNetwork, max_min_rates
-from moesim.topology import build_topology, load_topology_file
+from moesim.sim.collectives import Collectives
+from moesim.sim.network import FlowNetwork, max_min_rates
+from moesim.sim.topology import build_topology, load_topology_file
 from tests.simulator.helpers import dumbbell, star, write_toml
 
 GB = 1e9

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moesim.config import config_from_dict
-from moesim.simulate import Simulator
+from moesim.sim.simulate import Simulator
 from traces.generators import TraceSpec, generate
 
 NO_LAT = {"nvlink_latency_us": 0.0, "nic_latency_us": 0.0, "fabric_latency_us": 0.0}
@@ -118,7 +118,7 @@ def test_every_rank_has_every_phase_and_ep_imbalance_shows():
 
 
 def test_summary_separates_comm_combine_from_unpermute():
-    from moesim.simulate import summarize
+    from moesim.sim.simulate import summarize
     sim = Simulator(_cfg(1, 4), _trace(1, 4), "gen")
     out = sim.simulate_step("ep", 0)
     row = summarize([out], {"ep": 8}).iloc[0]

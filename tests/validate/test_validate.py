@@ -8,11 +8,12 @@ import shutil
 import pandas as pd
 import pytest
 
+from analysis.validation import compare
 from moesim.cli import main
 from moesim.config import load_config
 from moesim.results import write_results
-from moesim.simulate import Simulator
-from moesim.validate import compare, simulate_run
+from moesim.sim.replay import simulate_run
+from moesim.sim.simulate import Simulator
 from traces.generators import TraceSpec, generate
 from traces.io import read_trace, write_trace
 

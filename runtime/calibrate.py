@@ -1,5 +1,5 @@
 """`moesim calibrate`: measure this machine's compute rates and write the calibration CSV that
-the compute model (`moesim.compute.ComputeModel`) reads.
+the compute model (`moesim.sim.compute.ComputeModel`) reads.
 
 Measured, each as the median of `repeat` timed runs after warm-up, on fresh random inputs:
 - rate hbm: a large device copy (bytes read + written over time);
@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moesim.atomic import atomic_path
-from moesim.compute import BACKWARD, SHAPED, shaped_op
+from moesim.calibration import BACKWARD, SHAPED, shaped_op
 from moesim.errors import InputError
 
 GEMM_SIZES_GPU = (256, 512, 1024, 2048, 4096, 8192)

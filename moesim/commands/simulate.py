@@ -135,7 +135,7 @@ def _strategy_inputs(strategy: str, cfg: Config, hp: Config | None, trace: Path,
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from moesim.simulate import Simulator, chrome_trace, run_strategies, summarize
+    from moesim.sim.simulate import Simulator, chrome_trace, run_strategies, summarize
 
     cfg, hp = _configs(args)
     strategies = _strategies(args.strategy or cfg.parallel.strategy, "--strategy")
@@ -231,7 +231,7 @@ def _file_digest(path: Path) -> str:
 
 def _sweep_point(point: dict) -> dict:
     """Run one sweep point in a worker process; returns its summary row."""
-    from moesim.simulate import Simulator, run_strategies, summarize
+    from moesim.sim.simulate import Simulator, run_strategies, summarize
 
     cfg = config_from_dict(point["config"], point["config_source"])
     trace = read_trace(point["trace"])

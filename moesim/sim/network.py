@@ -2,7 +2,7 @@
 flow events.
 
 Model. A flow moves `bytes` from one GPU to another along its route (a set of links with the
-fraction of the flow each carries, see `moesim.topology`). At any time the rates of the active
+fraction of the flow each carries, see `moesim.sim.topology`). At any time the rates of the active
 flows are the max-min fair allocation under the link capacities (progressive filling: raise all
 unfrozen flows together, freeze the flows of every link that fills, repeat). Rates are
 recomputed whenever a flow starts or ends; between those events every flow moves at constant
@@ -27,7 +27,7 @@ solution). Measured on zipf-1.2 EP dispatch on 32 GPUs: +1.0% at 0.02 (25 events
 Ignored: packets, MTU and header overheads (fold them into the link bandwidth), congestion
 control dynamics (fairness is reached instantly), switch buffers and head-of-line blocking,
 PFC pauses, ECMP hash collisions (routes split evenly), and any per-message software cost other
-than the collective latency added by `moesim.collectives`.
+than the collective latency added by `moesim.sim.collectives`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.sparse import csr_matrix
 
-from moesim.topology import Topology
+from moesim.sim.topology import Topology
 
 # A link counts as full when its residual share is within this relative distance of the
 # round's increment: floating-point slack, not a modelling knob.

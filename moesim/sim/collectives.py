@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.network import FlowNetwork
-from moesim.topology import LINK_KINDS
+from moesim.sim.network import FlowNetwork
+from moesim.sim.topology import LINK_KINDS
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ Assumptions (see docs/simulator.md):
 - Traffic and token counts come from `planner.traffic.layer_traffic` for each MoE group and
   layer; nothing here computes traffic. Byte matrices of the groups are laid block-diagonally
   over the cluster's ranks (group g holds ranks g*G .. g*G + G - 1).
-- Compute times come from `moesim.compute`; the attention and dense parts of the model are not
+- Compute times come from `moesim.sim.compute`; the attention and dense parts of the model are not
   simulated (the MoE part of a step only). Phases hold what the runtime times in them: the
   EP/FSEP expert phase includes the two regroup gathers around the grouped GEMM; a permute
   has the sorts and syncs of its strategy (EP_PERMUTE, HP_PERMUTE).
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from moesim.collectives import CollectiveResult, Traffic
-from moesim.compute import ComputeModel
 from moesim.config import Config
+from moesim.sim.collectives import CollectiveResult, Traffic
+from moesim.sim.compute import ComputeModel
 
 
 @dataclass

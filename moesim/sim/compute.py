@@ -64,32 +64,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moesim.calibration import (
+    BACKWARD,
+    CALIBRATION_DIR,
+    CURVE_OPS,
+    RATE_OPS,
+    SHAPED,
+    shape_of,
+)
 from moesim.errors import InputError
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
-RATE_OPS = ("gemm", "grouped_gemm", "hbm", "gather")
-CURVE_OPS = ("gemm", "grouped_gemm")
-# Grouped GEMM curves measured at a given expert shape: op "grouped_gemm@<dim>x<ffn>". An
-# expert of that shape uses its own curve, any other the plain "grouped_gemm" one.
-SHAPED = "grouped_gemm"
-# Their backward (input and weight gradients, twice the forward's FLOPs), measured at a shape:
-# op "grouped_gemm_bwd@<dim>x<ffn>", size = the group's forward FLOPs. Without one the backward
-# costs twice the forward.
-BACKWARD = "grouped_gemm_bwd"
-
-
-def _shape_of(op: str) -> tuple[int, int] | None:
-    """(dim, ffn) of a "grouped_gemm@<dim>x<ffn>" curve name, None if malformed."""
-    try:
-        dim, ffn = op.split("@", 1)[1].lower().split("x")
-        return int(dim), int(ffn)
-    except ValueError:
-        return None
-
-
-def shaped_op(dim: int, ffn: int) -> str:
-    """The curve name of grouped GEMMs with experts of `dim` x `ffn`."""
-    return f"{SHAPED}@{dim}x{ffn}"
 RECORDS = ("rate", "overhead", "curve", "param")
 # Optional rows and the values assumed when a file lacks them (files written before they
 # existed stay readable). Params: the GPU's SM count and the grouped GEMM's output tile.
@@ -198,7 +182,7 @@ class ComputeModel:
         shaped = sorted({op for op in df.op[df.record == "curve"]
                          if op.startswith((f"{SHAPED}@", f"{BACKWARD}@"))})
         for op in shaped:
-            if _shape_of(op) is None:
+            if shape_of(op) is None:
                 raise InputError(src, f"curve.{op}", f"name the expert shape as "
                                  f"{SHAPED}@<dim>x<ffn>, e.g. {SHAPED}@512x704")
         for op in (*CURVE_OPS, *shaped):
@@ -246,7 +230,7 @@ class ComputeModel:
         sub-tile ones that carry tile waste already. The exact shape if measured; else the
         nearest (log distance) if the plain curve's shape is known, else the plain curve by
         the group's FLOPs (h200.csv's assumed curve)."""
-        shapes = {_shape_of(op): op for op in self.curves if op.startswith(f"{SHAPED}@")}
+        shapes = {shape_of(op): op for op in self.curves if op.startswith(f"{SHAPED}@")}
         if (dim, ffn) in shapes:
             return shapes[(dim, ffn)], dim, ffn
         if self.curve_shape is None:
@@ -259,7 +243,7 @@ class ComputeModel:
     def _backward_curve(self, dim: int, ffn: int) -> tuple[str, int, int] | None:
         """The measured backward curve for experts of dim x ffn: the exact shape, else the
         nearest measured one (log distance); None when the file has none."""
-        shapes = {_shape_of(op): op for op in self.curves if op.startswith(f"{BACKWARD}@")}
+        shapes = {shape_of(op): op for op in self.curves if op.startswith(f"{BACKWARD}@")}
         if not shapes:
             return None
         near = min(shapes, key=lambda s: (abs(np.log(s[0] / dim)) + abs(np.log(s[1] / ffn)),

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from moesim.collectives import CollectiveResult, Collectives, Traffic
-from moesim.compute import ComputeModel
 from moesim.config import Config
 from moesim.errors import InputError
-from moesim.network import FlowNetwork
-from moesim.programs import BUILDERS, LayerInputs, Program, StrategyContext, execute
 from moesim.results import COLUMNS
-from moesim.topology import LINK_KINDS, Topology, build_topology
+from moesim.sim.collectives import CollectiveResult, Collectives, Traffic
+from moesim.sim.compute import ComputeModel
+from moesim.sim.network import FlowNetwork
+from moesim.sim.programs import BUILDERS, LayerInputs, Program, StrategyContext, execute
+from moesim.sim.topology import LINK_KINDS, Topology, build_topology
 from planner.placement import ep_hot_replicas, ep_placement, hp_placement
 from planner.traffic import layer_traffic
 from traces.schema import Trace
