@@ -30,16 +30,37 @@ def _f(default: Any, *, choices: tuple | None = None, lo: float | None = None,
     return field(default=default, metadata=meta)
 
 
+ATTENTION_KINDS = ("gqa", "mla")
+NORMS = ("rmsnorm", "layernorm")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The MoE model. With `num_heads` > 1 it is a Multi-Head LatentMoE: each token is projected
-    to a latent of `num_heads * head_dim`, and each head routes its sub-token to `top_k` of its
-    own `num_experts` experts, whose FFNs work in `head_dim` with hidden size `d_ffn`."""
+    """The decoder: an embedding, `num_layers` layers of (norm, attention, norm, MLP), a final
+    norm and the LM head. A layer's MLP is an MoE unless its index is in `dense_layers`
+    (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers); an MoE layer may add
+    `shared_experts` that every token visits. Attention is grouped-query (`kv_heads` K/V heads
+    shared by the `attn_heads` query heads; MHA when equal) or DeepSeek's multi-head latent
+    attention (`attention = "mla"`). With `num_heads` > 1 the MoE is a Multi-Head LatentMoE:
+    each token is projected to a latent of `num_heads * head_dim`, and each head routes its
+    sub-token to `top_k` of its own `num_experts` experts, whose FFNs work in `head_dim` with
+    hidden size `d_ffn`. `hf_config` names a Hugging Face config.json whose shape fills the
+    fields this table does not set (moesim.hf_config)."""
 
     name: str = _f("moe", doc="a label carried into traces and results")
-    num_layers: int = _f(8, lo=1, doc="MoE layers")
+    hf_config: str = _f("", doc="a Hugging Face config.json (Mixtral, Qwen2/3-MoE, "
+                        "DeepSeek-V2/V3, OLMoE) giving the shape; relative to this file; "
+                        "fields set here win over it")
+    num_layers: int = _f(8, lo=1, doc="decoder layers (each MoE unless in dense_layers)")
+    dense_layers: list[int] = _f([], doc="indices of the layers whose MLP is dense "  # noqa: RUF009
+                                 "(d_ffn_dense)")
     d_model: int = _f(2048, lo=1)
     d_ffn: int = _f(1408, lo=1, doc="expert FFN hidden size")
+    d_ffn_dense: int = _f(0, lo=0, doc="hidden size of the dense layers' MLP; required when "
+                          "dense_layers is not empty")
+    shared_experts: int = _f(0, lo=0, doc="experts every token of an MoE layer visits, beside "
+                             "its top_k routed ones (DeepSeek, Qwen2-MoE)")
+    d_ffn_shared: int = _f(0, lo=0, doc="hidden size of one shared expert; 0: d_ffn")
     num_experts: int = _f(64, lo=1, doc="experts per head (all experts when num_heads = 1)")
     top_k: int = _f(8, lo=1, doc="experts each token (sub-token) visits")
     num_heads: int = _f(1, lo=1, doc="Multi-Head LatentMoE heads; 1 is a standard MoE")
@@ -51,9 +72,24 @@ class ModelConfig:
                              "one fused memory-bound kernel forward and one backward (what "
                              "runtime/ runs, kernels/swiglu.py); 'fused' in the up GEMM's "
                              "epilogue, moving no extra bytes")
-    vocab_size: int = _f(32000, lo=2, doc="runtime model only")
-    seq_len: int = _f(2048, lo=1, doc="runtime model only")
-    attn_heads: int = _f(16, lo=1, doc="runtime model only")
+    vocab_size: int = _f(32000, lo=2)
+    seq_len: int = _f(2048, lo=1, doc="tokens per sequence (the training context length)")
+    attention: str = _f("gqa", choices=ATTENTION_KINDS,
+                        doc="'gqa': grouped-query (MHA when kv_heads = attn_heads); 'mla': "
+                            "DeepSeek-V2/V3 multi-head latent attention (kv_lora_rank ...)")
+    attn_heads: int = _f(16, lo=1, doc="attention query heads")
+    kv_heads: int = _f(0, lo=0, doc="K/V heads (GQA groups); 0: attn_heads")
+    attn_head_dim: int = _f(0, lo=0, doc="query/key width per head (MLA: nope + rope); 0: "
+                            "d_model / attn_heads")
+    v_head_dim: int = _f(0, lo=0, doc="value width per head; 0: attn_head_dim")
+    q_lora_rank: int = _f(0, lo=0, doc="MLA: query compression rank; 0: no compression")
+    kv_lora_rank: int = _f(0, lo=0, doc="MLA: key/value compression rank")
+    qk_rope_head_dim: int = _f(0, lo=0, doc="MLA: the rotary part of attn_head_dim, carried "
+                               "by one shared key head")
+    qkv_bias: bool = _f(False, doc="biases on the Q, K, V projections (Qwen)")
+    qk_norm: bool = _f(False, doc="RMSNorm on queries and keys (OLMoE, Qwen3)")
+    norm: str = _f("rmsnorm", choices=NORMS)
+    tie_embeddings: bool = _f(False, doc="the LM head shares the embedding's weights")
 
     def _check(self) -> list[tuple[str, str]]:
         errs = []
@@ -61,8 +97,37 @@ class ModelConfig:
             errs.append(("top_k", f"{self.top_k} exceeds num_experts = {self.num_experts}"))
         if self.num_heads > 1 and self.head_dim == 0:
             errs.append(("head_dim", "must be > 0 when num_heads > 1"))
-        if self.d_model % self.attn_heads:
-            errs.append(("attn_heads", f"must divide d_model = {self.d_model}"))
+        if self.attn_head_dim == 0 and self.d_model % self.attn_heads:
+            errs.append(("attn_heads", f"must divide d_model = {self.d_model} (or set "
+                         "attn_head_dim)"))
+        if self.attn_heads % self.num_kv_heads:
+            errs.append(("kv_heads", f"{self.num_kv_heads} must divide attn_heads = "
+                         f"{self.attn_heads}"))
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad:
+            errs.append(("dense_layers", f"{bad[0]} is not a layer index 0..{self.num_layers - 1}"))
+        elif len(set(self.dense_layers)) != len(self.dense_layers):
+            errs.append(("dense_layers", "lists a layer twice"))
+        elif len(self.dense_layers) == self.num_layers:
+            errs.append(("dense_layers", "every layer is dense: an MoE model needs one MoE "
+                         "layer"))
+        if self.dense_layers and self.d_ffn_dense == 0:
+            errs.append(("d_ffn_dense", "must be > 0 when dense_layers is not empty"))
+        if self.attention == "mla":
+            if self.kv_lora_rank == 0:
+                errs.append(("kv_lora_rank", "must be > 0 for attention = 'mla'"))
+            if not 0 < self.qk_rope_head_dim < self.qk_head_dim:
+                errs.append(("qk_rope_head_dim", "MLA: must be > 0 and below attn_head_dim "
+                             f"= {self.qk_head_dim}"))
+            if self.kv_heads not in (0, self.attn_heads):
+                errs.append(("kv_heads", "MLA has one K/V head per query head: leave it 0"))
+            if self.qkv_bias or self.qk_norm:
+                errs.append(("qkv_bias" if self.qkv_bias else "qk_norm",
+                             "not modelled for attention = 'mla' (DeepSeek has neither)"))
+        elif self.q_lora_rank or self.kv_lora_rank or self.qk_rope_head_dim:
+            field_ = ("q_lora_rank" if self.q_lora_rank else
+                      "kv_lora_rank" if self.kv_lora_rank else "qk_rope_head_dim")
+            errs.append((field_, "is an MLA field: set attention = 'mla' or leave it 0"))
         return errs
 
     @property
@@ -87,6 +152,115 @@ class ModelConfig:
     def expert_params(self) -> int:
         """Weights of one expert: gated FFN, up (2 x dim x ffn) and down (ffn x dim)."""
         return 3 * self.expert_dim * self.d_ffn
+
+    # -- the decoder stack -------------------------------------------------------------------
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """Decoder layer index of each MoE layer, in order: MoE layer j of a trace is decoder
+        layer moe_layer_ids[j]."""
+        dense = set(self.dense_layers)
+        return tuple(i for i in range(self.num_layers) if i not in dense)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - len(self.dense_layers)
+
+    def is_moe(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of one MLP (expert, shared expert or dense), as expert_params
+        counts them: 3 for a gated SwiGLU FFN, 2 for a plain one."""
+        return self.expert_params // (self.expert_dim * self.d_ffn)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.attn_heads if self.attention == "mla" else (self.kv_heads or self.attn_heads)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.attn_head_dim or self.d_model // self.attn_heads
+
+    @property
+    def v_dim(self) -> int:
+        """Value width per head."""
+        return self.v_head_dim or self.qk_head_dim
+
+    @property
+    def shared_ffn(self) -> int:
+        return self.d_ffn_shared or self.d_ffn
+
+    @property
+    def attention_params(self) -> int:
+        """Weights (and biases) of one layer's attention, its norms excluded."""
+        d, h, dq, dv = self.d_model, self.attn_heads, self.qk_head_dim, self.v_dim
+        if self.attention == "mla":
+            rope, kv = self.qk_rope_head_dim, self.kv_lora_rank
+            q = (d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * dq
+                 if self.q_lora_rank else d * h * dq)
+            # kv_a (d -> rank + shared rope key), its norm, kv_b (rank -> per-head nope key
+            # and value), out.
+            return q + d * (kv + rope) + kv + kv * h * (dq - rope + dv) + h * dv * d
+        hk = self.num_kv_heads
+        qkv = d * (h * dq + hk * dq + hk * dv)
+        bias = h * dq + hk * dq + hk * dv if self.qkv_bias else 0
+        qk_norm = h * dq + hk * dq if self.qk_norm else 0
+        return qkv + bias + qk_norm + h * dv * d
+
+    @property
+    def norm_params(self) -> int:
+        """One norm over d_model (LayerNorm adds a bias)."""
+        return self.d_model * (2 if self.norm == "layernorm" else 1)
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return self.mlp_matrices * self.d_model * self.d_ffn_dense
+
+    @property
+    def shared_expert_params(self) -> int:
+        """All shared experts of one MoE layer."""
+        return self.shared_experts * self.mlp_matrices * self.d_model * self.shared_ffn
+
+    @property
+    def router_params(self) -> int:
+        """One MoE layer's router(s) and, for Multi-Head LatentMoE, its projections d ->
+        latent -> d."""
+        if self.num_heads > 1:
+            return self.total_experts * self.head_dim + 2 * self.d_model * self.latent_dim
+        return self.d_model * self.num_experts
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.d_model
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab_size * self.d_model
+
+    def layer_params(self, layer: int) -> dict[str, int]:
+        """Parameters of decoder layer `layer` by part: attention, norms, and the dense MLP or
+        the MoE's routed experts (all of them), shared experts and router."""
+        out = {"attention": self.attention_params, "norms": 2 * self.norm_params}
+        if self.is_moe(layer):
+            out |= {"experts": self.total_experts * self.expert_params,
+                    "shared_experts": self.shared_expert_params, "router": self.router_params}
+        else:
+            out["dense_mlp"] = self.dense_mlp_params
+        return out
+
+    @property
+    def total_params(self) -> int:
+        layers = sum(sum(self.layer_params(i).values()) for i in range(self.num_layers))
+        return layers + self.embedding_params + self.norm_params + self.lm_head_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token's forward multiplies by (top_k of the routed experts; the
+        embedding counted once, as a lookup)."""
+        routed = self.num_moe_layers * self.total_experts * self.expert_params
+        active = self.num_moe_layers * self.num_heads * self.top_k * self.expert_params
+        return self.total_params - routed + active
 
 
 @dataclass(frozen=True)
@@ -280,6 +454,23 @@ def _build_section(cls: type, raw: dict, source: str, section: str) -> Any:
     return obj
 
 
+def _with_hf_config(model: dict, source: str) -> dict:
+    """The [model] table over the shape of its `hf_config` JSON: the table's fields win. A
+    path is relative to the config file's folder. A table that sets every field an import
+    could (a config written back by config_to_dict) does not read the JSON again."""
+    from moesim.hf_config import IMPORTED_FIELDS, read_hf_config
+
+    ref = model["hf_config"]
+    if not isinstance(ref, str):
+        raise InputError(source, "model.hf_config", f"expected str, got {ref!r}")
+    if all(k in model for k in IMPORTED_FIELDS):
+        return model
+    path = Path(ref)
+    if not path.is_absolute() and Path(source).is_file():
+        path = Path(source).parent / path
+    return {**read_hf_config(path), **model, "hf_config": str(path)}
+
+
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     """Build and validate a Config from parsed TOML (section -> field -> value)."""
     for key, val in raw.items():
@@ -287,6 +478,8 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
             raise InputError(source, key, f"unknown section; allowed: {', '.join(SECTIONS)}")
         if not isinstance(val, dict):
             raise InputError(source, key, "must be a table ([section])")
+    if raw.get("model", {}).get("hf_config"):
+        raw = {**raw, "model": _with_hf_config(raw["model"], source)}
     parts = {name: _build_section(cls, raw.get(name, {}), source, name)
              for name, cls in SECTIONS.items()}
     return Config(**parts, source=source)

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = {"moesim", "moesim.errors", "moesim.atomic", "moesim.config", "moesim.results",
-        "moesim.calibration"}
+        "moesim.calibration", "moesim.hf_config"}
 
 # layer -> the layers it may import (besides itself)
 ALLOWED: dict[str, set[str]] = {
