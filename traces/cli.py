@@ -1,4 +1,4 @@
-"""`moesim trace gen | stats | convert`."""
+"""`moesim trace gen | stats | convert | import | fit`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ from moesim.atomic import atomic_path
 from moesim.config import load_config
 from moesim.errors import InputError
 from traces.generators import GENERATORS, TraceSpec, generate
+from traces.importers import (
+    FORMATS,
+    expand_histogram,
+    import_hf,
+    import_megatron,
+    import_smartmoe,
+)
 from traces.io import read_long_csv, read_trace, write_long_csv, write_trace
 from traces.schema import TraceMeta
 from traces.stats import format_table, imbalance_table
@@ -70,6 +77,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--tokens-per-shard", type=int, help="for CSV input without a metadata line")
     c.add_argument("--model", default="unknown", help="for CSV input without a metadata line")
     c.set_defaults(func=cmd_convert)
+
+    i = tsub.add_parser("import", help="import routing recorded by another tool",
+                        description="Turn recorded routing into a moesim trace (Parquet). "
+                        "Formats (traces/importers.py): smartmoe (SmartMoE-AE training logs, "
+                        ".tar.xz or folder), histogram (per-layer expert counts CSV such as "
+                        "OLMoE's, sampled into N steps), megatron (Megatron-Core router trace "
+                        "folder of router_trace_rank{R}.jsonl), hf (Hugging Face "
+                        "output_router_logits dumps, .pt or .npz, one file per step).")
+    i.add_argument("format", choices=FORMATS)
+    i.add_argument("src", type=Path, help="the recorded file or folder")
+    i.add_argument("out", type=Path, help="the trace to write (.parquet)")
+    i.add_argument("--top-k", type=int, help="smartmoe (default 2), hf (required): experts "
+                   "per token")
+    i.add_argument("--experts", type=int, help="megatron (required): experts per layer")
+    i.add_argument("--shards", type=int, help="hf: equal token groups (default 1); histogram: "
+                   "shards to sample (default 16)")
+    i.add_argument("--micro-batches-as-shards", action="store_true",
+                   help="smartmoe: one shard per (rank, micro-batch) instead of per rank")
+    i.add_argument("--model", help="histogram: which model of the file (default: the first); "
+                   "other formats: the label stored in the trace")
+    i.add_argument("--domain", help="histogram: which domain (default: the first)")
+    i.add_argument("--steps", type=int, default=100, help="histogram: steps to sample")
+    i.add_argument("--tokens-per-shard", type=int, default=4096, help="histogram: tokens each "
+                   "shard routes per step")
+    i.add_argument("--concentration", type=float, default=0.0, help="histogram: Dirichlet "
+                   "concentration of per-step drift (0: the histogram's distribution every step)")
+    i.add_argument("--seed", type=int, default=0, help="histogram: sampling seed")
+    i.set_defaults(func=cmd_import)
 
 
 def _spec_from_args(args: argparse.Namespace) -> TraceSpec:
@@ -140,4 +175,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
         write_trace(trace, args.dst)
     print(f"wrote {args.dst}: {trace.num_steps} steps x {trace.num_layers} layers x "
           f"{trace.num_shards} shards x {trace.num_heads} heads x {trace.num_experts} experts")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".parquet":
+        raise InputError(args.out, "out", "trace import writes Parquet: use a .parquet name")
+    if not args.src.exists():
+        raise InputError(args.src, "src", "no such file or folder")
+    t0 = time.perf_counter()
+    label = {"model": args.model} if args.model else {}
+    if args.format == "smartmoe":
+        trace = import_smartmoe(args.src, top_k=args.top_k or 2,
+                                micro_batches_as_shards=args.micro_batches_as_shards, **label)
+    elif args.format == "histogram":
+        trace = expand_histogram(args.src, steps=args.steps, shards=args.shards or 16,
+                                 tokens_per_shard=args.tokens_per_shard, model=args.model,
+                                 domain=args.domain, concentration=args.concentration,
+                                 seed=args.seed)
+    elif args.format == "megatron":
+        if not args.experts:
+            raise InputError(args.src, "--experts", "megatron traces do not record the "
+                             "number of experts: pass --experts")
+        trace = import_megatron(args.src, args.experts, **label)
+    else:
+        if not args.top_k:
+            raise InputError(args.src, "--top-k", "router logits do not say top-k: pass --top-k")
+        trace = import_hf(args.src, args.top_k, shards=args.shards or 1, **label)
+    t1 = time.perf_counter()
+    write_trace(trace, args.out)
+    print(f"wrote {args.out}: {trace.num_steps} steps x {trace.num_layers} layers x "
+          f"{trace.num_shards} shards x {trace.num_heads} heads x {trace.num_experts} experts, "
+          f"top-{trace.meta.top_k}, {trace.meta.tokens_per_shard} tokens/shard "
+          f"(import {t1 - t0:.1f} s, write {time.perf_counter() - t1:.2f} s)")
     return 0

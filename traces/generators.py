@@ -227,13 +227,45 @@ def _enforce_distinct(c: np.ndarray, tokens: int) -> None:
             excess -= give
 
 
-def generate(spec: TraceSpec, progress: bool = False) -> Trace:
-    """Generate a trace from `spec`: the same spec (seed included) gives the same counts.
+def sample_counts(p: np.ndarray, shards: int, tokens: int, top_k: int,
+                  seeds: np.random.SeedSequence, sampler: str = "auto",
+                  progress: bool = False) -> tuple[np.ndarray, str]:
+    """Counts [steps, layers, shards, heads, experts] drawn from the routing distribution
+    p [steps, layers, heads, experts] (capped at 1/top_k here), and the sampler used.
 
-    Steps are drawn in chunks of ~2^21 counts, each from its own child seed of `spec.seed`, on
+    Steps are drawn in chunks of ~2^21 counts, each from its own child seed of `seeds`, on
     a thread per core (numpy releases the GIL while it draws); the chunking depends only on the
-    trace's shape, so the result does not depend on the number of threads.
-    """
+    trace's shape, so the result does not depend on the number of threads."""
+    p = cap_probabilities(p, 1.0 / top_k)
+    steps, layers, heads, experts = p.shape
+    cells = steps * layers * shards * heads * experts
+    if sampler == "auto":
+        sampler = "multinomial" if cells <= AUTO_EXACT_LIMIT else "normal"
+    draw = _sample_multinomial if sampler == "multinomial" else _sample_normal
+    counts = np.empty((steps, layers, shards, heads, experts), np.int32)
+    step_chunk = max(1, CHUNK_CELLS // (cells // steps))
+    starts = list(range(0, steps, step_chunk))
+    chunk_seeds = seeds.spawn(len(starts) + 1)[1:]
+
+    def fill(i: int) -> None:
+        s0 = starts[i]
+        rng = np.random.default_rng(chunk_seeds[i])
+        _sample(draw, rng, tokens, top_k, p[s0:s0 + step_chunk], shards,
+                counts[s0:s0 + step_chunk])
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        done = pool.map(fill, range(len(starts)))
+        if progress:
+            from tqdm import tqdm
+            done = tqdm(done, total=len(starts), desc="trace gen", unit="chunk", leave=False)
+        for _ in done:
+            pass
+    return counts, sampler
+
+
+def generate(spec: TraceSpec, progress: bool = False) -> Trace:
+    """Generate a trace from `spec`: the same spec (seed included) gives the same counts
+    (`sample_counts` says how they are drawn)."""
     if spec.kind not in GENERATORS:
         raise InputError("trace spec", "kind", f"{spec.kind!r} is not one of "
                          f"{', '.join(GENERATORS)}")
@@ -246,30 +278,8 @@ def generate(spec: TraceSpec, progress: bool = False) -> Trace:
         raise InputError("trace spec", "sampler", "not one of auto, multinomial, normal")
     seeds = np.random.SeedSequence(spec.seed)
     p = GENERATORS[spec.kind](spec, np.random.default_rng(seeds.spawn(1)[0]))
-    p = cap_probabilities(p, 1.0 / spec.top_k)
-    cells = spec.steps * spec.layers * spec.shards * spec.heads * spec.experts
-    sampler = spec.sampler
-    if sampler == "auto":
-        sampler = "multinomial" if cells <= AUTO_EXACT_LIMIT else "normal"
-    draw = _sample_multinomial if sampler == "multinomial" else _sample_normal
-    counts = np.empty((spec.steps, spec.layers, spec.shards, spec.heads, spec.experts), np.int32)
-    step_chunk = max(1, CHUNK_CELLS // (cells // spec.steps))
-    starts = list(range(0, spec.steps, step_chunk))
-    chunk_seeds = seeds.spawn(len(starts) + 1)[1:]
-
-    def fill(i: int) -> None:
-        s0 = starts[i]
-        rng = np.random.default_rng(chunk_seeds[i])
-        _sample(draw, rng, spec.tokens_per_shard, spec.top_k, p[s0:s0 + step_chunk],
-                spec.shards, counts[s0:s0 + step_chunk])
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        done = pool.map(fill, range(len(starts)))
-        if progress:
-            from tqdm import tqdm
-            done = tqdm(done, total=len(starts), desc="trace gen", unit="chunk", leave=False)
-        for _ in done:
-            pass
+    counts, sampler = sample_counts(p, spec.shards, spec.tokens_per_shard, spec.top_k, seeds,
+                                    spec.sampler, progress)
     meta = TraceMeta(
         model=spec.model, source=f"synthetic:{spec.kind}", tokens_per_shard=spec.tokens_per_shard,
         top_k=spec.top_k,
