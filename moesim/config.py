@@ -20,6 +20,9 @@ from moesim.errors import InputError
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 STRATEGIES = ("ep", "hp", "fsep")
+EXPERT_KINDS = ("swiglu", "gelu")
+# Weight matrices of one expert, each dim x d_ffn: SwiGLU's gate, up and down; GELU's up and down.
+EXPERT_MATRICES = {"swiglu": 3, "gelu": 2}
 
 
 def _f(default: Any, *, choices: tuple | None = None, lo: float | None = None,
@@ -67,10 +70,16 @@ class ModelConfig:
     head_dim: int = _f(0, lo=0, doc="latent width per head; required when num_heads > 1")
     dtype: str = _f("bf16", choices=tuple(DTYPE_BYTES))
     router: str = _f("softmax", choices=("softmax", "sigmoid"))
+    expert_kind: str = _f("swiglu", choices=EXPERT_KINDS,
+                          doc="the expert FFN: 'swiglu' gated (w1 = gate|up [dim, 2F], w2 "
+                              "[F, dim], Mixtral/DeepSeek); 'gelu' two matrices, no gate, no "
+                              "bias (w1 [dim, F], GELU, w2 [F, dim]: Multi-Head LatentMoE's "
+                              "experts in kerner-lab/Sparse-GPT-Pretraining)")
     activation: str = _f("kernel", choices=("unfused", "kernel", "fused"),
-                         doc="the experts' SwiGLU: 'unfused' as separate torch ops; 'kernel' "
-                             "one fused memory-bound kernel forward and one backward (what "
-                             "runtime/ runs, kernels/swiglu.py); 'fused' in the up GEMM's "
+                         doc="the experts' activation between the two GEMMs: 'unfused' as "
+                             "separate torch ops; 'kernel' one fused memory-bound kernel "
+                             "forward and one backward (what runtime/ runs, kernels/swiglu.py; "
+                             "GELU is one torch kernel either way); 'fused' in the up GEMM's "
                              "epilogue, moving no extra bytes")
     vocab_size: int = _f(32000, lo=2)
     seq_len: int = _f(2048, lo=1, doc="tokens per sequence (the training context length)")
@@ -150,8 +159,20 @@ class ModelConfig:
 
     @property
     def expert_params(self) -> int:
-        """Weights of one expert: gated FFN, up (2 x dim x ffn) and down (ffn x dim)."""
-        return 3 * self.expert_dim * self.d_ffn
+        """Weights of one expert: SwiGLU gate and up (2 x dim x ffn) and down (ffn x dim);
+        GELU up (dim x ffn) and down (ffn x dim)."""
+        return EXPERT_MATRICES[self.expert_kind] * self.expert_dim * self.d_ffn
+
+    @property
+    def up_width(self) -> int:
+        """Columns of an expert's first matrix w1: 2 * d_ffn (gate | up) for SwiGLU, d_ffn
+        for GELU."""
+        return (EXPERT_MATRICES[self.expert_kind] - 1) * self.d_ffn
+
+    def expert_flops(self, rows: float) -> float:
+        """Forward FLOPs of `rows` (token, expert) rows through their experts: 2 per weight per
+        row (backward: twice this)."""
+        return 2.0 * rows * self.expert_params
 
     # -- the decoder stack -------------------------------------------------------------------
     @property

@@ -2,20 +2,26 @@
 
 Weights (full, as one process would hold them; strategies slice them):
   router   [H, dim, E]        one router per head (H = 1 for a standard MoE)
-  w1       [H*E, dim, 2*F]    gated FFN: gate = x @ w1[..., :F], up = x @ w1[..., F:]
+  w1       [H*E, dim, 2*F]    SwiGLU: gate = x @ w1[..., :F], up = x @ w1[..., F:]
+           [H*E, dim, F]      GELU (model.expert_kind = "gelu"): up
   w2       [H*E, F, dim]      down
   down     [d_model, H*dh]    Multi-Head LatentMoE only: to the latent
   up       [H*dh, d_model]    Multi-Head LatentMoE only: back from the latent
 Expert g = h * E + e (the trace/planner numbering). dim is d_model, or head_dim when H > 1.
 
 The layer's function, for the items (tokens, or (token, head) sub-tokens) x_i:
-  y_i = sum over the k chosen experts g of gate_ig * w2[g]^T silu(x_i w1g_gate) * (x_i w1g_up)
+  y_i = sum over the k chosen experts g of gate_ig * FFN_g(x_i), with
+  FFN_g(x) = (silu(x w1g_gate) * (x w1g_up)) w2g       (SwiGLU)
+  FFN_g(x) = gelu(x w1g) w2g                           (GELU: the 2-matrix expert of
+             kerner-lab/Sparse-GPT-Pretraining src/model/modules/ffwd/mh_moe_hp_nrt.py,
+             exact erf GELU, no gate, no bias)
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.swiglu import swiglu
@@ -33,7 +39,7 @@ def init_moe_weights(m: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=g) / fan_in ** 0.5
 
     w = {"router": randn(h, dim, e, fan_in=dim),
-         "w1": randn(h * e, dim, 2 * f, fan_in=dim),
+         "w1": randn(h * e, dim, m.up_width, fan_in=dim),
          "w2": randn(h * e, f, dim, fan_in=f)}
     if h > 1:
         w["down"] = randn(m.d_model, h * m.head_dim, fan_in=m.d_model)
@@ -41,25 +47,43 @@ def init_moe_weights(m: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return w
 
 
+def expert_kind_of(w1: torch.Tensor, w2: torch.Tensor) -> str:
+    """"swiglu" when w1 holds gate and up (2F columns), "gelu" when it holds F."""
+    return "swiglu" if w1.shape[-1] == 2 * w2.shape[-2] else "gelu"
+
+
+def activate(h: torch.Tensor, kind: str, unfused: bool = False) -> torch.Tensor:
+    """The activation between the experts' GEMMs: SwiGLU (kernels.swiglu, fused; `unfused`:
+    torch's separate ops) or exact GELU (torch's one kernel each way)."""
+    if kind == "gelu":
+        return F.gelu(h)
+    if unfused:
+        f = h.shape[-1] // 2
+        return F.silu(h[:, :f]) * h[:, f:]
+    return swiglu(h)
+
+
 def expert_ffn(x: torch.Tensor, group_sizes: list[int], w1: torch.Tensor,
-               w2: torch.Tensor) -> torch.Tensor:
+               w2: torch.Tensor, unfused: bool = False) -> torch.Tensor:
     """Rows of x are grouped by expert (group i has group_sizes[i] rows and uses w1[i], w2[i]);
-    returns the gated FFN of every row, same order. The grouped GEMM of kernels/ on GPU when it
-    is there, else one matmul per group."""
+    returns each row's expert FFN (SwiGLU or GELU, from w1's width), same order. The grouped
+    GEMM on GPU when it is there, else one matmul per group; `unfused` runs the activation as
+    separate torch ops (the paper's EP baseline)."""
     from runtime import kernels_bridge
-    return kernels_bridge.grouped_ffn(x, group_sizes, w1, w2)
+    return kernels_bridge.grouped_ffn(x, group_sizes, w1, w2, unfused=unfused)
 
 
 def ffn_loop(x: torch.Tensor, group_sizes: list[int], w1: torch.Tensor,
-             w2: torch.Tensor) -> torch.Tensor:
-    """The plain-torch grouped FFN: the CPU path and the reference for the fast ones (the
+             w2: torch.Tensor, unfused: bool = False) -> torch.Tensor:
+    """The plain-torch grouped FFN: the CPU path and the reference for the fast ones (a SwiGLU
     activation is kernels.swiglu: its torch path on CPU, the fused kernel on GPU)."""
+    kind = expert_kind_of(w1, w2)
     outs = []
     for i, part in enumerate(torch.split(x, list(group_sizes))):
         if part.shape[0] == 0:
             continue
         h = part @ w1[i]
-        outs.append(swiglu(h) @ w2[i])
+        outs.append(activate(h, kind, unfused) @ w2[i])
     if not outs:
         return x.new_zeros((0, w2.shape[2]))
     return torch.cat(outs)

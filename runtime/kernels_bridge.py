@@ -60,18 +60,18 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
-                w2: torch.Tensor) -> torch.Tensor:
-    """group_sizes: a list of ints or an int tensor (on the device: no host sync on GPU)."""
-    from kernels.swiglu import swiglu
-    from runtime.experts import ffn_loop
+                w2: torch.Tensor, unfused: bool = False) -> torch.Tensor:
+    """group_sizes: a list of ints or an int tensor (on the device: no host sync on GPU).
+    SwiGLU or GELU experts by w1's width (runtime.experts.expert_kind_of)."""
+    from runtime.experts import activate, expert_kind_of, ffn_loop
     fast = (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
             and w2.shape[1] % 8 == 0 and _torch_grouped_mm() is not None)
     if not fast:
         if isinstance(group_sizes, torch.Tensor):
             group_sizes = group_sizes.tolist()
-        return ffn_loop(x, group_sizes, w1, w2)
+        return ffn_loop(x, group_sizes, w1, w2, unfused)
     if not isinstance(group_sizes, torch.Tensor):
         (group_sizes,) = upload(group_sizes, device=x.device)  # pinned: no stream stall
     offs = group_sizes.cumsum(0, dtype=torch.int32)
     h = _gmm(x, w1, offs)
-    return _gmm(swiglu(h), w2, offs)
+    return _gmm(activate(h, expert_kind_of(w1, w2), unfused), w2, offs)

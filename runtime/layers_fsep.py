@@ -44,65 +44,68 @@ Layout = Callable[[np.ndarray, int], Placement]
 
 
 def shard_experts(w1: torch.Tensor, w2: torch.Tensor, n: int, j: int) -> torch.Tensor:
-    """Rank j's shard rows [E, 3*dim*F/n] of full weights w1 [E, dim, 2F], w2 [E, F, dim]:
-    each row is this rank's gate and up columns side by side ([dim, 2F/n]), then its rows of
-    the down projection ([F/n, dim]). With that layout one rank's gathered weights are views
-    of the received buffer, and N ranks' need one copy each for w1 and w2 (`unshard`)."""
-    e, f2 = w1.shape[0], w1.shape[2]
-    f = f2 // 2
+    """Rank j's shard rows [E, P*F/n] of full weights w1 [E, dim, p*F], w2 [E, F, dim] (p = 2
+    SwiGLU gate|up, p = 1 GELU up; P = (p + 1) * dim): each row is this rank's columns of
+    every part of w1 side by side ([dim, p*F/n]), then its rows of the down projection
+    ([F/n, dim]). With that layout one rank's gathered weights are views of the received
+    buffer, and N ranks' need one copy each for w1 and w2 (`unshard`)."""
+    e, f = w1.shape[0], w2.shape[1]
+    parts = w1.shape[2] // f
     fs = f // n
     cols = slice(j * fs, (j + 1) * fs)
-    w1_part = torch.cat([w1[:, :, :f][:, :, cols], w1[:, :, f:][:, :, cols]], dim=2)
+    w1_part = torch.cat([w1[:, :, p * f:(p + 1) * f][:, :, cols] for p in range(parts)], dim=2)
     return torch.cat([w1_part.reshape(e, -1), w2[:, cols, :].reshape(e, -1)], dim=1)
 
 
-def _unshard_views(buf: torch.Tensor, n: int, dim: int, f: int):
-    """The [m, dim, 2, n, fs] and [m, n, fs, dim] views of a [n * m, row] buffer of shards
-    (source-major, replica-minor) whose merge is w1 [m, dim, 2F] and w2 [m, F, dim]."""
+def _unshard_views(buf: torch.Tensor, n: int, dim: int, f: int, parts: int = 2):
+    """The [m, dim, parts, n, fs] and [m, n, fs, dim] views of a [n * m, row] buffer of shards
+    (source-major, replica-minor) whose merge is w1 [m, dim, parts*F] and w2 [m, F, dim]."""
     fs = f // n
     rows = buf.view(n, -1, buf.shape[-1])
-    m, a = rows.shape[1], dim * 2 * fs
-    w1 = rows[:, :, :a].reshape(n, m, dim, 2, fs).permute(1, 2, 3, 0, 4)
+    m, a = rows.shape[1], dim * parts * fs
+    w1 = rows[:, :, :a].reshape(n, m, dim, parts, fs).permute(1, 2, 3, 0, 4)
     w2 = rows[:, :, a:].reshape(n, m, fs, dim).permute(1, 0, 2, 3)
     return w1, w2
 
 
 class _Unshard(torch.autograd.Function):
-    """Received shards [n * m, row] -> w1 [m, dim, 2F], w2 [m, F, dim] (views when n == 1,
+    """Received shards [n * m, row] -> w1 [m, dim, parts*F], w2 [m, F, dim] (views when n == 1,
     one copy each otherwise). The backward writes both gradients into one buffer of the
     received layout, once: autograd's own backward of the slices and permutes zero-fills and
     adds a full-size buffer per slice (5 passes over 1.1 GB for one H200's FSEP layer)."""
 
     @staticmethod
-    def forward(ctx, recv, n, dim, f):
-        ctx.n, ctx.dim, ctx.f = n, dim, f
-        w1, w2 = _unshard_views(recv, n, dim, f)
+    def forward(ctx, recv, n, dim, f, parts):
+        ctx.n, ctx.dim, ctx.f, ctx.parts = n, dim, f, parts
+        w1, w2 = _unshard_views(recv, n, dim, f, parts)
         m = w1.shape[0]
-        return w1.reshape(m, dim, 2 * f), w2.reshape(m, f, dim)
+        return w1.reshape(m, dim, parts * f), w2.reshape(m, f, dim)
 
     @staticmethod
     def backward(ctx, g1, g2):
-        n, dim, f = ctx.n, ctx.dim, ctx.f
+        n, dim, f, parts = ctx.n, ctx.dim, ctx.f, ctx.parts
         ref = g1 if g1 is not None else g2
         m = ref.shape[0]
         if n == 1 and g1 is not None and g2 is not None:
             # One rank: the received layout is [w1 | w2] per replica, a concatenation, which
             # runs vectorised (a copy into the strided views does not: 1.7 TB/s on an H200).
-            return torch.cat([g1.reshape(m, -1), g2.reshape(m, -1)], dim=1), None, None, None
-        grad = ref.new_empty((n * m, 3 * dim * f // n))
-        v1, v2 = _unshard_views(grad, n, dim, f)
+            return (torch.cat([g1.reshape(m, -1), g2.reshape(m, -1)], dim=1), None, None, None,
+                    None)
+        grad = ref.new_empty((n * m, (parts + 1) * dim * f // n))
+        v1, v2 = _unshard_views(grad, n, dim, f, parts)
         for view, g in ((v1, g1), (v2, g2)):
             if g is None:
                 view.zero_()
             else:
                 view.copy_(g.reshape(view.shape))
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def unshard(recv: torch.Tensor, n: int, dim: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """recv [n * m, 3*dim*F/n] (source j's shard of each of m replicas, source-major) ->
-    w1 [m, dim, 2F], w2 [m, F, dim]."""
-    return _Unshard.apply(recv, n, dim, f)
+def unshard(recv: torch.Tensor, n: int, dim: int, f: int,
+            parts: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """recv [n * m, (parts+1)*dim*F/n] (source j's shard of each of m replicas, source-major)
+    -> w1 [m, dim, parts*F], w2 [m, F, dim] (parts 2: SwiGLU, 1: GELU)."""
+    return _Unshard.apply(recv, n, dim, f, parts)
 
 
 class FSEPMoE(MoELayerBase):
@@ -144,7 +147,7 @@ class FSEPMoE(MoELayerBase):
             shard = tm.bwd_in(self.shard, lay, "weight_gather")
             rows = gather_rows(shard, send_experts)
             recv = all_to_all(rows, send_splits, [mine] * n, group=group)
-            w1, w2 = unshard(recv, n, m.expert_dim, m.d_ffn)
+            w1, w2 = unshard(recv, n, m.expert_dim, m.d_ffn, m.up_width // m.d_ffn)
             w1 = tm.bwd_out(w1, lay, "weight_gather")
             row_bytes = self.shard.shape[1] * self.shard.element_size()
             rec.bytes = (sum(send_splits) - mine) * row_bytes

@@ -94,7 +94,7 @@ class HPMoE(MoELayerBase):
             rows = tm.bwd_in(rows, lay, "expert")
             out = tm.bwd_out(expert_ffn(rows, sizes, self.w1, self.w2), lay, "expert")
             rec.tokens = rec.bwd["tokens"] = flat.numel()
-            rec.flops = 6.0 * flat.numel() * dh * m.d_ffn
+            rec.flops = m.expert_flops(flat.numel())
             rec.bwd["flops"] = 2 * rec.flops
         with tm.fwd(lay, "combine") as rec:
             out = tm.bwd_in(out, lay, "combine")

@@ -200,7 +200,7 @@ class MoELayerBase(nn.Module):
             out = tm.bwd_out(out, lay, "expert")
             rows = int(sum(route.group_sizes))
             rec.tokens = rec.bwd["tokens"] = rows
-            rec.flops = 6.0 * rows * dim * self.m.d_ffn
+            rec.flops = self.m.expert_flops(rows)
             rec.bwd["flops"] = 2 * rec.flops
         with tm.fwd(lay, "combine") as rec:
             out = tm.bwd_in(out, lay, "combine")

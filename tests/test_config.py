@@ -56,3 +56,13 @@ def test_overrides_are_validated():
         with_overrides(cfg, {"model.top_k": -1})
     with pytest.raises(InputError, match="no such config field"):
         with_overrides(cfg, {"model.nope": 1})
+
+
+def test_gelu_experts_have_two_matrices():
+    from moesim.config import ModelConfig
+    sw = ModelConfig(d_model=256, d_ffn=512, num_heads=4, head_dim=64, num_experts=16, top_k=4)
+    ge = ModelConfig(d_model=256, d_ffn=512, num_heads=4, head_dim=64, num_experts=16, top_k=4,
+                     expert_kind="gelu")
+    assert sw.expert_params == 3 * 64 * 512 and sw.up_width == 1024
+    assert ge.expert_params == 2 * 64 * 512 and ge.up_width == 512
+    assert ge.expert_flops(10) == 2.0 * 10 * 2 * 64 * 512

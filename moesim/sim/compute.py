@@ -33,8 +33,20 @@ Models, and what each assumes:
   gradient contracts over the group's rows). Ignored: the board's power state (sustained
   GEMMs run slower than GEMMs between memory-bound kernels; calibrate times them as in a
   step).
+- Experts are SwiGLU (3 matrices) or the 2-matrix GELU expert of Multi-Head LatentMoE
+  (`kind`, model.expert_kind): GELU experts have their own measured curves
+  (`grouped_gemm_gelu@DxF`), else are looked up on the SwiGLU curves at the same rows; their
+  activation is torch's one GELU kernel each way. HP's GELU experts (rows padded per group)
+  take the fused expert kernel (`fused_expert_seconds`, kernels/fused_expert.py: both GEMMs
+  and the GELU in one kernel, per-group padding to 64-row tiles) where its calibrated curve
+  (`fused_expert@DxF`, `fused_expert_bwd@DxF`, nearest measured shape, activation included)
+  is faster: the choice the runtime makes by measuring both. No fused curve, no fused kernel:
+  nothing about thin experts is costed from a shape-free curve.
 - Router (`router`): the logits GEMM, then softmax, top-k and the gate renormalisation as the
-  separate small kernels they are (launches x overhead + bytes / HBM).
+  separate small kernels they are (launches x overhead + bytes / HBM); or, where the file has
+  the streaming router's curve (`router_stream@<dim>x<experts>`, its backward
+  `router_stream_bwd@...`; kernels/stream_router.py: logits never written, top-k in
+  registers) and it is faster, that kernel at its measured efficiency plus its launches.
 - Permute (`permute`): a histogram of the expert ids, `sorts` stable sorts of the assignment
   keys (`sort`: a fixed cost per call + keys / sort rate, O(n) radix passes), the index-build
   passes, the row gather at the gather bandwidth, `syncs` device-to-host round trips
@@ -66,12 +78,21 @@ import pandas as pd
 
 from moesim.calibration import (
     BACKWARD,
+    BACKWARD_GELU,
     CALIBRATION_DIR,
     CURVE_OPS,
+    FUSED,
+    FUSED_BWD,
     RATE_OPS,
+    ROUTER_STREAM,
+    ROUTER_STREAM_BWD,
     SHAPED,
+    SHAPED_FAMILIES,
+    SHAPED_GELU,
+    family_of,
     shape_of,
 )
+from moesim.config import EXPERT_MATRICES
 from moesim.errors import InputError
 
 RECORDS = ("rate", "overhead", "curve", "param")
@@ -95,7 +116,15 @@ SORT_LAUNCHES = 10
 # - "fused", in the up GEMM's epilogue: no extra kernel or traffic.
 # Thin experts with a wide hidden layer (64 x 5632 in the 4-node Multi-Head LatentMoE preset)
 # are bound by this traffic, not by their FLOPs.
+# The 2-matrix GELU expert's activation is torch's one elementwise kernel each way, fused or
+# not: read h, write gelu(h) (1 + 1); backward read h and the gradient, write dh (1 + 1 + 1).
 ACTIVATION = {"unfused": ((2, 5), (4, 10)), "kernel": ((1, 3), (1, 5)), "fused": ((0, 0), (0, 0))}
+ACTIVATION_GELU = {"unfused": ((1, 2), (1, 3)), "kernel": ((1, 2), (1, 3)),
+                   "fused": ((0, 0), (0, 0))}
+# The fused GELU expert kernel runs only for thin experts (kernels/fused_expert.py: the expert
+# input width, a head's, is one register tile) and pads each group to whole row tiles.
+FUSED_MAX_DIM = 256
+FUSED_TILE_M = 64
 # A device-to-host round trip (a read of a count or a size), when no measured one is given.
 SYNC_SECONDS = 20e-6
 # Host time from the size exchange's counts to the dispatch's first kernel (the planner's
@@ -179,12 +208,12 @@ class ComputeModel:
             raise InputError(src, "param.curve_dim", "give both curve_dim and curve_ffn")
         curve_shape = None if shape[0] is None else (int(shape[0]), int(shape[1]))
         curves = {}
-        shaped = sorted({op for op in df.op[df.record == "curve"]
-                         if op.startswith((f"{SHAPED}@", f"{BACKWARD}@"))})
+        shaped = sorted({op for op in df.op[df.record == "curve"] if "@" in op})
         for op in shaped:
-            if shape_of(op) is None:
-                raise InputError(src, f"curve.{op}", f"name the expert shape as "
-                                 f"{SHAPED}@<dim>x<ffn>, e.g. {SHAPED}@512x704")
+            if family_of(op) not in SHAPED_FAMILIES or shape_of(op) is None:
+                raise InputError(src, f"curve.{op}", f"name the shape as <family>@<dim>x<ffn> "
+                                 f"with a family of {', '.join(SHAPED_FAMILIES)}, e.g. "
+                                 f"{SHAPED}@512x704")
         for op in (*CURVE_OPS, *shaped):
             sel = df[(df.record == "curve") & (df.op == op)]
             size = pd.to_numeric(sel["size"], errors="coerce").to_numpy(dtype=float)
@@ -240,69 +269,117 @@ class ComputeModel:
                                           s))
         return shapes[near], near[0], near[1]
 
-    def _backward_curve(self, dim: int, ffn: int) -> tuple[str, int, int] | None:
-        """The measured backward curve for experts of dim x ffn: the exact shape, else the
-        nearest measured one (log distance); None when the file has none."""
-        shapes = {shape_of(op): op for op in self.curves if op.startswith(f"{BACKWARD}@")}
+    def _nearest(self, family: str, dim: int, ffn: int) -> tuple[str, int, int] | None:
+        """The measured curve of `family` at dim x ffn: the exact shape, else the nearest
+        measured one (log distance); None when the file has none of that family."""
+        shapes = {shape_of(op): op for op in self.curves if family_of(op) == family}
         if not shapes:
             return None
         near = min(shapes, key=lambda s: (abs(np.log(s[0] / dim)) + abs(np.log(s[1] / ffn)),
                                           s))
         return shapes[near], near[0], near[1]
 
+    def _backward_curve(self, dim: int, ffn: int) -> tuple[str, int, int] | None:
+        """The measured SwiGLU backward curve for experts of dim x ffn (`_nearest`)."""
+        return self._nearest(BACKWARD, dim, ffn)
+
     def grouped_gemm_seconds(self, rows: np.ndarray, dim: int, ffn: int,
-                             backward: bool = False) -> np.ndarray:
-        """Compute time of one gated FFN over groups (`rows` [..., G] rows per group),
-        launches and the bytes bound excluded: max(sum over groups of the padded group's
-        calibrated time, the wave floor of the up and the down GEMM: ceil(tiles / SMs) waves
-        of one tile per SM at the dense-GEMM peak). Backward (twice the FLOPs) on the
-        measured backward curve of the shape (`grouped_gemm_bwd@...`), else twice the
-        forward."""
+                             backward: bool = False, kind: str = "swiglu") -> np.ndarray:
+        """Compute time of one expert FFN's grouped GEMMs over groups (`rows` [..., G] rows
+        per group), launches, activation and the bytes bound excluded: max(sum over groups of
+        the padded group's calibrated time, the wave floor of the up and the down GEMM:
+        ceil(tiles / SMs) waves of one tile per SM at the dense-GEMM peak). Backward (twice
+        the FLOPs) on the measured backward curve of the shape (`grouped_gemm_bwd@...`), else
+        twice the forward. GELU experts (`kind`) use their own curves
+        (`grouped_gemm_gelu@...`, `..._bwd@...`, nearest shape); a file without them looks a
+        group up on the SwiGLU curves at the same rows (an approximation: its up GEMM is half
+        as wide)."""
         rows = np.asarray(rows, dtype=np.float64)
-        bwd_curve = self._backward_curve(dim, ffn) if backward else None
-        if backward and bwd_curve is None:
-            return 2.0 * self.grouped_gemm_seconds(rows, dim, ffn)
+        mats = EXPERT_MATRICES[kind]
+        if kind == "gelu":
+            fam = self._nearest(BACKWARD_GELU if backward else SHAPED_GELU, dim, ffn)
+            if fam is None and backward and self._nearest(SHAPED_GELU, dim, ffn) is not None:
+                return 2.0 * self.grouped_gemm_seconds(rows, dim, ffn, kind=kind)
+            curve = fam
+        else:
+            curve = None
+        if curve is None:
+            bwd_curve = self._backward_curve(dim, ffn) if backward else None
+            if backward and bwd_curve is None:
+                return 2.0 * self.grouped_gemm_seconds(rows, dim, ffn, kind=kind)
+            curve = bwd_curve or self._grouped_curve(dim, ffn)
+        op, cdim, cffn = curve
+        cmats = SHAPED_FAMILIES.get(family_of(op), 3) if "@" in op else 3
         tm, tn, sms = (self.params[k] for k in ("tile_m", "tile_n", "sms"))
         rate = self.rates["grouped_gemm"] / (2.0 if backward else 1.0)
-        curve, cdim, cffn = bwd_curve or self._grouped_curve(dim, ffn)
         # The floor's tiles run at the dense-GEMM peak: no tile goes faster, so the floor is a
         # true lower bound and stays below the calibrated many-wave points it must reproduce.
         tile_rate = self.rates["gemm"] / sms
         row_tiles = np.ceil(rows / tm)
-        padded_flops = 6.0 * row_tiles * tm * dim * ffn
-        eff = self.efficiency(curve, 6.0 * row_tiles * tm * cdim * cffn)
+        padded_flops = 2.0 * mats * row_tiles * tm * dim * ffn
+        eff = self.efficiency(op, 2.0 * cmats * row_tiles * tm * cdim * cffn)
         per_group = np.divide(padded_flops, rate * eff, out=np.zeros_like(padded_flops),
                               where=padded_flops > 0)
         tiles = row_tiles.sum(axis=-1)
         floor = np.zeros_like(tiles)
-        for n, k in ((2 * ffn, dim), (dim, ffn)):  # up+gate, then down
+        for n, k in (((mats - 1) * ffn, dim), (dim, ffn)):  # up (+gate), then down
             waves = np.ceil(tiles * np.ceil(n / tn) / sms)
             floor = floor + waves * 2.0 * tm * tn * k / tile_rate
         return np.maximum(per_group.sum(axis=-1), floor * (2.0 if backward else 1.0))
 
+    def fused_expert_seconds(self, rows: np.ndarray, dim: int, ffn: int,
+                             backward: bool = False) -> np.ndarray | None:
+        """The fused GELU expert kernel (kernels/fused_expert.py) over groups `rows` [..., G]:
+        each group padded to whole FUSED_TILE_M-row tiles, at the measured efficiency of the
+        nearest calibrated shape (`fused_expert@...`, `fused_expert_bwd@...`), launches
+        included. None where the file has no such curve or the experts are too wide for it."""
+        near = self._nearest(FUSED_BWD if backward else FUSED, dim, ffn)
+        if near is None or dim > FUSED_MAX_DIM:
+            return None
+        op, cdim, cffn = near
+        rows = np.asarray(rows, dtype=np.float64)
+        padded = np.ceil(rows / FUSED_TILE_M) * FUSED_TILE_M
+        flops = 4.0 * padded * dim * ffn * (2.0 if backward else 1.0)
+        eff = self.efficiency(op, 4.0 * padded * cdim * cffn)
+        rate = self.rates["grouped_gemm"]
+        t = np.divide(flops, rate * eff, out=np.zeros_like(flops), where=flops > 0).sum(axis=-1)
+        launches = 2 if backward else 1
+        return np.where(rows.sum(axis=-1) > 0, t + launches * self.launch_overhead, 0.0)
+
     def expert_ffn(self, expert_tokens: np.ndarray, dim: int, ffn: int, dtype_bytes: int,
-                   backward: bool = False, activation: str = "kernel"
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """Gated-FFN experts on each rank: the up+gate and the down grouped GEMMs, and the
-        activation between them. `expert_tokens` int[N, E]: rows of each group. Forward
-        6 * tokens * dim * ffn FLOPs, backward twice that. GEMMs: compute time per group
-        (`grouped_gemm_seconds`), bounded below by their bytes (each non-empty expert's
-        weights, the activations in and out of each GEMM). Activation: memory-bound kernels
-        whose launches and traffic depend on how it is implemented (`activation`, see
-        ACTIVATION: torch ops, one fused kernel each way, or the GEMM epilogue)."""
+                   backward: bool = False, activation: str = "kernel", kind: str = "swiglu",
+                   fused_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The experts on each rank (SwiGLU or GELU, `kind`): the up (+gate) and the down
+        grouped GEMMs, and the activation between them. `expert_tokens` int[N, E]: rows of
+        each group. Forward 2 x (weights of an expert) FLOPs per row, backward twice that.
+        GEMMs: compute time per group (`grouped_gemm_seconds`), bounded below by their bytes
+        (each non-empty expert's weights, the activations in and out of each GEMM).
+        Activation: memory-bound kernels whose launches and traffic depend on how it is
+        implemented (`activation`, see ACTIVATION / ACTIVATION_GELU: torch ops, one fused
+        kernel each way, or the GEMM epilogue). With `fused_ok` (HP, whose rows come padded
+        per group) and `activation` "kernel", GELU experts take the fused expert kernel where
+        its calibrated time is lower, per rank (runtime.kernels_bridge picks by measured
+        speed the same way)."""
         rows = np.asarray(expert_tokens, dtype=np.float64)
         mult = 2 if backward else 1
+        mats = EXPERT_MATRICES[kind]
         tokens = rows.sum(axis=1)
         groups = (rows > 0).sum(axis=1)
-        flops = 6.0 * tokens * dim * ffn * mult
-        byt = (groups * 3.0 * dim * ffn + tokens * (2 * dim + 3 * ffn)) * dtype_bytes * mult
-        t = np.maximum(self.grouped_gemm_seconds(rows, dim, ffn, backward),
+        flops = 2.0 * mats * tokens * dim * ffn * mult
+        up = (mats - 1) * ffn
+        byt = (groups * mats * dim * ffn + tokens * (2 * dim + up + ffn)) * dtype_bytes * mult
+        t = np.maximum(self.grouped_gemm_seconds(rows, dim, ffn, backward, kind),
                        byt / self.rates["hbm"])
         # Two grouped GEMMs forward (up+gate, down), four backward.
         t = np.where(tokens > 0, t + 2 * mult * self.launch_overhead, 0.0)
-        launches, elements = ACTIVATION[activation][1 if backward else 0]
+        table = ACTIVATION_GELU if kind == "gelu" else ACTIVATION
+        launches, elements = table[activation][1 if backward else 0]
         if launches:
             t = t + self._kernels(tokens, launches, elements * tokens * ffn * dtype_bytes)
+        if fused_ok and kind == "gelu" and activation == "kernel":
+            tf = self.fused_expert_seconds(rows, dim, ffn, backward)
+            if tf is not None:
+                t = np.minimum(t, tf)
         return t, flops
 
     def gather(self, nbytes: np.ndarray) -> np.ndarray:
@@ -331,18 +408,47 @@ class ComputeModel:
     # Backward: renormalisation (3), top-k's scatter into zeros (2), softmax (1), cast (1).
     ROUTER_BWD = (7, lambda e, k: 24 * k + (4 * e + 12 * k) + 12 * e + 6 * e)
 
+    # The streaming router (kernels/stream_router.py): one kernel forward (logits tile by
+    # tile, top-k in registers, gates), then the heads' expert offsets (3 launches); backward
+    # the gather kernel for the input gradient, the weight-gradient kernel and the sum of its
+    # per-program partials (3 launches).
+    STREAM_FWD_LAUNCHES = 4
+    STREAM_BWD_LAUNCHES = 3
+
+    def router_stream_seconds(self, items: np.ndarray, dim: int, experts: int,
+                              backward: bool = False, forced: bool = False) -> np.ndarray | None:
+        """The streaming top-k router over `items` per rank at the measured efficiency of the
+        nearest calibrated shape (`router_stream@<dim>x<experts>`, size = the logits' FLOPs);
+        None where the file has no such curve."""
+        near = self._nearest(ROUTER_STREAM_BWD if backward else ROUTER_STREAM, dim, experts)
+        if near is None:
+            return None
+        op, cdim, cexp = near
+        n = np.asarray(items, dtype=np.float64)
+        flops = 2.0 * n * dim * experts
+        eff = self.efficiency(op, 2.0 * n * cdim * cexp)
+        t = np.divide(flops, self.rates["gemm"] * eff, out=np.zeros_like(flops),
+                      where=flops > 0)
+        launches = self.STREAM_BWD_LAUNCHES if backward else self.STREAM_FWD_LAUNCHES
+        if forced and not backward:
+            launches += self.FORCED_EXTRA_LAUNCHES
+        return np.where(n > 0, t + launches * self.launch_overhead, 0.0)
+
     def router(self, items: np.ndarray, dim: int, experts: int, top_k: int,
                dtype_bytes: int, backward: bool = False,
                forced: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Routing of `items` (sub-)tokens per rank: the logits GEMM [items x dim] @ [dim x
         experts] (`gemm`), then the small kernels of ROUTER_FWD / ROUTER_BWD (and, `forced`,
-        FORCED_EXTRA_LAUNCHES)."""
+        FORCED_EXTRA_LAUNCHES); or the streaming router where the file has its curve and it
+        is faster (runtime.kernels_bridge picks the faster the same way, by measurement)."""
         n = np.asarray(items, dtype=np.float64)
         t, flops = self.gemm(n, dim, experts, dtype_bytes, backward)
         launches, per_item = self.ROUTER_BWD if backward else self.ROUTER_FWD
         if forced and not backward:
             launches += self.FORCED_EXTRA_LAUNCHES
-        return t + self._kernels(n, launches, n * per_item(experts, top_k)), flops
+        t = t + self._kernels(n, launches, n * per_item(experts, top_k))
+        stream = self.router_stream_seconds(n, dim, experts, backward, forced)
+        return (t if stream is None else np.minimum(t, stream)), flops
 
     def permute(self, assignments: np.ndarray, row_bytes: int, top_k: int, sorts: int = 1,
                 syncs: int = 1, splits: int = 0, backward: bool = False) -> np.ndarray:

@@ -233,7 +233,8 @@ def _expert(ctx: StrategyContext, lin: LayerInputs, backward: bool, regroup: boo
     row gathers into and out of expert-major order, which the runtime times as expert too."""
     m = ctx.cfg.model
     t, f = ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
-                                  backward=backward, activation=m.activation)
+                                  backward=backward, activation=m.activation,
+                                  kind=m.expert_kind, fused_ok=not regroup)
     if regroup:
         t = t + ctx.compute.regroup(lin.expert_tokens.sum(axis=1), _row_bytes(ctx))
     return t, f

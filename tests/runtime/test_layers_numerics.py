@@ -14,12 +14,13 @@ from tests.runtime.harness import run_ranks
 T = 12  # tokens per rank
 
 
-def model(strategy: str, latent: bool, top_k: int = 2) -> ModelConfig:
+def model(strategy: str, latent: bool, top_k: int = 2, kind: str = "swiglu") -> ModelConfig:
     if latent or strategy == "hp":
         return ModelConfig(num_layers=1, d_model=16, d_ffn=8, num_experts=4, top_k=top_k,
-                           num_heads=4, head_dim=6, dtype="fp32", attn_heads=2)
+                           num_heads=4, head_dim=6, dtype="fp32", attn_heads=2,
+                           expert_kind=kind)
     return ModelConfig(num_layers=1, d_model=12, d_ffn=8, num_experts=8, top_k=top_k,
-                       dtype="fp32", attn_heads=2)
+                       dtype="fp32", attn_heads=2, expert_kind=kind)
 
 
 def forced_counts(m: ModelConfig, world: int, seed: int) -> np.ndarray:
@@ -59,9 +60,9 @@ def reference(m: ModelConfig, world: int, forced: np.ndarray | None):
     return w, x, y, wgt, ref
 
 
-def _check(rank, world, strategy, latent, top_k, use_forced):
+def _check(rank, world, strategy, latent, top_k, use_forced, kind="swiglu"):
     from runtime.layers import build_layer
-    m = model(strategy, latent, top_k)
+    m = model(strategy, latent, top_k, kind)
     forced = forced_counts(m, world, seed=5) if use_forced else None
     w, x, y_ref, wgt, ref = reference(m, world, forced)
     env = DistEnv(rank, world, 0, torch.device("cpu"), "gloo")
@@ -92,15 +93,20 @@ def _check_all(rank, world, cases):
         try:
             _check(rank, world, *case)
         except AssertionError as e:
-            raise AssertionError(f"case (strategy, latent, top_k, forced) = {case}: {e}") from e
+            raise AssertionError(f"case (strategy, latent, top_k, forced, kind) = {case}: "
+                                 f"{e}") from e
 
 
 # One spawn per world size runs every case: process start-up dominates on a 2-core runner.
 CASES_2 = [(s, lat, 2, f) for s, lat in [("ep", False), ("ep", True), ("hp", True),
                                          ("fsep", False), ("fsep", True)]
            for f in (False, True)]
+# The 2-matrix GELU expert (model.expert_kind = "gelu") on every strategy.
+CASES_2 += [("ep", True, 2, False, "gelu"), ("hp", True, 2, True, "gelu"),
+            ("fsep", False, 2, True, "gelu")]
 CASES_4 = [("ep", False, 3, True), ("ep", True, 3, False), ("hp", True, 3, True),
-           ("fsep", False, 3, True), ("fsep", True, 1, False)]
+           ("fsep", False, 3, True), ("fsep", True, 1, False), ("hp", True, 3, False, "gelu"),
+           ("fsep", True, 2, False, "gelu")]
 
 
 def test_layers_match_reference_2_ranks():

@@ -244,3 +244,72 @@ def test_activation_adds_exactly_its_kernels(backward, kind, launches, elements)
     act = launches[b] * cm.launch_overhead + elements[b] * tokens * ffn * 2 / cm.rates["hbm"]
     assert plain[0] - fused[0] == pytest.approx(act[0], rel=1e-9)
     assert plain[1] == fused[1] == 0.0 and np.array_equal(f1, f2)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_gelu_expert_costs_two_matrices_and_one_activation_kernel(backward):
+    # The 2-matrix GELU expert: 4 x dim x ffn FLOPs a row (8 backward), and its activation is
+    # one torch kernel each way (h read, gelu written; backward h and the gradient read, dh
+    # written), whatever model.activation says short of the epilogue.
+    cm = ComputeModel.load("h200")
+    rows = np.array([[300, 0, 17, 4096]])
+    dim, ffn, b = 128, 1024, int(backward)
+    t, f = cm.expert_ffn(rows, dim, ffn, 2, backward=backward, activation="unfused",
+                         kind="gelu")
+    fused, _ = cm.expert_ffn(rows, dim, ffn, 2, backward=backward, activation="fused",
+                             kind="gelu")
+    assert f[0] == pytest.approx(4.0 * rows.sum() * dim * ffn * (1 + b))
+    act = cm.launch_overhead + (2 + b) * rows.sum() * ffn * 2 / cm.rates["hbm"]
+    assert t[0] - fused[0] == pytest.approx(act, rel=1e-9)
+    swiglu, fs = cm.expert_ffn(rows, dim, ffn, 2, backward=backward, activation="fused")
+    assert fs[0] == pytest.approx(1.5 * f[0]) and swiglu[0] > fused[0]
+
+
+def test_fused_expert_curve_is_used_only_where_faster_and_allowed(tmp_path):
+    base = (CALIBRATION_DIR / "h200.csv").read_text()
+    p = tmp_path / "x.csv"
+    # The fused kernel at 50% of the grouped GEMM rate at every size, forward and backward.
+    fused = "".join(f"curve,{fam}@128x1024,{s:.6g},0.5\n" for fam in
+                    ("fused_expert", "fused_expert_bwd") for s in (1e6, 1e12))
+    p.write_text(base + fused)
+    cm = ComputeModel.load("x", p)
+    rows = np.array([[100, 0, 64, 4096]])
+    t_plain, _ = cm.expert_ffn(rows, 128, 1024, 2, kind="gelu")
+    t_ok, _ = cm.expert_ffn(rows, 128, 1024, 2, kind="gelu", fused_ok=True)
+    # Closed form: every group padded to whole 64-row tiles, 4 * rows * dim * ffn FLOPs at
+    # half the rate, one launch.
+    padded = np.array([128, 0, 64, 4096])
+    want = (4.0 * padded * 128 * 1024).sum() / (609e12 * 0.5) + cm.launch_overhead
+    assert cm.fused_expert_seconds(rows, 128, 1024)[0] == pytest.approx(want, rel=1e-9)
+    assert t_ok[0] == pytest.approx(min(t_plain[0], want), rel=1e-9)
+    # Backward: twice the FLOPs at the backward curve's 50%, two launches.
+    tb, _ = cm.expert_ffn(rows, 128, 1024, 2, backward=True, kind="gelu", fused_ok=True)
+    tb_plain, _ = cm.expert_ffn(rows, 128, 1024, 2, backward=True, kind="gelu")
+    want_b = 2 * (want - cm.launch_overhead) + 2 * cm.launch_overhead
+    assert tb[0] == pytest.approx(min(tb_plain[0], want_b), rel=1e-9)
+    # SwiGLU experts, wide experts, and an EP layer (fused_ok False) never take it.
+    assert cm.expert_ffn(rows, 128, 1024, 2, fused_ok=True)[0][0] == cm.expert_ffn(
+        rows, 128, 1024, 2)[0][0]
+    assert cm.fused_expert_seconds(rows, 512, 1024) is None
+    p.write_text(base + "curve,fused_expert@wide,1e9,0.5\n")
+    with pytest.raises(InputError, match=r"curve\.fused_expert@wide"):
+        ComputeModel.load("x", p)
+
+
+def test_streaming_router_curve_replaces_the_dense_router_where_faster(tmp_path):
+    base = (CALIBRATION_DIR / "h200.csv").read_text()
+    p = tmp_path / "x.csv"
+    p.write_text(base + "curve,router_stream@128x64,1e6,0.01\n"
+                 "curve,router_stream@128x64,1e12,0.2\n")
+    cm, plain = ComputeModel.load("x", p), ComputeModel.load("h200")
+    n = np.array([524288.0, 16.0])
+    dense, f = plain.router(n, 128, 64, 8, 2)
+    got, f2 = cm.router(n, 128, 64, 8, 2)
+    flops = 2.0 * n * 128 * 64
+    eff = np.interp(np.log10(flops), [6, 12], [0.01, 0.2])
+    stream = flops / (790e12 * eff) + 4 * cm.launch_overhead
+    np.testing.assert_allclose(got, np.minimum(dense, stream), rtol=1e-9)
+    assert got[0] < dense[0] and np.array_equal(f, f2)
+    # No backward curve: the backward stays dense.
+    np.testing.assert_array_equal(cm.router(n, 128, 64, 8, 2, backward=True)[0],
+                                  plain.router(n, 128, 64, 8, 2, backward=True)[0])
