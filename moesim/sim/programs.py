@@ -1,22 +1,32 @@
-"""The step programs of EP, HP and FSEP, and the discrete-event executor that runs them.
+"""The step programs of EP, HP and FSEP as tables of phases, and the one builder that turns a
+table into operations (`moesim.sim.executor`).
 
-A program is a list of operations in issue order, each on one stream of every rank ("compute"
-or "comm") with explicit dependencies on earlier operations. The executor runs one SimPy
-process per stream, vectorised over ranks: an operation's start on rank r is the later of its
-stream being free on r and its dependencies having finished on r, so per-rank skew (a rank with
-more expert tokens finishes later) carries through. Overlap comes only from the dependencies
-and the two streams: nothing is assumed to hide behind anything else.
+A table is the rows of one layer, forward and backward, in issue order. A row names its phase
+(moesim.results.PHASES), pass, stream, the rows of the same layer it waits for, and the cost
+function that gives its time, FLOPs and tokens (compute) or its collective and bytes (comm)
+from the layer's planner inputs. Four fields shape the schedule without code:
+- `after`: keys of earlier rows of the layer; "<in" is the previous layer's output in this
+  pass (the first layer's: whatever came before). A row whose `when` is false is left out and
+  is transparent: rows after it wait for what it would have waited for.
+- `chunks`: "one" (one op), or the row is split into the table's `split(ctx)` chunks: "all"
+  of them here, or only the "first" / the "rest" (two rows of one key issued at different
+  places, e.g. FSEP's first weight chunk before the router). Chunk j of a chunked row waits for
+  chunk j of a chunked dependency; an unchunked row waits for every chunk.
+- `lag`: the row is issued `lag` layers later in the pass, at its place in that layer's rows
+  (FSEP's gradient scatter of layer l runs during layer l-1's backward); a negative lag issues
+  it earlier (a prefetch). Rows lagged past the last layer are issued after it, in table order.
+- `when(ctx, lin)`: whether the row exists for this layer (a latent projection only on a
+  Multi-Head LatentMoE model, a gradient sync only when there are replicas to sync).
+`steps` rows run once per step after the last backward layer.
+
+Whole-iteration work adds rows (or tables for other layer kinds), not builders.
 
 Assumptions (see docs/simulator.md):
-- A collective starts when its last participant is ready (NCCL semantics, a barrier at the
-  start); ranks finish it at different times (`Collectives.rank_end`). One comm stream per
-  rank, so collectives run one at a time on the network and never share it with each other.
 - Traffic and token counts come from `planner.traffic.layer_traffic` for each MoE group and
   layer; nothing here computes traffic. Byte matrices of the groups are laid block-diagonally
   over the cluster's ranks (group g holds ranks g*G .. g*G + G - 1).
-- Compute times come from `moesim.sim.compute`; the attention and dense parts of the model are not
-  simulated (the MoE part of a step only). Phases hold what the runtime times in them: the
-  EP/FSEP expert phase includes the two regroup gathers around the grouped GEMM; a permute
+- Compute times come from `moesim.sim.compute`. Phases hold what the runtime times in them:
+  the EP/FSEP expert phase includes the two regroup gathers around the grouped GEMM; a permute
   has the sorts and syncs of its strategy (EP_PERMUTE, HP_PERMUTE).
 - Every all-to-all also copies the block a rank sends itself (the diagonal, which never
   reaches the network) at HBM speed, concurrently with its network transfers.
@@ -33,89 +43,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import simpy
 
 from moesim.config import Config
 from moesim.sim.collectives import CollectiveResult, Traffic
 from moesim.sim.compute import ComputeModel
+from moesim.sim.executor import Op, Program
 
-
-@dataclass
-class Op:
-    """One operation on every rank of the cluster."""
-
-    layer: int
-    pass_: str                 # "fwd" | "bwd"
-    phase: str                 # moesim.results.PHASES
-    stream: str                # "compute" | "comm"
-    deps: list[int]
-    dur: np.ndarray | None = None                                  # compute: seconds per rank
-    comm: Callable[[], CollectiveResult] | None = None             # comm: the collective
-    nbytes: np.ndarray | None = None                               # int64[N]: bytes sent
-    tokens: np.ndarray | None = None                               # int64[N]
-    flops: np.ndarray | None = None                                # float64[N]
-    chunk: int = -1
-    # Filled by the executor.
-    start: np.ndarray = field(default=None, repr=False)            # type: ignore[assignment]
-    end: np.ndarray = field(default=None, repr=False)              # type: ignore[assignment]
-    result: CollectiveResult | None = field(default=None, repr=False)
-
-
-class Program:
-    """Builder: `add` returns the op's index for later dependencies."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.ops: list[Op] = []
-
-    def add(self, op: Op) -> int:
-        z = np.zeros(self.n, dtype=np.int64)
-        op.nbytes = z if op.nbytes is None else op.nbytes
-        op.tokens = z if op.tokens is None else op.tokens
-        op.flops = np.zeros(self.n) if op.flops is None else op.flops
-        self.ops.append(op)
-        return len(self.ops) - 1
-
-
-def execute(prog: Program) -> float:
-    """Run the program; fill every op's per-rank start/end. Returns the step time."""
-    env = simpy.Environment()
-    n = prog.n
-    done = [env.event() for _ in prog.ops]
-
-    def stream(name: str):
-        free = np.zeros(n)
-        for i, op in enumerate(prog.ops):
-            if op.stream != name:
-                continue
-            if op.deps:
-                yield simpy.AllOf(env, [done[d] for d in op.deps])
-            ready = free.copy()
-            for d in op.deps:
-                np.maximum(ready, prog.ops[d].end, out=ready)
-            if name == "compute":
-                op.start = ready
-                op.end = ready + op.dur
-                free = op.end
-                yield env.timeout(max(float(op.end.max()) - env.now, 0.0))
-            else:
-                t0 = max(float(ready.max()), env.now)
-                yield env.timeout(t0 - env.now)
-                res = op.comm()
-                op.result = res
-                op.start = np.full(n, t0)
-                op.end = t0 + res.rank_end
-                free = np.full(n, t0 + res.duration)
-                yield env.timeout(res.duration)
-            done[i].succeed()
-
-    env.process(stream("compute"))
-    env.process(stream("comm"))
-    env.run()
-    missing = [i for i, e in enumerate(done) if not e.triggered]
-    if missing:  # a dependency on a later op of the other stream: a program bug
-        raise RuntimeError(f"step program deadlocked at op {missing[0]}: {prog.ops[missing[0]]}")
-    return float(max(op.end.max() for op in prog.ops)) if prog.ops else 0.0
+COMPUTE, COMM = "compute", "comm"
+IN = "<in"
 
 
 @dataclass
@@ -141,8 +76,150 @@ class StrategyContext:
     all_reduce_all: Callable[[float], CollectiveResult]
     replicated_bytes: float                    # router / latent weights per layer, per rank
     groups: int = 1                            # data-parallel copies of the MoE group
+    n: int = 0                                 # ranks the program runs on
+
+    @property
+    def group_ranks(self) -> int:
+        """Ranks of one MoE group."""
+        return self.n // max(self.groups, 1)
 
 
+# A compute row's cost: (seconds, FLOPs, tokens) per rank; a comm row's: the collective (run
+# when the op is issued) and the bytes each rank sends, for a `share` of the phase's traffic.
+Work = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+ComputeCost = Callable[[StrategyContext, LayerInputs, str], Work]
+CommCost = Callable[[StrategyContext, LayerInputs, str, str, float],
+                    tuple[Callable[[], CollectiveResult], np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One phase of a layer's program (see the module docstring for the fields)."""
+
+    phase: str
+    pass_: str
+    stream: str
+    cost: Callable
+    after: tuple[str, ...] = ()
+    key: str = ""
+    chunks: str = "one"            # "one" | "all" | "first" | "rest"
+    lag: int = 0
+    when: Callable[[StrategyContext, LayerInputs], bool] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.key or self.phase
+
+
+def _one(ctx: StrategyContext) -> int:
+    return 1
+
+
+@dataclass(frozen=True)
+class Table:
+    """A strategy's layer program: rows in issue order, the key of each pass's output, the
+    number of chunks of its chunked rows, and rows run once per step after the backward."""
+
+    name: str
+    rows: tuple[Row, ...]
+    out: dict[str, str]
+    split: Callable[[StrategyContext], int] = _one
+    steps: tuple[Row, ...] = ()
+
+
+# --- the builder ----------------------------------------------------------------------------
+def _chunk_ids(row: Row, k: int) -> list[int]:
+    return {"one": [-1], "all": list(range(k)), "first": [0], "rest": list(range(1, k))}[
+        row.chunks]
+
+
+def _deps_of(entry: dict[int, list[int]], chunk: int) -> list[int]:
+    """Ops a (chunk of a) row waits for from one dependency's entry {chunk: op ids}."""
+    if chunk >= 0 and chunk in entry:
+        return entry[chunk]
+    return [d for ids in entry.values() for d in ids]
+
+
+def _emit_row(prog: Program, ctx: StrategyContext, table: Table, row: Row, layer: int,
+              lin: LayerInputs, entries: dict[str, dict[int, list[int]]],
+              chain: Callable[[], list[int]], k: int) -> None:
+    chunks = _chunk_ids(row, k)
+    entry = entries.setdefault(row.name, {})
+    for j in chunks:
+        deps: list[int] = []
+        for key in row.after:
+            if key == IN:
+                got = chain()
+            elif key in entries:
+                got = _deps_of(entries[key], j)
+            else:
+                raise ValueError(f"table {table.name}: {row.pass_} {row.name} waits for "
+                                 f"{key!r}, which is not an earlier row of the layer")
+            deps += [d for d in got if d not in deps]
+        if row.when is not None and not row.when(ctx, lin):
+            entry.setdefault(j, []).extend(deps)  # transparent: pass the dependencies on
+            continue
+        share = 1.0 if j < 0 else 1.0 / k
+        if row.stream == COMPUTE:
+            dur, flops, tokens = row.cost(ctx, lin, row.pass_)
+            if j >= 0:
+                dur = dur / k
+                flops = None if flops is None else flops / k
+                tokens = None if tokens is None else tokens // k + (j < tokens % k)
+            op = Op(layer, row.pass_, row.phase, row.stream, deps, dur=dur, flops=flops,
+                    tokens=tokens, chunk=j)
+        else:
+            run, nbytes = row.cost(ctx, lin, row.pass_, row.phase, share)
+            op = Op(layer, row.pass_, row.phase, row.stream, deps, comm=run, nbytes=nbytes,
+                    chunk=j)
+        entry.setdefault(j, []).append(prog.add(op))
+
+
+def emit_pass(prog: Program, ctx: StrategyContext, table: Table, pass_: str,
+              layers: list[tuple[int, LayerInputs]], chain: list[int]) -> list[int]:
+    """Issue `table`'s rows of `pass_` for `layers` ((layer index, inputs) in pass order),
+    the first waiting for `chain`; returns the ops of the last layer's output."""
+    rows = [r for r in table.rows if r.pass_ == pass_]
+    if not rows or not layers:
+        return chain
+    k = table.split(ctx)
+    lo = min(0, *(r.lag for r in rows))
+    hi = max(0, *(r.lag for r in rows))
+    entries: list[dict[str, dict[int, list[int]]]] = [{} for _ in layers]
+    out_key = table.out[pass_]
+
+    def chain_in(pos: int) -> list[int]:
+        if pos == 0:
+            return chain
+        prev = entries[pos - 1].get(out_key)
+        if prev is None:
+            raise ValueError(f"table {table.name}: layer {pos} needs layer {pos - 1}'s output "
+                             f"{out_key!r} before it is issued")
+        return _deps_of(prev, -1)
+
+    for it in range(lo, len(layers) + hi):
+        for row in rows:
+            pos = it - row.lag
+            if 0 <= pos < len(layers):
+                layer, lin = layers[pos]
+                _emit_row(prog, ctx, table, row, layer, lin, entries[pos],
+                          lambda pos=pos: chain_in(pos), k)
+    return chain_in(len(layers))
+
+
+def build_step(prog: Program, ctx: StrategyContext, table: Table,
+               layers: list[LayerInputs]) -> None:
+    """One training step of the MoE layers: every layer forward, every layer backward in
+    reverse, then the table's once-per-step rows."""
+    order = list(enumerate(layers))
+    last = emit_pass(prog, ctx, table, "fwd", order, [])
+    last = emit_pass(prog, ctx, table, "bwd", order[::-1], last)
+    if table.steps:
+        step = Table(table.name, table.steps, {"bwd": table.steps[-1].name})
+        emit_pass(prog, ctx, step, "bwd", [(0, layers[0] if layers else None)], last)
+
+
+# --- cost functions -------------------------------------------------------------------------
 def _with_local_copy(res: CollectiveResult, copy_s: np.ndarray,
                      latency: float) -> CollectiveResult:
     """The collective with each rank's self-block copied alongside its network transfers
@@ -155,23 +232,13 @@ def _with_local_copy(res: CollectiveResult, copy_s: np.ndarray,
     return dataclasses.replace(res, rank_end=end, duration=max(res.duration, float(end.max())))
 
 
-def _comm(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
-          phase: str, deps: list[int], traffic: Traffic | None = None, chunk: int = -1,
-          share: float = 1.0) -> int:
-    """An all-to-all of the phase's traffic (or `traffic`, a `share` of it, for chunks), with
-    the copies that pack and unpack its buffers where the phase has them (FSEP's weights)."""
-    t = lin.phases[(pass_, phase)] if traffic is None else traffic
-    local = lin.local.get((pass_, phase))
-    copy_s = (ctx.compute.local_copy(local * share) if local is not None
-              else np.zeros(prog.n))
-    latency = ctx.cfg.cluster.collective_latency_us * 1e-6
-    pack, unpack = _weight_copies(ctx, lin, pass_, phase, t, share, prog.n)
-
-    def run(t=t) -> CollectiveResult:
-        return _packed(_with_local_copy(ctx.a2a(t), copy_s, latency), pack, unpack)
-
-    return prog.add(Op(layer, pass_, phase, "comm", deps, comm=run, nbytes=t.sent(prog.n),
-                       chunk=chunk))
+def _packed(res: CollectiveResult, pack: np.ndarray, unpack: np.ndarray) -> CollectiveResult:
+    """The collective after every rank's pack (it starts when the slowest rank's is done),
+    each rank's unpack after its own part."""
+    if not (np.any(pack > 0) or np.any(unpack > 0)):
+        return res
+    end = res.rank_end + float(pack.max()) + unpack
+    return dataclasses.replace(res, rank_end=end, duration=float(end.max()))
 
 
 def _weight_copies(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str,
@@ -180,8 +247,8 @@ def _weight_copies(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: st
     before the collective (pack) and after it (unpack):
     - weight gather: the shards of every replica a rank serves are gathered into the send
       buffer (a row gather of all it sends, its own block included); the received shards
-      are merged into whole experts by one copy of all it receives (none with one rank: the
-      merged weights are views of the buffer).
+      are merged into whole experts by one copy of all it receives (none when the group is
+      one rank: the merged weights are then views of the buffer).
     - gradient scatter: the replicas' weight gradients are copied into one send buffer (all
       it sends); the received shard gradients are summed per expert into the rank's shard
       (read all it receives, write its shard of every expert).
@@ -203,41 +270,51 @@ def _weight_copies(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: st
     return pack, np.where(recv > 0, reduce, 0.0)
 
 
-def _packed(res: CollectiveResult, pack: np.ndarray, unpack: np.ndarray) -> CollectiveResult:
-    """The collective after every rank's pack (it starts when the slowest rank's is done),
-    each rank's unpack after its own part."""
-    if not (np.any(pack > 0) or np.any(unpack > 0)):
-        return res
-    end = res.rank_end + float(pack.max()) + unpack
-    return dataclasses.replace(res, rank_end=end, duration=float(end.max()))
+def a2a(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str, share: float):
+    """An all-to-all of the phase's traffic (a `share` of it, for chunks), with its local copy
+    and the copies that pack and unpack its buffers where the phase has them (FSEP's
+    weights)."""
+    t = lin.phases[(pass_, phase)]
+    if share != 1.0:
+        t = t.scaled(share)
+    n = ctx.n
+    local = lin.local.get((pass_, phase))
+    copy_s = ctx.compute.local_copy(local * share) if local is not None else np.zeros(n)
+    latency = ctx.cfg.cluster.collective_latency_us * 1e-6
+    pack, unpack = _weight_copies(ctx, lin, pass_, phase, t, share, n)
+
+    def run() -> CollectiveResult:
+        return _packed(_with_local_copy(ctx.a2a(t), copy_s, latency), pack, unpack)
+
+    return run, t.sent(n)
 
 
-def _cmp(prog: Program, layer: int, pass_: str, phase: str, deps: list[int],
-         dur: np.ndarray, flops: np.ndarray | None = None, tokens: np.ndarray | None = None,
-         chunk: int = -1) -> int:
-    return prog.add(Op(layer, pass_, phase, "compute", deps, dur=dur, flops=flops,
-                       tokens=tokens, chunk=chunk))
+def dp_all_reduce(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str,
+                  share: float):
+    """The layer's weights replicated over the MoE groups, all-reduced over the rings of
+    ranks with the same local index."""
+    d = max(ctx.groups, 1)
+    sent = np.full(ctx.n, int(2 * (d - 1) / d * lin.dp_bytes), dtype=np.int64)
+    return (lambda b=lin.dp_bytes: ctx.dp_all_reduce(b)), sent
+
+
+def final_all_reduce(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str,
+                     share: float):
+    """One bucketed all-reduce over all ranks of the weights every rank holds (router, HP
+    latent projections) of every layer, after the last backward layer."""
+    total = ctx.replicated_bytes * ctx.cfg.model.num_layers
+    n = ctx.n
+    sent = np.full(n, int(2 * (n - 1) / n * total), dtype=np.int64)
+    return (lambda: ctx.all_reduce_all(total)), sent
 
 
 # A permute's stable sorts, device-to-host syncs and host split work. EP and FSEP sort the
 # assignments by expert, then by destination replica (runtime.dispatch.build_route), and sync
 # once: the size exchange, whose counts the host needs for the all-to-all splits; the host then
-# computes the splits and the layout while the GPU waits. HP sorts once by expert and never
-# syncs: its all-to-all sizes are known in advance (no size exchange).
+# computes the splits and the layout while the GPU waits. HP sorts once and never syncs: its
+# all-to-all sizes are known in advance (no size exchange).
 EP_PERMUTE = {"sorts": 2, "syncs": 1, "splits": 1}
 HP_PERMUTE = {"sorts": 1, "syncs": 0}
-
-
-def _expert(ctx: StrategyContext, lin: LayerInputs, backward: bool, regroup: bool = True):
-    """The experts' grouped FFN; with `regroup` (EP, FSEP: rows arrive source-major) the two
-    row gathers into and out of expert-major order, which the runtime times as expert too."""
-    m = ctx.cfg.model
-    t, f = ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
-                                  backward=backward, activation=m.activation,
-                                  kind=m.expert_kind, fused_ok=not regroup)
-    if regroup:
-        t = t + ctx.compute.regroup(lin.expert_tokens.sum(axis=1), _row_bytes(ctx))
-    return t, f
 
 
 def _row_bytes(ctx: StrategyContext) -> int:
@@ -250,236 +327,227 @@ def _assignments(ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
     return lin.routed * ctx.cfg.model.top_k
 
 
-def _permute(ctx: StrategyContext, lin: LayerInputs, backward: bool,
-             kind: dict[str, int] = EP_PERMUTE) -> np.ndarray:
+def latent(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str) -> Work:
+    """Multi-Head LatentMoE's projection to (latent_down) or from (latent_up) the latent."""
     m = ctx.cfg.model
-    return ctx.compute.permute(_assignments(ctx, lin), _row_bytes(ctx), m.top_k, **kind,
-                               backward=backward)
+    k, n = (m.d_model, m.latent_dim) if phase == "latent_down" else (m.latent_dim, m.d_model)
+    t, f = ctx.compute.gemm(lin.tokens, k, n, m.dtype_bytes, backward=pass_ == "bwd")
+    return t, f, lin.tokens
 
 
-def _unpermute(ctx: StrategyContext, lin: LayerInputs, backward: bool) -> np.ndarray:
-    """The weighted combine on the compute stream (phase "combine")."""
-    return ctx.compute.combine(_assignments(ctx, lin), _row_bytes(ctx), ctx.cfg.model.top_k,
-                               backward=backward)
+def latent_down(ctx, lin, pass_) -> Work:
+    return latent(ctx, lin, pass_, "latent_down")
 
 
-def _grad_sync(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int,
-               deps: list[int]) -> None:
-    if ("bwd", "grad_sync") in lin.phases and lin.phases[("bwd", "grad_sync")].total > 0:
-        _comm(prog, ctx, lin, layer, "bwd", "grad_sync", deps)
-    if ctx.cfg.parallel.dp_grad_sync and lin.dp_bytes > 0:
-        d = max(ctx.groups, 1)
-        sent = np.full(prog.n, int(2 * (d - 1) / d * lin.dp_bytes), dtype=np.int64)
-        prog.add(Op(layer, "bwd", "grad_sync", "comm", deps,
-                    comm=lambda b=lin.dp_bytes: ctx.dp_all_reduce(b), nbytes=sent))
+def latent_up(ctx, lin, pass_) -> Work:
+    return latent(ctx, lin, pass_, "latent_up")
 
 
-def _router(ctx: StrategyContext, lin: LayerInputs, backward: bool):
+def _router(ctx: StrategyContext, lin: LayerInputs, pass_: str, tokens: np.ndarray) -> Work:
     """Routing of every (sub-)token a rank routes: the logits GEMM [routed x expert_dim] @
     [dim x E], softmax, top-k and the gate renormalisation (`ComputeModel.router`)."""
     m = ctx.cfg.model
-    return ctx.compute.router(lin.routed, m.expert_dim, m.num_experts, m.top_k, m.dtype_bytes,
-                              backward, forced=ctx.cfg.run.routing == "forced")
+    t, f = ctx.compute.router(lin.routed, m.expert_dim, m.num_experts, m.top_k, m.dtype_bytes,
+                              pass_ == "bwd", forced=ctx.cfg.run.routing == "forced")
+    return t, f, tokens
 
 
-def _latent(prog: Program, ctx: StrategyContext, lin: LayerInputs, layer: int, pass_: str,
-            phase: str, deps: list[int]) -> list[int]:
-    """Multi-Head LatentMoE's projection to (latent_down) or from (latent_up) the latent, on a
-    model with heads; standard MoE has none (returns `deps` unchanged)."""
+def router(ctx, lin, pass_) -> Work:
+    """EP, FSEP: the rank routes its own tokens (tokens counted as the rank's)."""
+    return _router(ctx, lin, pass_, lin.tokens)
+
+
+def head_router(ctx, lin, pass_) -> Work:
+    """HP: the rank routes its heads' sub-tokens of every token of the group."""
+    return _router(ctx, lin, pass_, lin.routed)
+
+
+def _permute(ctx: StrategyContext, lin: LayerInputs, pass_: str, kind: dict) -> Work:
     m = ctx.cfg.model
-    if m.num_heads < 2:
-        return deps
-    k, n = (m.d_model, m.latent_dim) if phase == "latent_down" else (m.latent_dim, m.d_model)
-    t, f = ctx.compute.gemm(lin.tokens, k, n, m.dtype_bytes, backward=pass_ == "bwd")
-    return [_cmp(prog, layer, pass_, phase, deps, t, f, lin.tokens)]
+    t = ctx.compute.permute(_assignments(ctx, lin), _row_bytes(ctx), m.top_k, **kind,
+                            backward=pass_ == "bwd")
+    return t, None, None
 
 
-def build_ep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
-    """EP: router, permute, dispatch, experts, combine; backward mirrors it, with the expert
-    weight gradients inside the expert backward."""
-    last = []
-    for li, lin in enumerate(layers):
-        rt, rf = _router(ctx, lin, False)
-        down = _latent(prog, ctx, lin, li, "fwd", "latent_down", last)
-        a = _cmp(prog, li, "fwd", "router", down, rt, rf, lin.tokens)
-        b = _cmp(prog, li, "fwd", "permute", [a], _permute(ctx, lin, False))
-        c = _comm(prog, ctx, lin, li, "fwd", "dispatch", [b])
-        et, ef = _expert(ctx, lin, False)
-        d = _cmp(prog, li, "fwd", "expert", [c], et, ef, lin.expert_tokens.sum(1))
-        e = _comm(prog, ctx, lin, li, "fwd", "combine", [d])
-        f = _cmp(prog, li, "fwd", "combine", [e], _unpermute(ctx, lin, False))
-        last = _latent(prog, ctx, lin, li, "fwd", "latent_up", [f])
-    for li in reversed(range(len(layers))):
-        lin = layers[li]
-        up = _latent(prog, ctx, lin, li, "bwd", "latent_up", last)
-        a = _cmp(prog, li, "bwd", "combine", up, _unpermute(ctx, lin, True))
-        b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
-        et, ef = _expert(ctx, lin, True)
-        c = _cmp(prog, li, "bwd", "expert", [b], et, ef, lin.expert_tokens.sum(1))
-        d = _comm(prog, ctx, lin, li, "bwd", "dispatch", [c])
-        e = _cmp(prog, li, "bwd", "permute", [d], _permute(ctx, lin, True))
-        rt, rf = _router(ctx, lin, True)
-        f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.tokens)
-        _grad_sync(prog, ctx, lin, li, [c])
-        last = _latent(prog, ctx, lin, li, "bwd", "latent_down", [f])
-    _final_sync(prog, ctx, last)
+def ep_permute(ctx, lin, pass_) -> Work:
+    return _permute(ctx, lin, pass_, EP_PERMUTE)
 
 
-def _head_pack(prog: Program, ctx: StrategyContext, lin: LayerInputs) -> np.ndarray:
-    """HP's send buffer: with head h on rank h mod N the latent's heads are made
-    destination-major by one strided copy of T x latent (a view, free, when the group is one
-    rank); its mirror after the combine's all-to-all, and the same in backward.
-    runtime/layers_hp.py does exactly that around each all-to-all, on the compute stream."""
+def hp_permute(ctx, lin, pass_) -> Work:
+    return _permute(ctx, lin, pass_, HP_PERMUTE)
+
+
+def unpermute(ctx: StrategyContext, lin: LayerInputs, pass_: str) -> Work:
+    """The weighted combine on the compute stream (phase "combine")."""
+    t = ctx.compute.combine(_assignments(ctx, lin), _row_bytes(ctx), ctx.cfg.model.top_k,
+                            backward=pass_ == "bwd")
+    return t, None, None
+
+
+def _expert(ctx: StrategyContext, lin: LayerInputs, pass_: str, regroup: bool) -> Work:
+    m = ctx.cfg.model
+    t, f = ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
+                                  backward=pass_ == "bwd", activation=m.activation,
+                                  kind=m.expert_kind, fused_ok=not regroup)
+    if regroup:
+        t = t + ctx.compute.regroup(lin.expert_tokens.sum(axis=1), _row_bytes(ctx))
+    return t, f, lin.expert_tokens.sum(1)
+
+
+def experts_regrouped(ctx, lin, pass_) -> Work:
+    """EP, FSEP: the experts' grouped FFN with the two row gathers into and out of
+    expert-major order (rows arrive source-major), which the runtime times as expert too."""
+    return _expert(ctx, lin, pass_, regroup=True)
+
+
+def experts(ctx, lin, pass_) -> Work:
+    """HP: the grouped FFN on rows the local permute already put expert-major."""
+    return _expert(ctx, lin, pass_, regroup=False)
+
+
+def head_pack(ctx: StrategyContext, lin: LayerInputs, pass_: str) -> Work:
+    """HP's send buffer: with head h on rank h mod G the latent's heads are made
+    destination-major by one strided copy of T x latent, and its mirror after the combine's
+    all-to-all, the same in backward (runtime/layers_hp.py, on the compute stream). A group of
+    one rank keeps every head, so the latent already is in destination order: a view, free."""
     m = ctx.cfg.model
     nbytes = lin.tokens.astype(np.float64) * m.latent_dim * m.dtype_bytes
-    if prog.n // ctx.groups == 1:
-        return np.zeros_like(nbytes)
-    return np.where(nbytes > 0, ctx.compute.local_copy(nbytes) + ctx.compute.launch_overhead,
-                    0.0)
+    reorder = ctx.group_ranks > 1
+    t = np.where((nbytes > 0) & reorder,
+                 ctx.compute.local_copy(nbytes) + ctx.compute.launch_overhead, 0.0)
+    return t, None, None
 
 
-def build_hp(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
-    """HP (Multi-Head LatentMoE): project down to the latent, all-to-all the latent (each rank
-    gets its heads' slices of every token), route and run experts locally, all-to-all back,
-    project up. The all-to-all bytes are the planner's (fixed by the batch); packing the
-    heads into the send buffer and unpacking them is compute-stream work timed as part of the
-    dispatch and combine phases (`_head_pack`)."""
-    gpu, m = ctx.compute, ctx.cfg.model
-    db, lat = m.dtype_bytes, m.latent_dim
-    last = []
-    for li, lin in enumerate(layers):
-        pack = _head_pack(prog, ctx, lin)
-        dt, df = gpu.gemm(lin.tokens, m.d_model, lat, db)
-        a = _cmp(prog, li, "fwd", "latent_down", last, dt, df, lin.tokens)
-        a = _cmp(prog, li, "fwd", "dispatch", [a], pack)
-        b = _comm(prog, ctx, lin, li, "fwd", "dispatch", [a])
-        rt, rf = _router(ctx, lin, False)
-        c = _cmp(prog, li, "fwd", "router", [b], rt, rf, lin.routed)
-        d = _cmp(prog, li, "fwd", "permute", [c], _permute(ctx, lin, False, HP_PERMUTE))
-        et, ef = _expert(ctx, lin, False, regroup=False)
-        e = _cmp(prog, li, "fwd", "expert", [d], et, ef, lin.expert_tokens.sum(1))
-        f = _cmp(prog, li, "fwd", "combine", [e], _unpermute(ctx, lin, False))
-        g = _comm(prog, ctx, lin, li, "fwd", "combine", [f])
-        g = _cmp(prog, li, "fwd", "combine", [g], pack)
-        ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db)
-        h = _cmp(prog, li, "fwd", "latent_up", [g], ut, uf, lin.tokens)
-        last = [h]
-    for li in reversed(range(len(layers))):
-        lin = layers[li]
-        pack = _head_pack(prog, ctx, lin)
-        ut, uf = gpu.gemm(lin.tokens, lat, m.d_model, db, backward=True)
-        a = _cmp(prog, li, "bwd", "latent_up", last, ut, uf, lin.tokens)
-        a = _cmp(prog, li, "bwd", "combine", [a], pack)
-        b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
-        c = _cmp(prog, li, "bwd", "combine", [b], _unpermute(ctx, lin, True))
-        et, ef = _expert(ctx, lin, True, regroup=False)
-        d = _cmp(prog, li, "bwd", "expert", [c], et, ef, lin.expert_tokens.sum(1))
-        e = _cmp(prog, li, "bwd", "permute", [d], _permute(ctx, lin, True, HP_PERMUTE))
-        rt, rf = _router(ctx, lin, True)
-        f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.routed)
-        g = _comm(prog, ctx, lin, li, "bwd", "dispatch", [f])
-        g = _cmp(prog, li, "bwd", "dispatch", [g], pack)
-        dt, df = gpu.gemm(lin.tokens, m.d_model, lat, db, backward=True)
-        h = _cmp(prog, li, "bwd", "latent_down", [g], dt, df, lin.tokens)
-        _grad_sync(prog, ctx, lin, li, [d])
-        last = [h]
-    _final_sync(prog, ctx, last)
+# --- conditions -----------------------------------------------------------------------------
+def has_latent(ctx: StrategyContext, lin: LayerInputs) -> bool:
+    return ctx.cfg.model.num_heads > 1
 
 
-def _chunks(t: Traffic, k: int) -> list[Traffic]:
-    """k equal chunks (fractional bytes: the fluid network does not care, and equal chunks
-    are solved once, see Collectives._fluid)."""
-    return [t.scaled(1.0 / k)] * k
+def _has_traffic(key: tuple[str, str]) -> Callable[[StrategyContext, LayerInputs], bool]:
+    def f(ctx: StrategyContext, lin: LayerInputs) -> bool:
+        t = lin.phases.get(key)
+        return t is not None and t.total > 0
+    f.__name__ = f"has_{key[0]}_{key[1]}"
+    return f
 
 
-def build_fsep(prog: Program, ctx: StrategyContext, layers: list[LayerInputs]) -> None:
-    """FSEP (LAER-MoE): experts' weights are sharded over the group; each layer the ranks
-    gather the shards of the replicas the re-layout gave them (in `fsep_chunks` chunks), the
-    tokens go to the replicas, and chunk c's expert GEMMs start once chunk c's weights and the
-    tokens are in, overlapping the later chunks' gathers. Backward re-gathers the weights
-    (FSDP-style; not with parallel.fsep_backward_gather = false), and scatters the
-    weight-gradient shards back to their owners chunk by chunk as each chunk's backward GEMMs
-    finish. The first chunk's gather has no dependency on the
-    layer's compute, so it prefetches while the router runs."""
-    k = ctx.cfg.parallel.fsep_chunks
-    last: list[int] = []
-    for li, lin in enumerate(layers):
-        gathers = _chunks(lin.phases[("fwd", "weight_gather")], k)
-        g0 = _comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[0], chunk=0,
-                   share=1 / k)
-        rt, rf = _router(ctx, lin, False)
-        down = _latent(prog, ctx, lin, li, "fwd", "latent_down", last)
-        a = _cmp(prog, li, "fwd", "router", down, rt, rf, lin.tokens)
-        b = _cmp(prog, li, "fwd", "permute", [a], _permute(ctx, lin, False))
-        c = _comm(prog, ctx, lin, li, "fwd", "dispatch", [b])
-        g = [g0] + [_comm(prog, ctx, lin, li, "fwd", "weight_gather", [], gathers[j], chunk=j,
-                          share=1 / k)
-                    for j in range(1, k)]
-        et, ef = _expert(ctx, lin, False)
-        prev = []
-        for j in range(k):
-            prev = [_cmp(prog, li, "fwd", "expert", [c, g[j], *prev], et / k, ef / k,
-                         lin.expert_tokens.sum(1) // k + (j < lin.expert_tokens.sum(1) % k),
-                         chunk=j)]
-        e = _comm(prog, ctx, lin, li, "fwd", "combine", prev)
-        f = _cmp(prog, li, "fwd", "combine", [e], _unpermute(ctx, lin, False))
-        last = _latent(prog, ctx, lin, li, "fwd", "latent_up", [f])
-    pending: list[tuple[int, list[int], list[np.ndarray], LayerInputs]] = []
-    for li in reversed(range(len(layers))):
-        lin = layers[li]
-        # Without a backward gather (parallel.fsep_backward_gather = false: the forward's
-        # weights were kept) the expert backward waits only for the combine's gradient.
-        regather = ("bwd", "weight_gather") in lin.phases
-        scatters = _chunks(lin.phases[("bwd", "grad_scatter")], k)
-        if regather:
-            gathers = _chunks(lin.phases[("bwd", "weight_gather")], k)
-            g0 = _comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[0], chunk=0,
-                       share=1 / k)
-        up = _latent(prog, ctx, lin, li, "bwd", "latent_up", last)
-        a = _cmp(prog, li, "bwd", "combine", up, _unpermute(ctx, lin, True))
-        b = _comm(prog, ctx, lin, li, "bwd", "combine", [a])
-        g = ([g0] + [_comm(prog, ctx, lin, li, "bwd", "weight_gather", [], gathers[j],
-                           chunk=j, share=1 / k) for j in range(1, k)]) if regather else [b] * k
-        # The previous layer's gradient scatters go after this layer's gathers on the comm
-        # stream, so they overlap this layer's expert backward.
-        for pli, pdeps, pscat, plin in pending:
-            for j in range(k):
-                _comm(prog, ctx, plin, pli, "bwd", "grad_scatter", [pdeps[j]], pscat[j],
-                      chunk=j, share=1 / k)
-            _grad_sync(prog, ctx, plin, pli, pdeps[-1:])
-        pending = []
-        et, ef = _expert(ctx, lin, True)
-        chunks_done = []
-        prev = []
-        for j in range(k):
-            prev = [_cmp(prog, li, "bwd", "expert", [b, g[j], *prev], et / k, ef / k,
-                         lin.expert_tokens.sum(1) // k + (j < lin.expert_tokens.sum(1) % k),
-                         chunk=j)]
-            chunks_done.append(prev[0])
-        d = _comm(prog, ctx, lin, li, "bwd", "dispatch", prev)
-        e = _cmp(prog, li, "bwd", "permute", [d], _permute(ctx, lin, True))
-        rt, rf = _router(ctx, lin, True)
-        f = _cmp(prog, li, "bwd", "router", [e], rt, rf, lin.tokens)
-        pending.append((li, chunks_done, scatters, lin))
-        last = _latent(prog, ctx, lin, li, "bwd", "latent_down", [f])
-    for pli, pdeps, pscat, plin in pending:
-        for j in range(k):
-            _comm(prog, ctx, plin, pli, "bwd", "grad_scatter", [pdeps[j]], pscat[j], chunk=j,
-                  share=1 / k)
-        _grad_sync(prog, ctx, plin, pli, pdeps[-1:])
-    _final_sync(prog, ctx, last)
+def has_phase(key: tuple[str, str]) -> Callable[[StrategyContext, LayerInputs], bool]:
+    def f(ctx: StrategyContext, lin: LayerInputs) -> bool:
+        return key in lin.phases
+    f.__name__ = f"has_{key[0]}_{key[1]}"
+    return f
 
 
-def _final_sync(prog: Program, ctx: StrategyContext, deps: list[int]) -> None:
-    """One bucketed all-reduce of the weights every rank holds (router, HP latent projections)
-    over all ranks, after the last backward layer."""
-    nlayers = ctx.cfg.model.num_layers
-    total = ctx.replicated_bytes * nlayers
-    if ctx.cfg.parallel.dp_grad_sync and total > 0 and prog.n > 1:
-        n = prog.n
-        sent = np.full(n, int(2 * (n - 1) / n * total), dtype=np.int64)
-        prog.add(Op(0, "bwd", "grad_sync", "comm", deps,
-                    comm=lambda: ctx.all_reduce_all(total), nbytes=sent))
+def dp_synced(ctx: StrategyContext, lin: LayerInputs) -> bool:
+    return ctx.cfg.parallel.dp_grad_sync and lin.dp_bytes > 0
 
 
-BUILDERS = {"ep": build_ep, "hp": build_hp, "fsep": build_fsep}
+def replicated_synced(ctx: StrategyContext, lin: LayerInputs) -> bool:
+    """The step's bucket of every-rank weights has bytes to move (2(n-1)/n of it)."""
+    total = ctx.replicated_bytes * ctx.cfg.model.num_layers
+    return ctx.cfg.parallel.dp_grad_sync and 2 * (ctx.n - 1) / ctx.n * total > 0
+
+
+replica_synced = _has_traffic(("bwd", "grad_sync"))
+
+
+# --- the tables -----------------------------------------------------------------------------
+F, B = "fwd", "bwd"
+FINAL_SYNC = (Row("grad_sync", B, COMM, final_all_reduce, after=(IN,), when=replicated_synced,
+                  key="final_sync"),)
+
+# EP: router, permute, dispatch, experts, combine; backward mirrors it, with the expert weight
+# gradients inside the expert backward and the replicas' gradient syncs after it.
+EP = Table("ep", (
+    Row("latent_down", F, COMPUTE, latent_down, (IN,), when=has_latent),
+    Row("router", F, COMPUTE, router, ("latent_down",)),
+    Row("permute", F, COMPUTE, ep_permute, ("router",)),
+    Row("dispatch", F, COMM, a2a, ("permute",), key="dispatch_a2a"),
+    Row("expert", F, COMPUTE, experts_regrouped, ("dispatch_a2a",)),
+    Row("combine", F, COMM, a2a, ("expert",), key="combine_a2a"),
+    Row("combine", F, COMPUTE, unpermute, ("combine_a2a",)),
+    Row("latent_up", F, COMPUTE, latent_up, ("combine",), when=has_latent),
+    Row("latent_up", B, COMPUTE, latent_up, (IN,), when=has_latent),
+    Row("combine", B, COMPUTE, unpermute, ("latent_up",)),
+    Row("combine", B, COMM, a2a, ("combine",), key="combine_a2a"),
+    Row("expert", B, COMPUTE, experts_regrouped, ("combine_a2a",)),
+    Row("dispatch", B, COMM, a2a, ("expert",), key="dispatch_a2a"),
+    Row("permute", B, COMPUTE, ep_permute, ("dispatch_a2a",)),
+    Row("router", B, COMPUTE, router, ("permute",)),
+    Row("grad_sync", B, COMM, a2a, ("expert",), key="replica_sync", when=replica_synced),
+    Row("grad_sync", B, COMM, dp_all_reduce, ("expert",), key="dp_sync", when=dp_synced),
+    Row("latent_down", B, COMPUTE, latent_down, ("router",), when=has_latent),
+), out={F: "latent_up", B: "latent_down"}, steps=FINAL_SYNC)
+
+# HP (Multi-Head LatentMoE): project down to the latent, pack the heads, all-to-all the latent
+# (each rank gets its heads' slices of every token), route and run experts locally, all-to-all
+# back, unpack, project up. The all-to-all bytes are the planner's (fixed by the batch).
+HP = Table("hp", (
+    Row("latent_down", F, COMPUTE, latent_down, (IN,)),
+    Row("dispatch", F, COMPUTE, head_pack, ("latent_down",), key="pack"),
+    Row("dispatch", F, COMM, a2a, ("pack",), key="dispatch_a2a"),
+    Row("router", F, COMPUTE, head_router, ("dispatch_a2a",)),
+    Row("permute", F, COMPUTE, hp_permute, ("router",)),
+    Row("expert", F, COMPUTE, experts, ("permute",)),
+    Row("combine", F, COMPUTE, unpermute, ("expert",)),
+    Row("combine", F, COMM, a2a, ("combine",), key="combine_a2a"),
+    Row("combine", F, COMPUTE, head_pack, ("combine_a2a",), key="unpack"),
+    Row("latent_up", F, COMPUTE, latent_up, ("unpack",)),
+    Row("latent_up", B, COMPUTE, latent_up, (IN,)),
+    Row("combine", B, COMPUTE, head_pack, ("latent_up",), key="unpack"),
+    Row("combine", B, COMM, a2a, ("unpack",), key="combine_a2a"),
+    Row("combine", B, COMPUTE, unpermute, ("combine_a2a",)),
+    Row("expert", B, COMPUTE, experts, ("combine",)),
+    Row("permute", B, COMPUTE, hp_permute, ("expert",)),
+    Row("router", B, COMPUTE, head_router, ("permute",)),
+    Row("dispatch", B, COMM, a2a, ("router",), key="dispatch_a2a"),
+    Row("dispatch", B, COMPUTE, head_pack, ("dispatch_a2a",), key="pack"),
+    Row("latent_down", B, COMPUTE, latent_down, ("pack",)),
+    Row("grad_sync", B, COMM, a2a, ("expert",), key="replica_sync", when=replica_synced),
+    Row("grad_sync", B, COMM, dp_all_reduce, ("expert",), key="dp_sync", when=dp_synced),
+), out={F: "latent_up", B: "latent_down"}, steps=FINAL_SYNC)
+
+
+def fsep_chunks(ctx: StrategyContext) -> int:
+    return ctx.cfg.parallel.fsep_chunks
+
+
+# FSEP (LAER-MoE): experts' weights are sharded over the group; each layer the ranks gather the
+# shards of the replicas the re-layout gave them in chunks, the first issued before the router
+# (it waits for nothing, so it prefetches while the router runs); the tokens go to the
+# replicas, and chunk c's expert GEMMs start once chunk c's weights and the tokens are in,
+# overlapping the later chunks' gathers. Backward re-gathers the weights (FSDP-style; not with
+# parallel.fsep_backward_gather = false, when the planner emits no backward gather), and
+# scatters the weight-gradient shards back to their owners chunk by chunk during the next
+# layer's backward (lag 1: after that layer's gathers on the comm stream).
+FSEP = Table("fsep", (
+    Row("weight_gather", F, COMM, a2a, chunks="first"),
+    Row("latent_down", F, COMPUTE, latent_down, (IN,), when=has_latent),
+    Row("router", F, COMPUTE, router, ("latent_down",)),
+    Row("permute", F, COMPUTE, ep_permute, ("router",)),
+    Row("dispatch", F, COMM, a2a, ("permute",), key="dispatch_a2a"),
+    Row("weight_gather", F, COMM, a2a, chunks="rest"),
+    Row("expert", F, COMPUTE, experts_regrouped, ("dispatch_a2a", "weight_gather"),
+        chunks="all"),
+    Row("combine", F, COMM, a2a, ("expert",), key="combine_a2a"),
+    Row("combine", F, COMPUTE, unpermute, ("combine_a2a",)),
+    Row("latent_up", F, COMPUTE, latent_up, ("combine",), when=has_latent),
+    Row("weight_gather", B, COMM, a2a, chunks="first", when=has_phase((B, "weight_gather"))),
+    Row("latent_up", B, COMPUTE, latent_up, (IN,), when=has_latent),
+    Row("combine", B, COMPUTE, unpermute, ("latent_up",)),
+    Row("combine", B, COMM, a2a, ("combine",), key="combine_a2a"),
+    Row("weight_gather", B, COMM, a2a, chunks="rest", when=has_phase((B, "weight_gather"))),
+    Row("grad_scatter", B, COMM, a2a, ("expert",), chunks="all", lag=1),
+    Row("grad_sync", B, COMM, a2a, ("expert",), key="replica_sync", lag=1,
+        when=replica_synced),
+    Row("grad_sync", B, COMM, dp_all_reduce, ("expert",), key="dp_sync", lag=1,
+        when=dp_synced),
+    Row("expert", B, COMPUTE, experts_regrouped, ("combine_a2a", "weight_gather"),
+        chunks="all"),
+    Row("dispatch", B, COMM, a2a, ("expert",), key="dispatch_a2a"),
+    Row("permute", B, COMPUTE, ep_permute, ("dispatch_a2a",)),
+    Row("router", B, COMPUTE, router, ("permute",)),
+    Row("latent_down", B, COMPUTE, latent_down, ("router",), when=has_latent),
+), out={F: "latent_up", B: "latent_down"}, split=fsep_chunks, steps=FINAL_SYNC)
+
+TABLES = {"ep": EP, "hp": HP, "fsep": FSEP}

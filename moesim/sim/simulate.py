@@ -23,8 +23,9 @@ from moesim.errors import InputError
 from moesim.results import COLUMNS
 from moesim.sim.collectives import CollectiveResult, Collectives, Traffic
 from moesim.sim.compute import ComputeModel
+from moesim.sim.executor import Program, execute
 from moesim.sim.network import FlowNetwork
-from moesim.sim.programs import BUILDERS, LayerInputs, Program, StrategyContext, execute
+from moesim.sim.programs import TABLES, LayerInputs, StrategyContext, build_step
 from moesim.sim.topology import LINK_KINDS, Topology, build_topology
 from planner.placement import ep_hot_replicas, ep_placement, hp_placement
 from planner.traffic import layer_traffic
@@ -206,9 +207,10 @@ class Simulator:
                 np.arange(self.n)[None, :], b)),
             replicated_bytes=self._replicated_bytes(strategy),
             groups=self.n // self.g,
+            n=self.n,
         )
         prog = Program(self.n)
-        BUILDERS[strategy](prog, ctx, layers)
+        build_step(prog, ctx, TABLES[strategy], layers)
         step_time = execute(prog)
         frame, phase_time = self._frame(prog, strategy, step)
         loads = np.stack([lin.expert_tokens.sum(axis=1) for lin in layers]).astype(float)
