@@ -127,7 +127,7 @@ def panels_from_trace(trace: Trace, cfg: Config, num_ranks: int, *,
     panels.append(panel_from_trace(
         "FSEP (re-layout)", "fsep", load,
         lambda s, ly: fsep_placement(cfg.model, cfg.planner, seen(s, ly), num_ranks,
-                                     with_bound=False)[0],
+                                     with_bound=False, cluster=cfg.cluster)[0],
         num_ranks))
     return panels
 

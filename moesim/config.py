@@ -354,10 +354,11 @@ class PlannerConfig:
     change_penalty: float = _f(0.0, lo=0.0, doc="cost per replica moved between steps")
     ep_hot_replicas: int = _f(0, lo=0, doc="EP baseline: extra replicas of the hottest experts")
     threads: int = _f(1, lo=1, doc="solver threads; 1 keeps plans deterministic")
-    gemm_tflops: float = _f(600.0, lo=1e-9, doc="re-layout time model: grouped GEMM TFLOP/s "
-                            "per GPU (H200 bf16, DESIGN.md)")
-    a2a_gbps: float = _f(200.0, lo=1e-9, doc="re-layout time model: all-to-all GB/s each GPU "
-                         "receives (H200 NVLink, 16-128 MiB messages, DESIGN.md)")
+    gemm_tflops: float = _f(0.0, lo=0.0, doc="re-layout time model: grouped GEMM TFLOP/s per "
+                            "GPU; 0 takes the calibrated rate of cluster.gpu (planner.rates)")
+    a2a_gbps: float = _f(0.0, lo=0.0, doc="re-layout time model: all-to-all GB/s each GPU "
+                         "sends; 0 derives it from the cluster's NVLink and NIC rates "
+                         "(planner.rates)")
     weight_passes: int = _f(1, lo=0, hi=3, doc="re-layout time model: weight-shard transfers "
                             "a replica exposes (fwd gather; 3 adds the bwd gather and the grad "
                             "scatter when they are not overlapped)")

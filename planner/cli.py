@@ -63,7 +63,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             counts = trace.counts[s, ly]
             load = counts.sum(axis=0).ravel()
             if strategy == "fsep":
-                p, st = fsep_placement(model, pc, counts, n, previous=previous.get(ly))
+                p, st = fsep_placement(model, pc, counts, n, previous=previous.get(ly),
+                                       cluster=cfg.cluster)
                 row = st.to_dict()
             else:
                 if strategy == "hp":

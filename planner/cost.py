@@ -20,6 +20,11 @@ materialises e:
                                                     LAER-MoE's chunked scheduling, so p = 1 by
                                                     default and 3 with no overlap)
 
+gemm_rate and a2a_rate come from planner.rates: the GPU kind's calibrated grouped-GEMM rate
+at the layer's mean expert group (tokens per expert x 2P FLOPs) and the cluster's links for
+an all-to-all over the N ranks (`Rates.a2a_rate`), unless PlannerConfig.gemm_tflops /
+a2a_gbps set them.
+
 L_e is expert e's tokens this step and c[r, e] those that come from rank r (a source's tokens
 are split over replicas by share, so rank r receives x[e, r] * (L_e - c[r, e]) from others).
 Assumptions: compute and communication of a rank add up (no overlap credit, a conservative
@@ -36,6 +41,7 @@ import numpy as np
 
 from moesim.config import ModelConfig, PlannerConfig
 from moesim.errors import InputError
+from planner.rates import Rates, planner_rates
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,12 +87,14 @@ def as_source_counts(counts: np.ndarray, num_ranks: int) -> np.ndarray:
 
 
 def layout_cost(model: ModelConfig, planner: PlannerConfig, counts: np.ndarray,
-                num_ranks: int) -> LayoutCost:
-    """The time model's coefficients for routing `counts` (see `as_source_counts`)."""
+                num_ranks: int, rates: Rates | None = None) -> LayoutCost:
+    """The time model's coefficients for routing `counts` (see `as_source_counts`), at
+    `rates` (default: `planner_rates(None, planner)`, the default cluster's)."""
     c = as_source_counts(counts, num_ranks)
     load = c.sum(axis=0)
-    gemm = planner.gemm_tflops * 1e12
-    bw = planner.a2a_gbps * 1e9
+    rates = rates or planner_rates(None, planner)
+    gemm = rates.gemm_rate(2.0 * model.expert_params * float(load.mean()))
+    bw = rates.a2a_rate(num_ranks)
     a = 6.0 * model.expert_params / gemm
     b = 4.0 * model.expert_dim * model.dtype_bytes / bw
     shard_in = model.expert_params * model.dtype_bytes * (num_ranks - 1) / num_ranks

@@ -99,6 +99,10 @@ class Placement:
         """int64[N]: replicas (expert slots) each rank uses."""
         return np.bincount(self.replica_rank, minlength=self.num_ranks).astype(np.int64)
 
+    def slots_per_rank(self) -> np.ndarray:
+        """int64[N]: expert slots each rank fills (one per replica)."""
+        return self.replicas_per_rank()
+
     def replicas_of(self, expert: int) -> np.ndarray:
         """Indices of `expert`'s replicas, in replica order."""
         return np.flatnonzero(self.replica_expert == expert)

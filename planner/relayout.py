@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from moesim.config import ModelConfig, PlannerConfig
+from moesim.config import ClusterConfig, ModelConfig, PlannerConfig
 from moesim.errors import InputError
 from planner.bounds import lp_bound
 from planner.cost import LayoutCost, layout_cost
 from planner.heuristics import bin_completion, greedy_lpt, laer_fill, lpt_wrap, rebalance_shares
 from planner.ilp import solve_milp
 from planner.placement import Placement, replicated_placement
+from planner.rates import planner_rates
 
 HEURISTICS = {"greedy": greedy_lpt, "laer": laer_fill}
 # Warm starts for the MILP: the two methods above, and lpt_wrap and bin_completion, which are
@@ -68,23 +69,25 @@ def check_feasible(num_experts: int, num_ranks: int, slots: int) -> None:
 
 
 def _cost(model: ModelConfig, planner: PlannerConfig, counts: np.ndarray,
-          num_ranks: int) -> LayoutCost:
+          num_ranks: int, cluster: ClusterConfig | None = None) -> LayoutCost:
     c = np.asarray(counts)
     if not planner.locality and c.ndim > 1:
         c = c.reshape(c.shape[0], -1).sum(axis=0)  # even sources: ranks are symmetric
-    return layout_cost(model, planner, c, num_ranks)
+    return layout_cost(model, planner, c, num_ranks, planner_rates(cluster, planner))
 
 
 def fsep_placement(model: ModelConfig, planner: PlannerConfig, counts: np.ndarray,
                    num_ranks: int, *, previous: Placement | None = None,
-                   with_bound: bool = True) -> tuple[Placement, SolveStats]:
+                   with_bound: bool = True, cluster: ClusterConfig | None = None
+                   ) -> tuple[Placement, SolveStats]:
     """An FSEP layout for routing `counts` ([N, H, E], [N, E_total] or loads [E_total]).
 
     Assumes the layout is planned from the counts it will serve (an oracle; pass the previous
     step's counts to plan ahead as LAER-MoE does). `previous` makes changes cost
     `planner.change_penalty` seconds a replica (ILP only; heuristics ignore it). Raises
-    InputError when the slots cannot hold every expert."""
-    cost = _cost(model, planner, counts, num_ranks)
+    InputError when the slots cannot hold every expert. `cluster` gives the time model's
+    link rates and GPU kind (planner.rates; default: the default cluster)."""
+    cost = _cost(model, planner, counts, num_ranks, cluster)
     e_total = cost.num_experts
     if e_total != model.total_experts:
         raise InputError("counts", "shape", f"{e_total} experts, the model has "

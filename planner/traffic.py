@@ -1,6 +1,8 @@
-"""Traffic of one (step, layer): who sends how many bytes to whom in each phase, and how many
-tokens each rank runs through each expert. The simulator and the runtime both take these
-numbers from here and compute none themselves.
+"""Traffic of one (step, layer): who sends how many bytes to whom in each phase, how many
+tokens each rank brings, routes and runs through each expert, what it copies around its
+all-to-alls, and which parameter bytes it holds. The simulator and the runtime both take these
+numbers from here and compute none themselves (docs/interfaces.md; tests/runtime/
+test_traffic_bytes.py checks that the runtime's all-to-alls move exactly these bytes).
 
 Conventions (docs/interfaces.md):
 - `counts[src, h, e]`: tokens (sub-tokens for Multi-Head LatentMoE) source rank `src` routes to
@@ -9,14 +11,20 @@ Conventions (docs/interfaces.md):
   MoE, head_dim per sub-token for Multi-Head LatentMoE); activations and their gradients move in
   the model dtype.
 - `phases[(pass, phase)][src, dst]` are bytes; the diagonal is data that stays on the rank.
+  `rows[(pass, phase)]` are the same transfers in rows of `row_bytes[(pass, phase)]` bytes
+  (token-expert pairs, HP sub-tokens, FSEP weight shards): phases == rows * row_bytes.
   The backward entries are the autograd of the forward all-to-alls: ("bwd", "combine") moves
   output gradients from token owners to experts (the direction of the forward dispatch),
   ("bwd", "dispatch") moves input gradients back (the direction of the forward combine).
+- FSEP weights: every expert's parameters (w1 then w2, flattened) are cut into N flat shards
+  of `shard_elements(model, N)` = ceil(P / N) elements, zero-padded at the end (FSDP's flat
+  parameter, as LAER-MoE's FSEP does it: PKU-DAIR/Hetu-Galvatron, branch laer-moe,
+  galvatron/core/runtime/moe/prefetch/fsdp_patch.py); rank j holds shard j of every expert.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,33 +32,44 @@ from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import Placement
 
+Key = tuple[str, str]
+
 
 @dataclass(frozen=True, eq=False)
 class LayerTraffic:
-    """Per-phase byte matrices and token counts of one (step, layer) under one Placement."""
+    """Every byte and token count of one (step, layer) under one Placement."""
 
     placement: Placement
     tokens: np.ndarray  # int64[N, R]: tokens source rank sends to each replica
     expert_tokens: np.ndarray  # int64[N, E_total]: tokens each rank runs through each expert
-    phases: dict[tuple[str, str], np.ndarray]  # (pass, phase) -> int64[N, N] bytes [src, dst]
+    phases: dict[Key, np.ndarray]  # (pass, phase) -> int64[N, N] bytes [src, dst]
+    rows: dict[Key, np.ndarray] = field(default_factory=dict)  # the same in rows
+    row_bytes: dict[Key, int] = field(default_factory=dict)  # bytes of one row of each phase
+    source_tokens: np.ndarray | None = None  # int64[N]: tokens each rank brings to the layer
+    routed: np.ndarray | None = None  # int64[N]: (sub-)tokens each rank routes
+    # Bytes each rank copies on the compute stream around its all-to-alls, by what the copy
+    # is: "head_pack" (HP: the latent's heads made destination-major before every all-to-all
+    # and back after its mirror; none with one rank, where the buffer is a view).
+    copies: dict[str, np.ndarray] = field(default_factory=dict)
+    owned_param_bytes: np.ndarray | None = None  # int64[N]: parameters only this rank holds
+    replicated_param_bytes: int = 0  # parameters every rank of the group holds whole
 
     @property
     def strategy(self) -> str:
         return self.placement.strategy
 
-    def _select(self, phase: tuple[str, str] | None) -> list[np.ndarray]:
+    def _select(self, phase: Key | None) -> list[np.ndarray]:
         if phase is None:
             return list(self.phases.values())
         return [self.phases[phase]]
 
-    def bytes_sent(self, phase: tuple[str, str] | None = None,
-                   include_local: bool = False) -> np.ndarray:
+    def bytes_sent(self, phase: Key | None = None, include_local: bool = False) -> np.ndarray:
         """int64[N]: bytes each rank sends (one phase, or all), the diagonal excluded unless
         `include_local`."""
         return sum((self._offdiag(m, include_local).sum(axis=1) for m in self._select(phase)),
                    np.zeros(self.placement.num_ranks, dtype=np.int64))
 
-    def bytes_received(self, phase: tuple[str, str] | None = None,
+    def bytes_received(self, phase: Key | None = None,
                        include_local: bool = False) -> np.ndarray:
         """int64[N]: bytes each rank receives (one phase, or all)."""
         return sum((self._offdiag(m, include_local).sum(axis=0) for m in self._select(phase)),
@@ -164,22 +183,81 @@ def _ring_grad_sync(placement: Placement, param_bytes: int) -> np.ndarray:
     return out
 
 
+def shard_elements(model: ModelConfig, num_ranks: int) -> int:
+    """Elements of one FSEP weight shard: ceil(P / N) of an expert's P parameters (the last
+    shard zero-padded; LAER-MoE asserts P % N == 0, which makes the padding empty)."""
+    return -(-model.expert_params // num_ranks)
+
+
+def weight_gather_rows(placement: Placement) -> np.ndarray:
+    """int64[N, N]: FSEP weight-shard rows [q, r]: rank q sends its shard of every replica
+    rank r materialises, one row per slot the replica fills (LAER-MoE sends a shard for
+    every slot, duplicates included: `_all_to_all_flat_param_type1` in fsdp_patch.py). The
+    reverse all-to-all of the weight gradients (grad_scatter) is its transpose."""
+    n = placement.num_ranks
+    return np.broadcast_to(placement.slots_per_rank(), (n, n)).astype(np.int64)
+
+
+def heads_on(model: ModelConfig, placement: Placement) -> np.ndarray:
+    """int64[N]: heads whose experts rank r holds (HP)."""
+    pairs = np.unique(np.stack([placement.replica_expert // model.num_experts,
+                                placement.replica_rank]), axis=1)
+    return np.bincount(pairs[1], minlength=placement.num_ranks).astype(np.int64)
+
+
+def head_rows(model: ModelConfig, placement: Placement,
+              source_tokens: np.ndarray) -> np.ndarray:
+    """int64[N, N]: HP dispatch rows [src, dst] = T_src * heads_on(dst): every token's
+    sub-token of each head goes to the head's rank, whatever the routing and top-k (a row
+    is one sub-token, head_dim elements). The combine is its transpose."""
+    return np.outer(np.asarray(source_tokens, dtype=np.int64), heads_on(model, placement))
+
+
+def param_bytes(model: ModelConfig, placement: Placement) -> tuple[np.ndarray, int]:
+    """(owned int64[N], replicated): the layer's parameter bytes only rank r of the group
+    holds, and those every rank of the group holds whole, as runtime/ lays them out.
+    Owned: EP a replica's full expert per slot; HP its heads' experts and routers; FSEP one
+    shard of every expert. Replicated: the router (EP, FSEP: [H, dim, E]) and the latent
+    projections of Multi-Head LatentMoE (d_model x latent, both ways)."""
+    m, n, db = model, placement.num_ranks, model.dtype_bytes
+    latent = 2 * m.d_model * m.latent_dim * db if m.num_heads > 1 else 0
+    router = m.total_experts * m.expert_dim * db
+    if placement.strategy == "fsep":
+        owned = np.full(n, m.total_experts * shard_elements(m, n) * db, dtype=np.int64)
+        return owned, router + latent
+    owned = placement.slots_per_rank() * m.expert_params * db
+    if placement.strategy == "hp":
+        return owned + heads_on(m, placement) * m.expert_dim * m.num_experts * db, latent
+    return owned.astype(np.int64), router + latent
+
+
+def _set(lt: dict, rows: dict, width: dict, key: Key, r: np.ndarray, w: int) -> None:
+    rows[key] = np.ascontiguousarray(r, dtype=np.int64)
+    width[key] = int(w)
+    lt[key] = rows[key] * int(w)
+
+
 def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, *,
                   gpus_per_node: int = 0, fsep_backward_gather: bool = True) -> LayerTraffic:
     """Traffic of one (step, layer). `counts` is int [N, H, E] (see module docstring).
 
     - tokens / expert_tokens: integer splits of `counts` over replicas (`split_tokens`).
+    - source_tokens: tokens a rank brings (its pairs of any head / top_k); routed: the
+      (sub-)tokens it routes (EP, FSEP: its own tokens x heads; HP: every token's
+      sub-tokens of its heads, after the dispatch).
     - EP: dispatch/combine per token-expert pair; `gpus_per_node > 0` gives node-deduplicated
       dispatch (and the mirrored combine). With replicated experts (the hot-replica baseline)
       also ("bwd", "grad_sync"): each replicated expert's gradient all-reduce.
-    - HP: dispatch[src, dst] = T_src * heads_on(dst) * head_dim * dtype_bytes, fixed by the
-      batch whatever the routing and top-k; combine is its transpose.
+    - HP: dispatch[src, dst] = T_src * heads_on(dst) * head_dim * dtype_bytes (`head_rows`),
+      fixed by the batch whatever the routing and top-k; combine is its transpose. Packing
+      the heads destination-major costs T x latent bytes a rank, a copy on the compute stream
+      around each of its four all-to-alls (`copies["head_pack"]`; none with one rank).
     - FSEP: the EP token phases to replicas, plus weight_gather (fwd, and again in bwd since
       weights are freed after use, FSDP-style, unless `fsep_backward_gather` is False: the
-      forward's materialised weights are kept, as runtime/ does): rank q sends its shard of
-      every expert rank r materialises; and ("bwd", "grad_scatter"), its transpose. Shards
-      are an even split of `model.expert_params` (the first P mod N ranks hold one element
-      more); gradients move in the model dtype.
+      forward's materialised weights are kept): rank q sends its shard of every slot rank r
+      fills (`weight_gather_rows`, shards of `shard_elements`); and ("bwd", "grad_scatter"),
+      its transpose. Gradients move in the model dtype.
+    - owned_param_bytes / replicated_param_bytes: `param_bytes`.
     """
     n, e_total = placement.num_ranks, placement.num_experts
     counts = np.asarray(counts)
@@ -203,33 +281,39 @@ def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, 
 
     db = model.dtype_bytes
     width = model.expert_dim * db
-    phases: dict[tuple[str, str], np.ndarray] = {}
+    phases: dict[Key, np.ndarray] = {}
+    rows: dict[Key, np.ndarray] = {}
+    row_bytes: dict[Key, int] = {}
+    copies: dict[str, np.ndarray] = {}
     if placement.strategy == "hp":
-        heads_on = np.zeros(n, dtype=np.int64)
-        head_rank = np.unique(np.stack([placement.replica_expert // model.num_experts,
-                                        placement.replica_rank]), axis=1)
-        np.add.at(heads_on, head_rank[1], 1)
-        dispatch = np.outer(t_src, heads_on) * (model.head_dim or model.d_model) * db
-    elif placement.strategy == "ep" and gpus_per_node:
-        dispatch = _dedup_dispatch(tokens, placement, t_src, gpus_per_node, width)
+        dispatch = head_rows(model, placement, t_src)
+        routed = int(t_src.sum()) * heads_on(model, placement)
+        if n > 1:
+            copies["head_pack"] = t_src * model.latent_dim * db
     else:
-        onehot = np.zeros((placement.num_replicas, n), dtype=np.int64)
-        onehot[np.arange(placement.num_replicas), placement.replica_rank] = 1
-        dispatch = tokens @ onehot * width
-    dispatch = dispatch.astype(np.int64)
-    phases[("fwd", "dispatch")] = dispatch
-    phases[("fwd", "combine")] = dispatch.T.copy()
-    phases[("bwd", "combine")] = dispatch.copy()
-    phases[("bwd", "dispatch")] = dispatch.T.copy()
+        if placement.strategy == "ep" and gpus_per_node:
+            dispatch = _dedup_dispatch(tokens, placement, t_src, gpus_per_node, 1)
+        else:
+            onehot = np.zeros((placement.num_replicas, n), dtype=np.int64)
+            onehot[np.arange(placement.num_replicas), placement.replica_rank] = 1
+            dispatch = tokens @ onehot
+        routed = t_src * model.num_heads
+    _set(phases, rows, row_bytes, ("fwd", "dispatch"), dispatch, width)
+    _set(phases, rows, row_bytes, ("fwd", "combine"), dispatch.T, width)
+    _set(phases, rows, row_bytes, ("bwd", "combine"), dispatch, width)
+    _set(phases, rows, row_bytes, ("bwd", "dispatch"), dispatch.T, width)
 
     if placement.strategy == "fsep":
-        p = model.expert_params
-        shard = (p // n + (np.arange(n) < p % n)).astype(np.int64) * db  # bytes rank q holds
-        gather = np.outer(shard, placement.replicas_per_rank())  # [q, r]
-        phases[("fwd", "weight_gather")] = gather
+        gather = weight_gather_rows(placement)
+        shard = shard_elements(model, n) * db
+        _set(phases, rows, row_bytes, ("fwd", "weight_gather"), gather, shard)
         if fsep_backward_gather:
-            phases[("bwd", "weight_gather")] = gather.copy()
-        phases[("bwd", "grad_scatter")] = gather.T.copy()
+            _set(phases, rows, row_bytes, ("bwd", "weight_gather"), gather, shard)
+        _set(phases, rows, row_bytes, ("bwd", "grad_scatter"), gather.T, shard)
     elif placement.strategy == "ep" and placement.num_replicas > e_total:
         phases[("bwd", "grad_sync")] = _ring_grad_sync(placement, model.expert_params * db)
-    return LayerTraffic(placement, tokens, expert_tokens, phases)
+    owned, replicated = param_bytes(model, placement)
+    return LayerTraffic(placement, tokens, expert_tokens, phases, rows, row_bytes,
+                        source_tokens=t_src.astype(np.int64), routed=routed.astype(np.int64),
+                        copies=copies, owned_param_bytes=owned.astype(np.int64),
+                        replicated_param_bytes=int(replicated))

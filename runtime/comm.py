@@ -12,10 +12,15 @@ both cases the survivors end with an error naming the collective, never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import math
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -59,16 +64,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ByteLog:
+    """Bytes this process's named all-to-alls moved, per (layer, pass, phase): `sent[key]`
+    int64[world] rows-times-row-bytes to each rank, `received[key]` from each, the rank's own
+    block included (it is part of the buffers). A test hook (tests/runtime/
+    test_traffic_bytes.py checks it against planner.traffic): filled only inside
+    `record_bytes()`, and only for calls that name their phase; repeated calls of one key
+    (chunks) add up. The reverse exchange in backward is logged under ("bwd", grad_phase)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[tuple[int, str, str], np.ndarray] = {}
+        self.received: dict[tuple[int, str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: tuple[int, str, str], send: list[int], recv: list[int],
+            row_bytes: int) -> None:
+        with self._lock:
+            for book, splits in ((self.sent, send), (self.received, recv)):
+                v = np.asarray(splits, dtype=np.int64) * row_bytes
+                book[key] = book[key] + v if key in book else v
+
+
+_BYTE_LOG: ByteLog | None = None
+
+
+@contextlib.contextmanager
+def record_bytes() -> Iterator[ByteLog]:
+    """Log the bytes of every named all-to-all (forward and backward) run inside."""
+    global _BYTE_LOG
+    prev, _BYTE_LOG = _BYTE_LOG, ByteLog()
+    try:
+        yield _BYTE_LOG
+    finally:
+        _BYTE_LOG = prev
+
+
+def _log(name: tuple[int, str, str] | None, send: list[int], recv: list[int],
+         x: torch.Tensor) -> None:
+    log = _BYTE_LOG
+    if log is not None and name is not None:
+        log.add(name, send, recv, math.prod(x.shape[1:]) * x.element_size())
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with explicit splits; its gradient is the reverse exchange."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                group) -> torch.Tensor:
+                group, names) -> torch.Tensor:
         ctx.splits = (out_splits, in_splits)
         ctx.group = group
+        ctx.names = names
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _log(names[0], in_splits, out_splits, x)
         return out
 
     @staticmethod
@@ -76,13 +125,20 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         gx = g.new_empty((sum(in_splits), *g.shape[1:]))
         dist.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
-        return gx, None, None, None
+        _log(ctx.names[1], out_splits, in_splits, g)
+        return gx, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-               group=None) -> torch.Tensor:
-    """Rows x[sum(send_splits[:d]):...] go to rank d; rows from rank s arrive in block s."""
-    return _AllToAll.apply(x, list(map(int, recv_splits)), list(map(int, send_splits)), group)
+               group=None, *, layer: int = -1, phase: str = "",
+               grad_phase: str | None = None) -> torch.Tensor:
+    """Rows x[sum(send_splits[:d]):...] go to rank d; rows from rank s arrive in block s.
+    `phase` names the exchange for `record_bytes` as (layer, "fwd", phase), its reverse in
+    backward as (layer, "bwd", grad_phase or phase)."""
+    names = ((layer, "fwd", phase), (layer, "bwd", grad_phase or phase)) if phase else \
+        (None, None)
+    return _AllToAll.apply(x, list(map(int, recv_splits)), list(map(int, send_splits)), group,
+                           names)
 
 
 def all_gather_counts(local: torch.Tensor, group=None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch import nn
 from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import Placement
+from planner.traffic import weight_gather_rows
 from runtime import routing
 from runtime.comm import DistEnv, all_to_all, side_group
 from runtime.moe_layer import MoELayerBase, gather_rows
@@ -121,6 +122,8 @@ class FSEPMoE(MoELayerBase):
         self.shard = nn.Parameter(shard_experts(weights["w1"], weights["w2"], env.world,
                                                 env.rank))
         self.layout = layout or default_layout(m, env.world)
+        # The forward's materialised weights are kept for backward (no re-gather).
+        self.traffic_options = {"fsep_backward_gather": False}
         self.prev_counts: np.ndarray | None = None
         self.last_placement: Placement | None = None
 
@@ -141,17 +144,21 @@ class FSEPMoE(MoELayerBase):
         m, n, lay, tm = self.m, self.world, self.layer, self.timer
         rep_e, rep_r = placement.replica_expert, placement.replica_rank
         with tm.fwd(lay, "weight_gather") as rec:
+            # The planner's shard rows: one per slot of every rank, in replica order.
+            plan_rows = weight_gather_rows(placement)
+            send_splits = plan_rows[self.rank].tolist()
+            recv_splits = plan_rows[:, self.rank].tolist()
             send_experts = np.concatenate([rep_e[rep_r == d] for d in range(n)])
-            send_splits = np.bincount(rep_r, minlength=n).tolist()
             mine = int(send_splits[self.rank])
             shard = tm.bwd_in(self.shard, lay, "weight_gather")
             rows = gather_rows(shard, send_experts)
-            recv = all_to_all(rows, send_splits, [mine] * n, group=group)
+            recv = all_to_all(rows, send_splits, recv_splits, group=group, layer=lay,
+                              phase="weight_gather", grad_phase="grad_scatter")
             w1, w2 = unshard(recv, n, m.expert_dim, m.d_ffn, m.up_width // m.d_ffn)
             w1 = tm.bwd_out(w1, lay, "weight_gather")
             row_bytes = self.shard.shape[1] * self.shard.element_size()
             rec.bytes = (sum(send_splits) - mine) * row_bytes
-            rec.bwd["bytes"] = (n - 1) * mine * row_bytes
+            rec.bwd["bytes"] = (sum(recv_splits) - recv_splits[self.rank]) * row_bytes
             rec.bwd["phase"] = "grad_scatter"
         return w1, w2
 

@@ -21,6 +21,7 @@ from torch import nn
 from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import hp_placement
+from planner.traffic import head_rows
 from runtime import routing
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
 from runtime.experts import expert_ffn
@@ -56,18 +57,24 @@ class HPMoE(MoELayerBase):
         self.router = nn.Parameter(weights["router"][mine].clone())
         self.w1 = nn.Parameter(weights["w1"][experts].clone())
         self.w2 = nn.Parameter(weights["w2"][experts].clone())
+        self._rows: dict[int, np.ndarray] = {}  # tokens per rank -> planner dispatch rows
 
     def forward(self, x: torch.Tensor, forced: np.ndarray | None = None) -> torch.Tensor:
         m, lay, tm, n = self.m, self.layer, self.timer, self.world
         t, nh, dh, k = x.shape[0], len(self.my_heads), m.head_dim, m.top_k
         z = self.to_items(x)  # [T, H, dh]
-        splits = [t * len(hs) for hs in self.heads_of]
+        # The planner's rows (every rank brings T tokens: HP exchanges no sizes).
+        if t not in self._rows:
+            self._rows[t] = head_rows(m, self.placement, np.full(n, t))
+        rows = self._rows[t]
+        splits, recv_splits = rows[self.rank].tolist(), rows[:, self.rank].tolist()
         width = dh * z.element_size()
         with tm.fwd(lay, "dispatch") as rec:
             z = tm.bwd_in(z, lay, "dispatch")
             # [T, nh, N, dh] -> [N, T, nh, dh]: destination-major, local heads in order
             send = z.view(t, nh, n, dh).permute(2, 0, 1, 3).reshape(n * t * nh, dh)
-            recv = tm.bwd_out(all_to_all(send, splits, [t * nh] * n), lay, "dispatch")
+            recv = tm.bwd_out(all_to_all(send, splits, recv_splits, layer=lay,
+                                         phase="dispatch"), lay, "dispatch")
             rec.bytes = rec.bwd["bytes"] = (sum(splits) - splits[self.rank]) * width
             rec.tokens = sum(splits)
         items = recv.view(n * t, nh, dh)  # item (source, token, local head)
@@ -99,7 +106,8 @@ class HPMoE(MoELayerBase):
         with tm.fwd(lay, "combine") as rec:
             out = tm.bwd_in(out, lay, "combine")
             y = weighted_sum(out, inverse_perm(order).view(n * t * nh, k), gates)
-            back = all_to_all(y, [t * nh] * n, splits).view(n, t, nh, dh)
+            back = all_to_all(y, recv_splits, splits, layer=lay,
+                              phase="combine").view(n, t, nh, dh)
             # [N, T, nh, dh] -> [T, nh, N, dh] = [T, H, dh]: head j * N + d back in place
             y = tm.bwd_out(back.permute(1, 2, 0, 3).reshape(t, nh * n, dh), lay, "combine")
             rec.bytes = rec.bwd["bytes"] = (sum(splits) - splits[self.rank]) * width

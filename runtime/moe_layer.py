@@ -133,6 +133,9 @@ class MoELayerBase(nn.Module):
             self.up = nn.Parameter(weights["up"].clone())
         self.last_counts: torch.Tensor | None = None  # int64 [N, H, E] or this rank's [H, E]
         self.last_traffic: LayerTraffic | None = None
+        # planner.traffic.layer_traffic options of this strategy's runtime (FSEP: whether
+        # backward gathers the weights again)
+        self.traffic_options: dict = {}
 
     # Parameters every rank holds a full copy of: their gradients are summed over the ranks.
     def replicated_parameters(self) -> list[nn.Parameter]:
@@ -176,7 +179,7 @@ class MoELayerBase(nn.Module):
             self.last_counts = torch.from_numpy(counts)
             if callable(placement):  # FSEP: the layout may depend on this step's counts
                 placement = placement(counts)
-            traffic = layer_traffic(self.m, placement, counts)
+            traffic = layer_traffic(self.m, placement, counts, **self.traffic_options)
             self.last_traffic = traffic
             route = build_route(placement, traffic.tokens, self.rank, assign.reshape(-1),
                                 items.device)
@@ -186,8 +189,8 @@ class MoELayerBase(nn.Module):
         width = dim * send.element_size()
         with tm.fwd(lay, "dispatch") as rec:
             send = tm.bwd_in(send, lay, "dispatch")
-            recv = tm.bwd_out(all_to_all(send, route.send_splits, route.recv_splits), lay,
-                              "dispatch")
+            recv = tm.bwd_out(all_to_all(send, route.send_splits, route.recv_splits,
+                                         layer=lay, phase="dispatch"), lay, "dispatch")
             rec.bytes = _sent(route.send_splits, self.rank) * width
             rec.bwd["bytes"] = _sent(route.recv_splits, self.rank) * width
             rec.tokens = sum(route.send_splits)
@@ -204,7 +207,8 @@ class MoELayerBase(nn.Module):
             rec.bwd["flops"] = 2 * rec.flops
         with tm.fwd(lay, "combine") as rec:
             out = tm.bwd_in(out, lay, "combine")
-            back = all_to_all(out, route.recv_splits, route.send_splits)
+            back = all_to_all(out, route.recv_splits, route.send_splits, layer=lay,
+                              phase="combine")
             row_map = inverse_perm(route.send_order).view(n, k)
             y = tm.bwd_out(weighted_sum(back, row_map, gates), lay, "combine")
             rec.bytes = _sent(route.recv_splits, self.rank) * width

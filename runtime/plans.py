@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from moesim.config import ModelConfig, PlannerConfig
+from moesim.config import ClusterConfig, ModelConfig, PlannerConfig
 from moesim.errors import InputError
 from planner.placement import Placement, replicated_placement
 
@@ -17,11 +17,15 @@ HEURISTICS = ("laer", "greedy")
 
 
 def online_layout(m: ModelConfig, n: int, planner: PlannerConfig | None = None,
-                  solver: str | None = None) -> Callable[[np.ndarray, int], Placement]:
-    """A layout function (counts [N, H, E], layer) -> Placement, solving each call."""
+                  solver: str | None = None, cluster: ClusterConfig | None = None
+                  ) -> Callable[[np.ndarray, int], Placement]:
+    """A layout function (counts [N, H, E], layer) -> Placement, solving each call, with the
+    time model's rates of `cluster` (planner.rates)."""
     from planner import heuristics
     from planner.cost import layout_cost
+    from planner.rates import planner_rates
     planner = planner or PlannerConfig()
+    rates = planner_rates(cluster, planner)
     name = solver or (planner.solver if planner.solver in HEURISTICS else "laer")
     if name not in HEURISTICS:
         raise InputError("config", "planner.solver",
@@ -33,7 +37,7 @@ def online_layout(m: ModelConfig, n: int, planner: PlannerConfig | None = None,
     slots = max(planner.slots_per_rank, even + -(-even // 4))
 
     def layout(counts: np.ndarray, layer: int) -> Placement:
-        cost = layout_cost(m, planner, counts, n)
+        cost = layout_cost(m, planner, counts, n, rates)
         return replicated_placement("fsep", n, fn(cost, slots), source="online planner")
 
     return layout

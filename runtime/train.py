@@ -60,7 +60,7 @@ def make_layout(cfg: Config, world: int):
     from runtime.plans import online_layout, plan_layout
     if cfg.run.plan:
         return plan_layout(cfg.run.plan, world)
-    return online_layout(cfg.model, world, cfg.planner)
+    return online_layout(cfg.model, world, cfg.planner, cluster=cfg.cluster)
 
 
 class Trainer:

@@ -65,6 +65,9 @@ class LayerInputs:
     # (pass, phase) -> float64[N]: bytes of the phase's all-to-all a rank sends itself (the
     # diagonal the network never sees; a local copy, `ComputeModel.local_copy`)
     local: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    copies: dict[str, np.ndarray] = field(default_factory=dict)  # LayerTraffic.copies
+    owned: np.ndarray | None = None            # int64[N]: LayerTraffic.owned_param_bytes
+    replicated: float = 0.0                    # LayerTraffic.replicated_param_bytes
 
 
 @dataclass
@@ -263,8 +266,7 @@ def _weight_copies(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: st
     if phase == "weight_gather":
         unpack = (cm.local_copy(recv) + 2 * cm.launch_overhead) if degree > 1 else zero
         return cm.gather(sent), np.where(recv > 0, unpack, 0.0)
-    m = ctx.cfg.model
-    shard = share * m.total_experts * m.expert_params * m.dtype_bytes / degree
+    shard = share * lin.owned
     pack = np.where(sent > 0, cm.local_copy(sent) + 2 * cm.launch_overhead, 0.0)
     reduce = (recv + shard) / cm.rates["hbm"] + cm.launch_overhead
     return pack, np.where(recv > 0, reduce, 0.0)
@@ -409,12 +411,10 @@ def head_pack(ctx: StrategyContext, lin: LayerInputs, pass_: str) -> Work:
     """HP's send buffer: with head h on rank h mod G the latent's heads are made
     destination-major by one strided copy of T x latent, and its mirror after the combine's
     all-to-all, the same in backward (runtime/layers_hp.py, on the compute stream). A group of
-    one rank keeps every head, so the latent already is in destination order: a view, free."""
-    m = ctx.cfg.model
-    nbytes = lin.tokens.astype(np.float64) * m.latent_dim * m.dtype_bytes
-    reorder = ctx.group_ranks > 1
-    t = np.where((nbytes > 0) & reorder,
-                 ctx.compute.local_copy(nbytes) + ctx.compute.launch_overhead, 0.0)
+    one rank keeps every head, so the latent already is in destination order: a view, free.
+    The bytes are the planner's (`LayerTraffic.copies["head_pack"]`, none for one rank)."""
+    nbytes = lin.copies.get("head_pack", np.zeros(len(lin.tokens))).astype(np.float64)
+    t = np.where(nbytes > 0, ctx.compute.local_copy(nbytes) + ctx.compute.launch_overhead, 0.0)
     return t, None, None
 
 

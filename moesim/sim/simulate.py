@@ -69,7 +69,8 @@ def _fsep_placement(cfg: Config, counts: np.ndarray, g: int):
     """FSEP re-layout from planner/ (`planner.relayout.fsep_placement`, method by
     planner.solver; the presets use "laer", the MILP solvers take seconds a layer)."""
     from planner.relayout import fsep_placement
-    placement, _stats = fsep_placement(cfg.model, cfg.planner, counts, g, with_bound=False)
+    placement, _stats = fsep_placement(cfg.model, cfg.planner, counts, g, with_bound=False,
+                                       cluster=cfg.cluster)
     return placement
 
 
@@ -129,14 +130,18 @@ class Simulator:
         return self._traffic[key]
 
     def layer_inputs(self, strategy: str, step: int, layer: int) -> LayerInputs:
+        """One layer over the cluster: every group's planner traffic laid block-diagonally."""
         n, g = self.n, self.g
         groups = n // g
         m = self.cfg.model
         parts: dict[tuple[str, str], list[Traffic]] = {}
         local: dict[tuple[str, str], np.ndarray] = {}
+        copies: dict[str, np.ndarray] = {}
         et = np.zeros((n, m.total_experts), dtype=np.int64)
         tokens = np.zeros(n, dtype=np.int64)
         routed = np.zeros(n, dtype=np.int64)
+        owned = np.zeros(n, dtype=np.int64)
+        replicated = 0
         for gi in range(groups):
             tstep = (step + gi) % self.trace.num_steps
             lt, sparse = self._layer_traffic(strategy, tstep, layer)
@@ -147,34 +152,19 @@ class Simulator:
             for key, mtx in lt.phases.items():
                 # The diagonal never reaches the network, but it is still copied.
                 local.setdefault(key, np.zeros(n))[sl] = np.diag(mtx)
+            for key, v in lt.copies.items():
+                copies.setdefault(key, np.zeros(n, dtype=np.int64))[sl] = v
             et[sl] = lt.expert_tokens
-            counts = self.trace.counts[tstep, layer]
-            tokens[sl] = counts[:, 0, :].sum(axis=1) // m.top_k
-            if strategy == "hp":
-                # Sub-tokens a rank routes: its heads' slices of every token of the group.
-                heads_on = np.bincount(np.arange(m.num_heads) % g, minlength=g)
-                routed[sl] = tokens[sl].sum() * heads_on
-            else:
-                routed[sl] = tokens[sl] * m.num_heads
-        db = m.dtype_bytes
-        if groups > 1:
-            # Weights replicated over groups: each rank's experts (EP, HP) or expert shards
-            # (FSEP), all-reduced over the ranks of the same local index.
-            per_rank = m.total_experts * m.expert_params * db / g
-        else:
-            per_rank = 0.0
+            tokens[sl] = lt.source_tokens
+            routed[sl] = lt.routed
+            owned[sl] = lt.owned_param_bytes
+            replicated = max(replicated, lt.replicated_param_bytes)
+        # Parameters only one rank of a group holds are replicated over the groups: their
+        # gradients all-reduce over the ranks of the same local index.
+        dp = float(owned.mean()) if groups > 1 else 0.0
         phases = {k: Traffic.concat(v) for k, v in parts.items()}
-        return LayerInputs(phases, et, tokens, routed, per_rank, local)
-
-    def _replicated_bytes(self, strategy: str) -> float:
-        """Weights of one layer held by every rank: router, and HP's latent projections."""
-        m = self.cfg.model
-        db = m.dtype_bytes
-        if strategy == "hp":
-            # Per-head routers live with their heads (replicated over groups only, small);
-            # the latent down and up projections are on every rank.
-            return 2.0 * m.d_model * m.latent_dim * db
-        return float(m.d_model * m.total_experts * db)
+        return LayerInputs(phases, et, tokens, routed, dp, local, copies=copies, owned=owned,
+                           replicated=float(replicated))
 
     # --- collectives -------------------------------------------------------------------
     def _dp_rings(self) -> np.ndarray:
@@ -205,7 +195,7 @@ class Simulator:
             dp_all_reduce=lambda b: account(self.coll.all_reduce(self._dp_rings(), b)),
             all_reduce_all=lambda b: account(self.coll.all_reduce(
                 np.arange(self.n)[None, :], b)),
-            replicated_bytes=self._replicated_bytes(strategy),
+            replicated_bytes=float(np.mean([lin.replicated for lin in layers])),
             groups=self.n // self.g,
             n=self.n,
         )

@@ -185,3 +185,50 @@ def test_bad_inputs():
         layer_traffic(m, p, c)
     with pytest.raises(InputError, match="gpus_per_node"):
         layer_traffic(m, p, np.zeros((4, 1, 8), dtype=int), gpus_per_node=3)
+
+
+def test_every_strategy_counts_and_parameter_bytes_by_hand():
+    """Token counts, HP head packing and parameter bytes of one layer, worked by hand."""
+    rng = np.random.default_rng(3)
+    # HP: 4 heads x 4 experts on 2 ranks, head_dim 4, bf16; 5 tokens a rank.
+    m = small_model(experts=4, top_k=2, heads=4, head_dim=4, d_model=16, d_ffn=8)
+    c = routed_counts(rng, 2, 4, 4, 2, tokens=5)
+    t = layer_traffic(m, hp_placement(m, 2), c)
+    assert t.source_tokens.tolist() == [5, 5]
+    assert t.routed.tolist() == [10 * 2, 10 * 2]  # every token's sub-token of 2 heads
+    assert t.rows[("fwd", "dispatch")].tolist() == [[10, 10], [10, 10]]
+    assert t.row_bytes[("fwd", "dispatch")] == 4 * 2
+    assert t.copies["head_pack"].tolist() == [5 * 16 * 2] * 2  # T x latent x bf16
+    p = 3 * 4 * 8  # expert params
+    router = 4 * 4  # one head's router [head_dim, E]
+    assert t.owned_param_bytes.tolist() == [2 * (4 * p + router) * 2] * 2
+    assert t.replicated_param_bytes == 2 * 16 * 16 * 2  # latent down and up
+    assert "head_pack" not in layer_traffic(m, hp_placement(m, 1), c.sum(0)[None]).copies
+    # EP, standard MoE: 8 experts on 4 ranks.
+    m = small_model(experts=8, top_k=2)
+    c = routed_counts(rng, 4, 1, 8, 2, tokens=7)
+    t = layer_traffic(m, ep_placement(8, 4), c)
+    assert t.source_tokens.tolist() == [7] * 4 and t.routed.tolist() == [7] * 4
+    assert t.owned_param_bytes.tolist() == [2 * 3 * 16 * 8 * 2] * 4
+    assert t.replicated_param_bytes == 16 * 8 * 2 and not t.copies
+
+
+def test_fsep_weight_phases_are_flat_padded_shards():
+    """FSEP: rank q sends ceil(P / N) elements of every slot rank r fills; the gradient
+    return is the transpose; parameters owned are one shard of every expert."""
+    m = small_model(experts=6, top_k=2, d_model=5, d_ffn=3)  # P = 45, N = 4: shards of 12
+    rng = np.random.default_rng(1)
+    c = routed_counts(rng, 4, 1, 6, 2, tokens=4)
+    share = np.zeros((6, 4))
+    share[np.arange(6), np.arange(6) % 4] = 1
+    share[0, 1:] = 1  # expert 0 everywhere
+    p = replicated_placement("fsep", 4, share)
+    t = layer_traffic(m, p, c)
+    slots = np.bincount(p.replica_rank, minlength=4)
+    want = np.broadcast_to(slots * 12 * 2, (4, 4))
+    assert np.array_equal(t.phases[("fwd", "weight_gather")], want)
+    assert np.array_equal(t.phases[("bwd", "weight_gather")], want)
+    assert np.array_equal(t.phases[("bwd", "grad_scatter")], want.T)
+    assert t.owned_param_bytes.tolist() == [6 * 12 * 2] * 4
+    assert ("bwd", "weight_gather") not in layer_traffic(m, p, c,
+                                                         fsep_backward_gather=False).phases
