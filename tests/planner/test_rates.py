@@ -39,7 +39,7 @@ def test_gemm_rate_from_calibration(tmp_path):
 def test_bad_calibration(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("record,op,size,value\nrate,gemm,,1e14\n")
-    with pytest.raises(InputError, match="rate.grouped_gemm"):
+    with pytest.raises(InputError, match=r"rate\.grouped_gemm"):
         planner_rates(ClusterConfig(), calibration=f)
-    with pytest.raises(InputError, match="cluster.gpu"):
+    with pytest.raises(InputError, match=r"cluster\.gpu"):
         planner_rates(ClusterConfig(gpu="nope"))
