@@ -53,7 +53,7 @@ def breakdown_tables(files: list[ResultFile], names: dict[str, str] | None = Non
                           on=["label", "source", "strategy"])
     # A phase may run on both streams (e.g. a fused op): one segment per phase is enough.
     stream = phases.groupby(["bar", "phase"])["stream"].agg(
-        lambda s: "comm" if (s == "comm").any() else "compute")
+        lambda s: "comm" if (s != "compute").any() else "compute")
     phases = (phases.groupby(["bar", "order", "phase"], sort=False)["time_s"].sum()
               .reset_index().merge(stream.reset_index(), on=["bar", "phase"]))
     return (phases.sort_values(["order", "phase"]).reset_index(drop=True),
@@ -96,7 +96,7 @@ def plot_breakdown(files: list[ResultFile], *, title: str | None = None,
             d = phases[phases["phase"] == p].set_index("bar")["time_s"].reindex(bars,
                                                                                  fill_value=0)
             h = d.to_numpy() / scale
-            comm = (phases[phases["phase"] == p]["stream"] == "comm").any()
+            comm = (phases[phases["phase"] == p]["stream"] != "compute").any()
             ax.bar(x, h, 0.62, bottom=bottom, color=PHASE_COLOR[p], edgecolor="white",
                    linewidth=0.4, hatch="////" if comm else None, label=PHASE_LABEL[p])
             bottom += h
@@ -117,7 +117,7 @@ def plot_breakdown(files: list[ResultFile], *, title: str | None = None,
         ax.grid(axis="x", visible=False)
         ax.set_ylim(0, max(bottom.max(), st.max()) * 1.12)
         handles = [Patch(facecolor=PHASE_COLOR[p], edgecolor="white",
-                         hatch="////" if (phases[phases["phase"] == p]["stream"] == "comm").any()
+                         hatch="////" if (phases[phases["phase"] == p]["stream"] != "compute").any()
                          else None, label=PHASE_LABEL[p]) for p in reversed(present)]
         if (idle > 0).any():
             handles.insert(0, Patch(facecolor="white", edgecolor="0.55", hatch="....",

@@ -98,7 +98,7 @@ def summarize(rf: ResultFile) -> pd.DataFrame:
     for (source, strategy), part in rf.frame.groupby(["source", "strategy"], sort=True):
         ranks = int(part["rank"].max()) + 1
         st = step_times(part)["step_time_s"]
-        comm = part[part["stream"] == "comm"]
+        comm = part[part["stream"] != "compute"]
         steps = part["step"].nunique()
         dur = part["end_s"] - part["start_s"]
         loads = rank_loads(part)
@@ -122,7 +122,7 @@ def summarize(rf: ResultFile) -> pd.DataFrame:
             "step_time_std_s": float(st.std(ddof=0)),
             "throughput_tok_s": tps / step_time if step_time > 0 else float("nan"),
             "comm_bytes_per_gpu": float(comm["bytes"].sum()) / (steps * ranks),
-            "comm_time_s": float(dur[part["stream"] == "comm"].sum()) / (steps * ranks),
+            "comm_time_s": float(dur[part["stream"] != "compute"].sum()) / (steps * ranks),
             "compute_time_s": float(dur[part["stream"] == "compute"].sum()) / (steps * ranks),
             "imbalance": imb,
             "imbalance_cv": cv,

@@ -326,10 +326,13 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the MoE layers are parallelised."""
+    """How the model is parallelised: the MoE layers' strategy and group, and (for the whole
+    iteration) the tensor, pipeline and data parallelism around them."""
 
     strategy: str = _f("ep", choices=STRATEGIES)
-    degree: int = _f(0, lo=0, doc="ranks in the MoE group; 0 means every GPU of the cluster")
+    degree: int = _f(0, lo=0, doc="ranks in the MoE group (EP: Megatron's "
+                     "--expert-model-parallel-size); 0 means every GPU of a pipeline stage "
+                     "over etp (the cluster, without PP)")
     ep_dedup: bool = _f(False, doc="EP: send a token once per node (DeepEP-style dispatch)")
     fsep_chunks: int = _f(4, lo=1, doc="FSEP: chunks that overlap shard gathers with compute")
     fsep_backward_gather: bool = _f(True, doc="FSEP: gather the experts' weights again for the "
@@ -341,6 +344,42 @@ class ParallelConfig:
     dp_grad_sync: bool = _f(True, doc="simulator: all-reduce gradients of parameters replicated "
                             "across MoE groups (experts when degree < GPUs; router, latent "
                             "projections) after each layer's backward")
+    # The whole iteration (train.scope = "iteration"): the dense parallelisms around the MoE
+    # layers, composed as Megatron-Core does (planner/parallel.py lays the groups out).
+    tp: int = _f(1, lo=1, doc="tensor parallel: attention, dense MLPs, shared experts, the "
+                 "embedding and LM head (vocab-parallel) split over tp ranks")
+    sequence_parallel: bool = _f(True, doc="with tp > 1: norms and residuals on 1/tp of the "
+                                 "tokens, all-gather / reduce-scatter around each TP block "
+                                 "(Megatron's --sequence-parallel); false: an all-reduce after "
+                                 "each block. MoE layers with tp > 1 need it (Megatron-Core)")
+    pp: int = _f(1, lo=1, doc="pipeline stages (1F1B over train.micro_batches)")
+    etp: int = _f(1, lo=1, doc="expert tensor parallel: each expert's hidden units split over "
+                  "etp ranks (Megatron's --expert-tensor-parallel-size)")
+    order: str = _f("tp-ep-dp-pp", doc="rank order of the parallel dimensions, fastest first "
+                    "(Megatron's RankGenerator order without cp): tp innermost keeps TP "
+                    "inside a node; for the MoE layers tp reads etp and dp the expert "
+                    "data-parallel group")
+    zero: int = _f(0, lo=0, hi=3, doc="data parallel: 0 all-reduces gradients (DDP); 1 and 2 "
+                   "reduce-scatter them and all-gather the updated weights (Megatron's "
+                   "distributed optimizer; 2 also shards the gradients' memory); 3 shards the "
+                   "weights too (ZeRO-3 / FSDP: each layer's weights all-gathered before its "
+                   "forward and again before its backward, gradients reduce-scattered after it)")
+    dp_bucket_params: int = _f(0, lo=0, doc="parameters per data-parallel gradient bucket; 0: "
+                               "Megatron-Core's max(40M, 1M x dp)")
+    overlap_grad_reduce: bool = _f(True, doc="reduce each gradient bucket as soon as its "
+                                   "last gradient is computed (overlapped with the backward); "
+                                   "false: all after the backward")
+    overlap_param_gather: bool = _f(True, doc="ZeRO 1/2: all-gather each bucket's updated "
+                                    "weights ahead of its first forward use (overlapped with "
+                                    "the forward); false: after the optimizer step. ZeRO-3: "
+                                    "gather layer l+1's weights while layer l runs")
+
+    def _check(self) -> list[tuple[str, str]]:
+        dims = self.order.split("-")
+        if sorted(dims) != ["dp", "ep", "pp", "tp"]:
+            return [("order", f"{self.order!r} must order tp, ep, dp and pp, e.g. "
+                     "'tp-ep-dp-pp'")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -405,17 +444,48 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """What one simulated training iteration holds (the simulator's whole-iteration scope)."""
+
+    scope: str = _f("moe", choices=("moe", "iteration"),
+                    doc="simulator: 'moe' times the MoE layers of a step (forward and "
+                    "backward, as the runtime's MoE benchmarks measure them); 'iteration' a "
+                    "whole training iteration: every micro-batch through the decoder "
+                    "(embedding, attention, dense and MoE layers, LM head and loss), the "
+                    "gradient reduction and the optimizer step")
+    micro_batch_size: int = _f(1, lo=1, doc="sequences of model.seq_len tokens per "
+                               "micro-batch and data-parallel replica")
+    micro_batches: int = _f(1, lo=1, doc="micro-batches per iteration (gradient "
+                            "accumulation; the pipeline's 1F1B schedule runs over them)")
+    recompute: str = _f("none", choices=("none", "selective", "full"),
+                        doc="activation checkpointing: 'full' recomputes each layer's forward "
+                        "before its backward, 'selective' the attention core (Megatron's "
+                        "core_attn)")
+    precision: str = _f("mixed", choices=("mixed", "pure"),
+                        doc="'mixed': model.dtype weights with fp32 main gradients, master "
+                        "weights and Adam moments; gradients reduced in fp32 (Megatron with "
+                        "bf16); 'pure': everything in model.dtype (runtime/)")
+    optimizer_impl: str = _f("fused", choices=("fused", "foreach"),
+                             doc="AdamW kernels: 'fused' one pass (Apex/TE FusedAdam), "
+                             "'foreach' torch's multi-tensor default")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     source: str = field(default="<defaults>", compare=False)
 
     @property
     def num_ranks(self) -> int:
-        return self.parallel.degree or self.cluster.num_gpus
+        """Ranks of one MoE group: parallel.degree, or every GPU of a pipeline stage over
+        expert tensor parallel."""
+        p = self.parallel
+        return p.degree or max(self.cluster.num_gpus // (p.pp * p.etp), 1)
 
 
 SECTIONS: dict[str, type] = {
@@ -424,6 +494,7 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig,
     "planner": PlannerConfig,
     "run": RunConfig,
+    "train": TrainConfig,
 }
 
 

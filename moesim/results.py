@@ -3,7 +3,8 @@ runtime so that `analysis` can put simulated and measured steps side by side.
 
 One row per (step, layer, rank, pass, phase): when the phase started and ended on that rank
 (seconds from the start of the step), and the bytes it moved, tokens it touched and FLOPs it
-did. Phases use the names in PHASES; `stream` says where the phase ran ("compute" or "comm").
+did. Phases use the names in PHASES; `stream` says where the phase ran (STREAMS: "compute", or
+one of the communication streams COMM_STREAMS).
 Files are Parquet or CSV by extension, with the run's metadata (source, strategy, config) kept
 in the Parquet key-value metadata or a sidecar `<file>.meta.json` for CSV.
 """
@@ -34,9 +35,34 @@ PHASES = (
     "weight_gather",  # FSEP: all-to-all of weight shards to materialise experts
     "grad_scatter",   # FSEP: gradient shards back to their owners
     "grad_sync",      # weight-gradient all-reduce / reduce-scatter (EP and HP data parallel)
+    # The rest of a whole training iteration (moesim.sim.decoder costs, the iteration program)
+    "embed",          # token embedding (first pipeline stage)
+    "attn_norm",      # the norm before attention
+    "qkv",            # Q, K, V projections (and RoPE, qk-norm)
+    "attention",      # the fused attention core
+    "attn_out",       # attention output projection
+    "residual",       # the layer's residual adds
+    "mlp_norm",       # the norm before the MLP / MoE
+    "dense_mlp",      # a dense layer's MLP
+    "shared_expert",  # an MoE layer's shared experts
+    "final_norm",     # the norm after the last layer
+    "lm_head",        # the logits GEMM
+    "loss",           # cross-entropy
+    "optimizer",      # the AdamW step
+    "tp_all_gather",      # tensor/sequence parallel: all-gather before a TP block
+    "tp_reduce_scatter",  # sequence parallel: reduce-scatter after a TP block
+    "tp_all_reduce",      # tensor parallel without SP: all-reduce after a TP block
+    "pp_send",            # pipeline: activations (fwd) or their gradients (bwd) to the next stage
+    "dp_all_reduce",      # data parallel: gradient all-reduce (DDP)
+    "dp_reduce_scatter",  # data parallel: gradient reduce-scatter (ZeRO / FSDP)
+    "dp_all_gather",      # data parallel: weight all-gather (ZeRO-1/2 after the step, ZeRO-3)
 )
-PASSES = ("fwd", "bwd")
-STREAMS = ("compute", "comm")
+# "recompute": the forward run again before the backward (activation checkpointing).
+PASSES = ("fwd", "bwd", "recompute")
+# "comm": collectives on the critical path (expert all-to-alls, tensor parallel); "dp": data
+# parallel gradient and weight collectives on their own stream; "pp": pipeline sends.
+STREAMS = ("compute", "comm", "dp", "pp")
+COMM_STREAMS = ("comm", "dp", "pp")
 
 COLUMNS = {
     "source": "string",      # "sim" or "real"
