@@ -86,6 +86,11 @@ class ModelConfig:
     attention: str = _f("gqa", choices=ATTENTION_KINDS,
                         doc="'gqa': grouped-query (MHA when kv_heads = attn_heads); 'mla': "
                             "DeepSeek-V2/V3 multi-head latent attention (kv_lora_rank ...)")
+    attention_kernel: str = _f("fa2", choices=("fa2", "cudnn", "fa3"),
+                               doc="the fused attention kernel whose speed the simulator "
+                               "assumes (moesim/sim/decoder.py): 'fa2' FlashAttention-2 "
+                               "(torch SDPA's flash backend), 'cudnn' (Transformer Engine, "
+                               "Megatron-Core), 'fa3' FlashAttention-3")
     attn_heads: int = _f(16, lo=1, doc="attention query heads")
     kv_heads: int = _f(0, lo=0, doc="K/V heads (GQA groups); 0: attn_heads")
     attn_head_dim: int = _f(0, lo=0, doc="query/key width per head (MLA: nope + rope); 0: "
@@ -293,6 +298,8 @@ class ClusterConfig:
     nodes: int = _f(1, lo=1)
     gpus_per_node: int = _f(8, lo=1)
     gpu: str = _f("h200", doc="GPU kind: selects the compute calibration file")
+    gpu_memory_gib: float = _f(0.0, lo=0.0, doc="memory of one GPU; 0: by the GPU kind "
+                               "(moesim/sim/memory.py GPU_MEMORY_GIB: h200, h100, a100)")
     nic_gbps: float = _f(400.0, lo=1e-9, doc="per-GPU NIC line rate, Gb/s")
     fabric: str = _f("rail", choices=("rail", "fat-tree"))
     oversubscription: float = _f(1.0, lo=1.0, doc="leaf downlink / uplink bandwidth ratio")
