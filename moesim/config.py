@@ -196,9 +196,9 @@ class ModelConfig:
 
     @property
     def mlp_matrices(self) -> int:
-        """Weight matrices of one MLP (expert, shared expert or dense), as expert_params
-        counts them: 3 for a gated SwiGLU FFN, 2 for a plain one."""
-        return self.expert_params // (self.expert_dim * self.d_ffn)
+        """Weight matrices of one MLP (expert, shared expert or dense: the model's expert_kind
+        applies to all): 3 for SwiGLU, 2 for GELU."""
+        return EXPERT_MATRICES[self.expert_kind]
 
     @property
     def num_kv_heads(self) -> int:

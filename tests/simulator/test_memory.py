@@ -76,6 +76,20 @@ def test_attention_activations_follow_korthikanti(tp, sp):
     assert fp32 == pytest.approx(4 * (1 / tp if sp else 1) + 4 * 16 / tp)
 
 
+@pytest.mark.parametrize("tp, sp", [(1, False), (4, False), (4, True)])
+def test_gelu_gpt_block_is_korthikantis_34_sbh_less_the_masks(tp, sp):
+    """Korthikanti et al. eq. (2) and section 4.2: a GPT layer saves sbh (34 + 5as/h) bytes;
+    (10 + 24/t) sbh with TP; 34 sbh / t with TP and SP. Less the two dropout masks (sbh each,
+    outside the t split) and the s^2 terms, with a 4h GELU MLP: 32, 8 + 24/t, 32/t."""
+    m = _gpt(expert_kind="gelu")
+    h = 1024
+    acts = memory.attention_activations(m, tp, sp) | memory.mlp_activations(m, 0, tp, sp)
+    for k in ("attn_norm.rstd", "attention.lse", "mlp_norm.rstd"):
+        acts.pop(k)
+    expect = 32 * h / tp if sp else (8 + 24 / tp) * h
+    assert sum(acts.values()) == pytest.approx(expect)
+
+
 @pytest.mark.parametrize("tp, sp", [(1, False), (4, True)])
 def test_mlp_activations_follow_korthikanti(tp, sp):
     """The MLP block: Korthikanti's 19 sbh for a 4h GELU MLP is input 2, GELU input 8, GELU
