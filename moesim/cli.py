@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("moesim.commands.simulate", "simulate EP, HP and FSEP steps on a cluster"),
     "sweep": ("moesim.commands.simulate",
               "simulate a grid of strategies x cluster sizes x traces"),
+    "study": ("moesim.commands.study", "run a study file (configs/studies/*.toml)"),
     "calibrate": ("runtime.calibrate", "measure compute rates into a calibration CSV"),
     "validate": ("moesim.commands.validate",
                  "simulate a runtime run and compare with its timings"),

@@ -1,0 +1,532 @@
+"""Studies: a TOML file (configs/studies/*.toml, format in configs/studies/README.md) names a
+base config and routing, axes to sweep, arms (strategy + overrides), and what to report; this
+module expands it into runs, simulates them, and writes their configs, Result tables and summary.
+`moesim study run FILE` and `python -m analysis.reproduce` both go through `run_study`.
+
+    study = load_study("configs/studies/seed-fsep.toml")
+    for run in study.runs: ...                     # one per (axis points x arm)
+    run_study(study)                               # OUT/configs, OUT/results, OUT/summary.csv
+
+Runners (an arm's `runner`): "simulate" (moesim.sim, every step of `run.steps`) and "layout"
+(planner only: the per-GPU expert load of each step's placement, no simulation). Runs whose
+config, routing and runner are identical are simulated once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.study_expr import Expr
+from moesim.atomic import atomic_path, write_text_atomic
+from moesim.config import SECTIONS, Config, config_from_dict, config_to_dict
+from moesim.errors import InputError
+
+SOURCES = {
+    "paper-code": "the paper's public code",
+    "artifact": "the paper's artifact (its scripts and the data behind its figures)",
+    "paper": "the paper's text (abstract)",
+    "seed": "the seed summary only: these shapes, cluster or figures appear nowhere in the "
+            "paper's code or artifact",
+    "moesim": "moesim's own study (no paper claim)",
+}
+RUNNERS = ("simulate", "layout")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+IDENT = re.compile(r"^[a-z][a-z0-9_]*$")  # arms and axes: expressions name them
+LAYOUT_COLUMNS = ["step", "layer", "rank", "tokens"]
+
+
+def _err(source: object, field_: str, msg: str) -> InputError:
+    return InputError(source, field_, msg)
+
+
+def _take(table: Any, allowed: dict[str, type | tuple[type, ...]], source: object, where: str,
+          required: Iterable[str] = ()) -> dict[str, Any]:
+    """Check a TOML table's keys and value types; return it."""
+    if not isinstance(table, dict):
+        raise _err(source, where, "must be a table")
+    for k, v in table.items():
+        if k not in allowed:
+            raise _err(source, f"{where}.{k}" if where else k,
+                       f"unknown key; allowed: {', '.join(allowed)}")
+        tp = allowed[k]
+        if not isinstance(v, tp) or (isinstance(v, bool) and bool not in
+                                     (tp if isinstance(tp, tuple) else (tp,))):
+            raise _err(source, f"{where}.{k}" if where else k,
+                       f"expected {getattr(tp, '__name__', tp)}, got {v!r}")
+    for k in required:
+        if k not in table:
+            raise _err(source, f"{where}.{k}" if where else k, "required")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The study file, expanded.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One simulated (or laid-out) run: config, routing, runner and labels."""
+
+    key: str
+    arm: str
+    runner: str
+    config: dict[str, dict[str, Any]]  # every section, every field
+    trace: dict[str, Any]
+    labels: dict[str, Any]
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def strategy(self) -> str:
+        return self.config["parallel"]["strategy"]
+
+    def digest(self) -> str:
+        blob = json.dumps([self.runner, self.config, self.trace, self.layout], sort_keys=True,
+                          default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Study:
+    path: Path
+    name: str
+    title: str
+    paper: str
+    source: str
+    source_note: str
+    assumptions: list[str]
+    order: int
+    runs: list[Run]
+    out: Path
+    figures: Path
+    summary_file: str
+    report: dict[str, Any]  # summary, table, values, claim, figure, reference: as in the file
+    issue: str = ""
+    root: Path = Path(".")
+
+    @property
+    def file(self) -> str:
+        """The study file as written in docs: relative to the root when inside it."""
+        try:
+            return self.path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return self.path.as_posix()
+
+    def results_path(self, run: Run) -> Path:
+        return self.out / "results" / f"{run.key}.parquet"
+
+    def config_path(self, run: Run) -> Path:
+        return self.out / "configs" / f"{run.key}.toml"
+
+
+def _defaults() -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
+
+
+def _apply(raw: dict[str, dict[str, Any]], sets: dict[str, Any], source: object,
+           where: str, exprs: list[tuple[str, Expr]]) -> None:
+    """Dotted overrides into `raw`; values written "= expr" are queued in `exprs`."""
+    for dotted, value in sets.items():
+        section, _, name = dotted.partition(".")
+        if section not in raw or name not in raw[section]:
+            raise _err(source, f"{where}.{dotted}", "no such config field")
+        if isinstance(value, str) and value.startswith("="):
+            exprs.append((dotted, Expr(value[1:], source, f"{where}.{dotted}")))
+        else:
+            raw[section][name] = value
+
+
+def _resolve(raw: dict[str, dict[str, Any]], exprs: list[tuple[str, Expr]],
+             source: object) -> Config:
+    """Evaluate the queued "= expr" fields in order (each sees the ones before), validate."""
+    for dotted, expr in exprs:
+        def lookup(name: str, attr: str | None, _e: Expr = expr) -> Any:
+            if attr is None or name not in raw or attr not in raw[name]:
+                raise _err(source, _e.field, f"{_e.text!r}: {name}.{attr} is not a config "
+                           "field")
+            return raw[name][attr]
+        section, _, name = dotted.partition(".")
+        value = expr(lookup)
+        if isinstance(value, float) and value.is_integer() and isinstance(raw[section][name],
+                                                                          int):
+            value = int(value)
+        raw[section][name] = value
+    return config_from_dict(raw, str(source))
+
+
+def _trace_table(t: Any, source: object, where: str) -> dict[str, Any]:
+    if not isinstance(t, dict):
+        raise _err(source, where, "must be a table (kind = ..., or file = ...)")
+    if "file" in t and len(t) > 1:
+        raise _err(source, where, "a trace file takes no other keys")
+    if "file" not in t and "kind" not in t:
+        raise _err(source, where, "needs kind (a generator) or file (a trace)")
+    return dict(t)
+
+
+def _matches(labels: dict[str, Any], where: dict[str, Any]) -> bool:
+    for k, v in where.items():
+        allowed = v if isinstance(v, list) else [v]
+        if labels.get(k) not in allowed:
+            return False
+    return True
+
+
+def load_study(path: str | Path, root: str | Path | None = None) -> Study:
+    """Read, check and expand a study file. Relative paths in it (base config, trace files,
+    outputs) are taken from `root` (default: the current directory)."""
+    path = Path(path)
+    root = Path(root) if root is not None else Path.cwd()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise _err(path, "file", "no such study file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise _err(path, "toml", str(e)) from None
+    src = path
+    _take(raw, {"study": dict, "outputs": dict, "base": dict, "axis": list, "arm": list,
+                "reference": dict, "summary": dict, "table": list, "values": dict,
+                "claim": list, "figure": list}, src, "", required=("study", "arm"))
+    st = _take(raw["study"], {"name": str, "title": str, "paper": str, "source": str,
+                              "source_note": str, "assumptions": list, "order": int, "key": str,
+                              "issue": str}, src, "study", required=("name", "title", "source"))
+    name = st["name"]
+    if not NAME.match(name):
+        raise _err(src, "study.name", f"{name!r}: lower-case letters, digits, '-', '_' only")
+    if st["source"] not in SOURCES:
+        raise _err(src, "study.source", f"{st['source']!r} is not one of {', '.join(SOURCES)}")
+    if not all(isinstance(a, str) for a in st.get("assumptions", [])):
+        raise _err(src, "study.assumptions", "a list of strings")
+    outs = _take(raw.get("outputs", {}), {"dir": str, "figures": str, "summary": str}, src,
+                 "outputs")
+    out = root / outs.get("dir", f"docs/reproduction/{name}")
+    figures = root / outs.get("figures", "docs/figures")
+
+    base = _take(raw.get("base", {}), {"config": str, "trace": dict, "set": dict,
+                                       **{s: dict for s in SECTIONS}}, src, "base")
+    base_raw = _defaults()
+    if "config" in base:
+        cpath = root / base["config"]
+        try:
+            file_raw = tomllib.loads(cpath.read_text())
+        except (FileNotFoundError, tomllib.TOMLDecodeError) as e:
+            raise _err(src, "base.config", f"{base['config']}: {e}") from None
+        config_from_dict(file_raw, str(cpath))  # its own errors name its own file
+        for s, vals in file_raw.items():
+            base_raw[s].update(vals)
+    for s in SECTIONS:
+        for k, v in base.get(s, {}).items():
+            if k not in base_raw[s]:
+                raise _err(src, f"base.{s}.{k}", "no such config field")
+            base_raw[s][k] = v
+    base_exprs: list[tuple[str, Expr]] = []
+    _apply(base_raw, base.get("set", {}), src, "base.set", base_exprs)
+    base_trace = _trace_table(base["trace"], src, "base.trace") if "trace" in base else None
+
+    axes = []
+    for i, ax in enumerate(raw.get("axis", [])):
+        where = f"axis[{i}]"
+        _take(ax, {"name": str, "point": list}, src, where, required=("name", "point"))
+        if not IDENT.match(ax["name"]):
+            raise _err(src, f"{where}.name", f"{ax['name']!r}: not a plain name")
+        points = []
+        for j, pt in enumerate(ax["point"]):
+            pw = f"{where}.point[{j}]"
+            _take(pt, {"label": (str, int, float), "set": dict, "trace": dict, "labels": dict},
+                  src, pw, required=("label",))
+            points.append(pt)
+        if not points:
+            raise _err(src, f"{where}.point", "an axis needs at least one point")
+        axes.append((ax["name"], points))
+
+    arms = []
+    seen_arms = set()
+    for i, arm in enumerate(raw["arm"]):
+        where = f"arm[{i}]"
+        _take(arm, {"name": str, "strategy": str, "runner": str, "set": dict, "trace": dict,
+                    "labels": dict, "only": dict, "no_dedup_reason": str, "layout": dict},
+              src, where, required=("name",))
+        if not IDENT.match(arm["name"]) or arm["name"] in seen_arms or arm["name"] in SECTIONS:
+            raise _err(src, f"{where}.name", f"{arm['name']!r}: unique, lower-case letters, "
+                       "digits and '_' (expressions name it), not a config section")
+        seen_arms.add(arm["name"])
+        if arm.get("runner", "simulate") not in RUNNERS:
+            raise _err(src, f"{where}.runner", f"one of {', '.join(RUNNERS)}")
+        _take(arm.get("layout", {}), {"plan_from": str}, src, f"{where}.layout")
+        if arm.get("layout", {}).get("plan_from", "previous") not in ("previous", "same"):
+            raise _err(src, f"{where}.layout.plan_from", "'previous' (the step before, as "
+                       "LAER-MoE plans) or 'same' (an oracle)")
+        arms.append(arm)
+    if not arms:
+        raise _err(src, "arm", "a study needs at least one arm")
+
+    template = st.get("key")
+    runs: list[Run] = []
+    keys: set[str] = set()
+    for combo in itertools.product(*[[(n, p) for p in pts] for n, pts in axes]):
+        for i, arm in enumerate(arms):
+            where = f"arm[{i}]"
+            labels: dict[str, Any] = {}
+            for axis_name, pt in combo:
+                labels[axis_name] = pt["label"]
+                labels.update(pt.get("labels", {}))
+            if not _matches(labels, arm.get("only", {})):
+                continue
+            labels.update(arm.get("labels", {}))
+            labels["arm"] = arm["name"]
+            cfg_raw = json.loads(json.dumps(base_raw))
+            exprs = list(base_exprs)
+            trace = dict(base_trace) if base_trace else None
+            for axis_name, pt in combo:
+                _apply(cfg_raw, pt.get("set", {}), src, f"axis {axis_name}={pt['label']}.set",
+                       exprs)
+                if "trace" in pt:
+                    trace = _merge_trace(trace, pt["trace"], src, f"axis {axis_name}.trace")
+            if "strategy" in arm:
+                cfg_raw["parallel"]["strategy"] = arm["strategy"]
+            _apply(cfg_raw, arm.get("set", {}), src, f"{where}.set", exprs)
+            if "trace" in arm:
+                trace = _merge_trace(trace, arm["trace"], src, f"{where}.trace")
+            if trace is None:
+                raise _err(src, "base.trace", "no routing: give base.trace (or a trace on "
+                           "every arm or axis point)")
+            key_parts = [str(pt["label"]) for _, pt in combo] + [arm["name"]]
+            key = template.format(**labels) if template else "-".join(key_parts)
+            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+            if key in keys:
+                raise _err(src, "study.key", f"two runs are both named {key!r}")
+            keys.add(key)
+            cfg = _resolve(cfg_raw, exprs, f"{path}:{key}")
+            d = config_to_dict(cfg)
+            labels["strategy"] = d["parallel"]["strategy"]
+            _baseline_rule(d, arm, src, where)
+            runs.append(Run(key, arm["name"], arm.get("runner", "simulate"), d, trace,
+                            labels, dict(arm.get("layout", {}))))
+    if not runs:
+        raise _err(src, "arm.only", "no run is left after the arms' `only` filters")
+    report = {k: raw[k] for k in ("reference", "summary", "table", "values", "claim", "figure")
+              if k in raw}
+    _check_report(report, src, runs)
+    return Study(path, name, st["title"], st.get("paper", ""), st["source"],
+                 st.get("source_note", ""), list(st.get("assumptions", [])),
+                 st.get("order", 100), runs, out, figures, outs.get("summary", "summary.csv"),
+                 report, st.get("issue", ""), root)
+
+
+def _merge_trace(base: dict | None, new: Any, src: object, where: str) -> dict:
+    new = dict(new) if isinstance(new, dict) else new
+    if not isinstance(new, dict):
+        raise _err(src, where, "must be a table")
+    if "file" in new or "kind" in new or base is None:
+        return _trace_table(new, src, where)
+    return {**base, **new}
+
+
+def _baseline_rule(cfg: dict, arm: dict, src: object, where: str) -> None:
+    """Baselines are the strongest reasonable configuration: multi-node EP sends each token
+    once per node (parallel.ep_dedup), unless the arm says why not."""
+    if (cfg["parallel"]["strategy"] == "ep" and cfg["cluster"]["nodes"] > 1
+            and not cfg["parallel"]["ep_dedup"] and not arm.get("no_dedup_reason")):
+        raise _err(src, f"{where}.no_dedup_reason", "a multi-node EP arm without "
+                   "parallel.ep_dedup needs a reason (production EP sends a token once per "
+                   "node)")
+
+
+def _check_report(report: dict, src: object, runs: list[Run]) -> None:
+    """The report sections' shape (their expressions are checked again when evaluated)."""
+    from analysis import study_report  # the report module owns the vocabulary
+    study_report.check(report, src, runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+# ---------------------------------------------------------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(cfg: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, values in cfg.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def make_trace(run: Run, cfg: Config, cache: Path, root: Path):
+    """The run's routing: a trace file, or a seeded synthetic trace shaped by its model (one
+    shard per GPU, `run.steps` steps, seed `run.seed`)."""
+    from traces.generators import TraceSpec, generate
+    from traces.io import read_trace, write_trace
+
+    if "file" in run.trace:
+        return read_trace(root / run.trace["file"])
+    m = cfg.model
+    params = {k: v for k, v in run.trace.items() if k not in ("kind", "sampler")}
+    spec = TraceSpec(kind=run.trace["kind"], steps=cfg.run.steps, layers=m.num_layers,
+                     shards=cfg.num_ranks, experts=m.num_experts, heads=m.num_heads,
+                     top_k=m.top_k, tokens_per_shard=cfg.run.tokens_per_rank,
+                     seed=cfg.run.seed, model=m.name, params=params,
+                     sampler=run.trace.get("sampler", "auto"))
+    blob = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    path = cache / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.trace.parquet"
+    if not path.exists():
+        write_trace(generate(spec), path)
+    return read_trace(path)
+
+
+def simulate_frames(run: Run, cfg: Config, trace, source: str) -> pd.DataFrame:
+    """Every step of `run.steps`, simulated (moesim.sim.simulate.Simulator)."""
+    from moesim.sim.simulate import Simulator
+
+    sim = Simulator(cfg, trace, source)
+    frames = [sim.simulate_step(run.strategy, s).frame for s in range(cfg.run.steps)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def layout_loads(run: Run, cfg: Config, trace) -> pd.DataFrame:
+    """Per-GPU expert load (tokens its replicas take) of each step's placement, laid out by
+    planner/ from the step before (`plan_from = "previous"`, the default) or from the step
+    itself ("same", an oracle); EP with `planner.ep_hot_replicas` adds hot replicas."""
+    from analysis.imbalance import panel_from_trace
+    from planner.placement import ep_hot_replicas, ep_placement
+    from planner.relayout import fsep_placement
+
+    n = cfg.num_ranks
+    t = trace.aggregate(n)
+    steps, layers = t.num_steps, t.num_layers
+    counts = t.counts.reshape(steps, layers, n, -1)
+    load = counts.sum(axis=2, dtype=np.int64)
+    if load.shape[-1] != cfg.model.total_experts:
+        raise _err(cfg.source, "model.num_experts", f"the trace has {load.shape[-1]} experts, "
+                   f"the model {cfg.model.total_experts}")
+    lag = 1 if run.layout.get("plan_from", "previous") == "previous" else 0
+
+    def seen(s: int, ly: int) -> np.ndarray:
+        return counts[max(s - lag, 0), ly]
+
+    if run.strategy == "fsep":
+        def place(s: int, ly: int):
+            return fsep_placement(cfg.model, cfg.planner, seen(s, ly), n, with_bound=False)[0]
+    elif run.strategy == "ep" and cfg.planner.ep_hot_replicas > 0:
+        def place(s: int, ly: int):
+            return ep_hot_replicas(seen(s, ly).sum(axis=0), n, cfg.planner.ep_hot_replicas)
+    elif run.strategy == "ep":
+        ep = ep_placement(load.shape[-1], n)
+
+        def place(s: int, ly: int):
+            return ep
+    else:
+        raise _err(cfg.source, "parallel.strategy", "the layout runner lays out EP and FSEP")
+    grid = panel_from_trace(run.key, run.strategy, load, place, n).loads
+    s, ly, r = np.indices(grid.shape).reshape(3, -1)
+    return pd.DataFrame({"step": s, "layer": ly, "rank": r, "tokens": grid.reshape(-1)})
+
+
+def _stored_digest(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            meta = pq.read_schema(path).metadata or {}
+            for key in (b"moesim_study", b"moesim.result"):  # layout and Result files
+                if key in meta:
+                    return json.loads(meta[key]).get("digest")
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def run_study(study: Study, *, cache: Path | None = None, resume: bool = False,
+              only: str | None = None, log: Callable[[str], None] = print,
+              figures: bool = True) -> list[Path]:
+    """Simulate (or lay out) every run and write OUT/configs/KEY.toml, OUT/results/KEY.parquet;
+    then the summary, figures and report (analysis.study_report.write_outputs). With `resume`,
+    a run whose result file already holds its digest is not run again. `only` (a regular
+    expression) runs the matching keys and re-reports from the files of the others."""
+    from analysis import study_report
+    from moesim.results import write_results
+
+    root = study.root
+    cache = cache or Path("/tmp/moesim-study-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    done: dict[str, pd.DataFrame] = {}
+    pattern = re.compile(only) if only else None
+    for run in study.runs:
+        if pattern and not pattern.search(run.key):
+            continue
+        result = study.results_path(run)
+        digest = run.digest()
+        write_text_atomic(study.config_path(run), f"# {study.name}/{run.key}: written by "
+                          f"moesim study run {study.file}\n# trace: {json.dumps(run.trace)}\n"
+                          + to_toml(run.config))
+        if resume and _stored_digest(result) == digest:
+            log(f"{study.name}/{run.key}: up to date")
+            continue
+        t0 = time.perf_counter()
+        cfg = config_from_dict(run.config, f"{study.path}:{run.key}")
+        if digest not in done:
+            trace = make_trace(run, cfg, cache, root)
+            if run.runner == "simulate":
+                done[digest] = simulate_frames(run, cfg, trace, json.dumps(run.trace))
+            else:
+                done[digest] = layout_loads(run, cfg, trace)
+        frame = done[digest]
+        meta = {"config": run.config, "study": study.name, "arm": run.key,
+                "trace": run.trace, "labels": run.labels, "digest": digest}
+        if run.runner == "simulate":
+            write_results(frame, result, meta)
+        else:
+            _write_layout(frame, result, meta)
+        log(f"{study.name}/{run.key}: {run.runner} in {time.perf_counter() - t0:.1f} s")
+    return study_report.write_outputs(study, log=log, figures=figures)
+
+
+def _write_layout(frame: pd.DataFrame, path: Path, meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({b"moesim_study": json.dumps(meta,
+                                                                      default=str).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_layout(path: Path) -> np.ndarray:
+    """A layout run's loads as [steps, layers, ranks]."""
+    if not path.exists():
+        raise _err(path, "file", "no result for this run: run `moesim study run` first")
+    df = pd.read_parquet(path)
+    missing = [c for c in LAYOUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise _err(path, missing[0], "missing column")
+    shape = (df["step"].max() + 1, df["layer"].max() + 1, df["rank"].max() + 1)
+    grid = np.zeros(shape)
+    grid[df["step"], df["layer"], df["rank"]] = df["tokens"]
+    return grid
+
+
+def study_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).glob("*.toml"))
