@@ -475,6 +475,11 @@ class TrainConfig:
     optimizer_impl: str = _f("fused", choices=("fused", "foreach"),
                              doc="AdamW kernels: 'fused' one pass (Apex/TE FusedAdam), "
                              "'foreach' torch's multi-tensor default")
+    loss_impl: str = _f("megatron", choices=("megatron", "torch"),
+                        doc="cross-entropy: 'megatron' its vocab-parallel fp32 loss (keeps "
+                        "the softmax, gradient in place); 'torch' the logits cast to fp32, "
+                        "log-softmax and NLL (runtime/train.py); moesim/sim/decoder.py and "
+                        "memory.py cost both")
 
 
 @dataclass(frozen=True)

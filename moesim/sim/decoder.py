@@ -42,10 +42,14 @@ Kernel costs, and what each assumes:
   reduction are ignored); RoPE one kernel on Q and K each way; qk-norm one per tensor;
   residual adds read two and write one; the MLP activation as `ComputeModel`'s ACTIVATION
   table for `model.activation` (GELU: one kernel reading and writing the hidden layer).
-- Cross-entropy (`loss`) as runtime/train.py runs it in torch: the logits cast to fp32, then
-  log-softmax and NLL (forward: read bf16 + write fp32, read + write fp32; backward: the NLL
-  gradient written, log-softmax backward reads it and its output and writes the gradient, the
-  cast's backward reads fp32 and writes bf16), on the rank's vocab shard.
+- Cross-entropy (`loss`) on the rank's vocab shard, as implemented (train.loss_impl):
+  "torch", as runtime/train.py runs it: the logits cast to fp32, then log-softmax and NLL
+  (forward: read bf16 + write fp32, read + write fp32; backward: the NLL gradient written,
+  log-softmax backward reads it and its output and writes the gradient, the cast's backward
+  reads fp32 and writes bf16); "megatron", its vocab-parallel cross-entropy in torch ops
+  (forward: cast, max, subtract and exp in place, sum, divide in place: bf16 read + 8 fp32
+  passes; backward: the one-hot subtraction and the scaling in place on the saved softmax,
+  the cast back: 4 fp32 passes + bf16 write).
 - The optimizer (`optimizer`): AdamW over the parameters a rank updates. "mixed" precision
   keeps fp32 main gradients, master weights and both moments and writes the bf16 copy;
   "pure" keeps everything in model.dtype (torch AdamW on bf16 parameters, what runtime/
@@ -284,7 +288,7 @@ def embedding_cost(model: ModelConfig, compute: ComputeModel, tokens: float, pas
 
 
 def output_costs(model: ModelConfig, compute: ComputeModel, tokens: float, pass_: str,
-                 *, tp: int = 1, sp: bool = False) -> list[Cost]:
+                 *, tp: int = 1, sp: bool = False, loss: str = "torch") -> list[Cost]:
     """The last pipeline stage's final_norm, lm_head (column-parallel over the vocabulary)
     and loss (cross-entropy on the rank's vocab shard; the max/sum all-reduces of a
     vocab-parallel loss are the step program's). Recompute: none (Megatron checkpoints
@@ -304,10 +308,18 @@ def output_costs(model: ModelConfig, compute: ComputeModel, tokens: float, pass_
     out.append(ph.cost())
     ph = _Phase("loss")
     logits = tokens * v
-    if bwd:
-        ph.mem(compute, 4, logits * (4 + (4 + 4 + 4) + (4 + p)))
+    if loss == "torch":
+        if bwd:
+            ph.mem(compute, 4, logits * (4 + (4 + 4 + 4) + (4 + p)))
+        else:
+            ph.mem(compute, 3, logits * ((p + 4) + (4 + 4)))
+    elif loss == "megatron":
+        if bwd:
+            ph.mem(compute, 3, logits * (4 * 4 + p))
+        else:
+            ph.mem(compute, 6, logits * (p + 8 * 4))
     else:
-        ph.mem(compute, 3, logits * ((p + 4) + (4 + 4)))
+        raise ValueError(f"loss {loss!r} is not 'torch' or 'megatron'")
     out.append(ph.cost())
     return out
 

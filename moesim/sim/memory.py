@@ -336,22 +336,31 @@ def _buffers(model: ModelConfig, layers: list[int], t: Training, tokens: float, 
 
 
 def training_from_config(cfg: Config, runtime: bool = False, **overrides) -> Training:
-    """The Training layout of a config as today's fields give it: one MoE group of
-    `parallel.degree` ranks (EP, HP or FSEP) replicated over the cluster, data-parallel
-    dense weights, one micro-batch of run.tokens_per_rank tokens a rank, no TP/PP.
-    `runtime`: as runtime/train.py trains it (every tensor in the model's dtype, torch AdamW,
-    torch's cross-entropy on the whole logits). `overrides` set any other field."""
-    m = cfg.model
-    if cfg.run.tokens_per_rank % m.seq_len:
-        raise InputError(cfg.source, "run.tokens_per_rank", f"{cfg.run.tokens_per_rank} is "
-                         f"not a multiple of model.seq_len = {m.seq_len}")
-    fsep = cfg.parallel.strategy == "fsep"
-    base = {"micro_batch": cfg.run.tokens_per_rank // m.seq_len, "dp": cfg.cluster.num_gpus,
-            "ep": cfg.num_ranks, "strategy": cfg.parallel.strategy,
+    """The Training layout of a config. The whole iteration (train.scope = "iteration"):
+    [parallel] tp, sequence_parallel, pp, etp, zero and the MoE group (cfg.num_ranks), dp =
+    GPUs / (tp x pp), [train] micro_batch_size, micro_batches, recompute, precision,
+    loss_impl. Otherwise (the MoE-layer scope, and runtime/'s jobs): one micro-batch of
+    run.tokens_per_rank tokens a rank, data-parallel dense weights, no TP/PP. `runtime`: as
+    runtime/train.py trains whatever [train] says (every tensor in the model's dtype, torch's
+    AdamW and cross-entropy on the whole logits). `overrides` set any Training field."""
+    m, par, tr = cfg.model, cfg.parallel, cfg.train
+    fsep = par.strategy == "fsep"
+    base = {"ep": cfg.num_ranks, "etp": par.etp, "strategy": par.strategy,
             "fsep_slots": cfg.planner.slots_per_rank if fsep else 0,
-            "fsep_backward_gather": cfg.parallel.fsep_backward_gather}
-    if runtime:
-        base |= {"precision": "pure", "loss": "torch"}
+            "fsep_backward_gather": par.fsep_backward_gather}
+    if tr.scope == "iteration" and not runtime:
+        base |= {"micro_batch": tr.micro_batch_size, "micro_batches": tr.micro_batches,
+                 "tp": par.tp, "sp": par.sequence_parallel and par.tp > 1, "pp": par.pp,
+                 "dp": max(cfg.cluster.num_gpus // (par.tp * par.pp), 1), "zero": par.zero,
+                 "recompute": tr.recompute, "precision": tr.precision, "loss": tr.loss_impl}
+    else:
+        if cfg.run.tokens_per_rank % m.seq_len and "micro_batch" not in overrides:
+            raise InputError(cfg.source, "run.tokens_per_rank", f"{cfg.run.tokens_per_rank} "
+                             f"is not a multiple of model.seq_len = {m.seq_len}")
+        base |= {"micro_batch": max(cfg.run.tokens_per_rank // m.seq_len, 1),
+                 "dp": cfg.cluster.num_gpus, "etp": 1}
+        base |= ({"precision": "pure", "loss": "torch"} if runtime else
+                 {"precision": tr.precision, "loss": tr.loss_impl})
     return Training(**{**base, **overrides})
 
 

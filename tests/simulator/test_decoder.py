@@ -137,3 +137,14 @@ def test_model_flops_gpt_closed_form():
                vocab_size=V, num_layers=L)
     T = 2 * s
     assert decoder.model_flops(m, T) == 6 * T * (L * (4 * h * h + h * s + 3 * h * f) + h * V)
+
+
+def test_megatron_loss_bytes():
+    cm = ComputeModel.load("h200")
+    m = _model(d_model=1024, vocab_size=32000, attn_heads=8)
+    fwd = {c.phase: c for c in decoder.output_costs(m, cm, 8192, "fwd", tp=8, loss="megatron")}
+    bwd = {c.phase: c for c in decoder.output_costs(m, cm, 8192, "bwd", tp=8, loss="megatron")}
+    assert fwd["loss"].nbytes == 8192 * 4000 * (2 + 32)
+    assert bwd["loss"].nbytes == 8192 * 4000 * (16 + 2)
+    with pytest.raises(ValueError):
+        decoder.output_costs(m, cm, 8192, "fwd", loss="fused")

@@ -185,3 +185,19 @@ def test_runtime_configs_and_capacity(tmp_path):
     p.write_text("[model]\nseq_len = 1000\n")
     with pytest.raises(InputError, match=r"run\.tokens_per_rank"):
         memory.training_from_config(load_config(p))
+
+
+def test_whole_iteration_config_fields(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(f'[model]\nhf_config = "{ROOT}/configs/models/mixtral-8x7b-e8k2.json"\n'
+                 'seq_len = 8192\n[cluster]\nnodes = 4\ngpus_per_node = 8\n'
+                 '[parallel]\ntp = 8\ndegree = 8\nzero = 1\n'
+                 '[train]\nscope = "iteration"\nmicro_batches = 64\nrecompute = "full"\n')
+    cfg = load_config(p)
+    t = memory.training_from_config(cfg)
+    assert (t.tp, t.sp, t.pp, t.dp, t.ep, t.expert_dp, t.zero) == (8, True, 1, 4, 8, 4, 1)
+    assert (t.micro_batch, t.micro_batches, t.recompute, t.precision, t.loss) == \
+        (1, 64, "full", "mixed", "megatron")
+    # The runtime trains its own way whatever [train] says.
+    rt = memory.training_from_config(cfg, runtime=True, micro_batch=1)
+    assert (rt.tp, rt.precision, rt.loss, rt.dp) == (1, "pure", "torch", 32)
