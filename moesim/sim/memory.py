@@ -3,7 +3,7 @@ step's high point (what `torch.cuda.max_memory_allocated` reads), and whether it
 
 peak(stage) = weights + gradients + optimizer states                 (persistent)
             + in_flight(stage) x activations of one micro-batch     (saved for backward)
-            + communication buffers                                 (gathered weights, ...)
+            + communication buffers, FSEP's materialised experts    (gathered weights)
             + the largest transient working set                     (loss, a block's backward)
 and the GPU's peak is the largest stage's. Each term, and what it assumes:
 
@@ -106,10 +106,13 @@ class Training:
     fsep_prefetch: int = 2         # FSEP: layers gathered ahead (LAER-MoE: two)
     fsep_backward_gather: bool = True
     moe_rows_per_token: float = 0.0  # routed rows per local token on the hottest rank; 0: k x heads
+    norm_impl: str = "fused"       # fused (saves x, 1/rms) | composite (torch ops: also x/rms)
 
     def __post_init__(self) -> None:
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute {self.recompute!r}")
+        if self.norm_impl not in ("fused", "composite"):
+            raise ValueError(f"norm_impl {self.norm_impl!r}")
         if self.precision not in ("mixed", "pure") or self.loss not in LOSSES:
             raise ValueError(f"precision {self.precision!r} / loss {self.loss!r}")
         if not 0 <= self.zero <= 3:
@@ -158,14 +161,24 @@ class Memory:
 
 
 # -- activations ---------------------------------------------------------------------------
+def _norm(name: str, p: int, d: int, a: float, impl: str) -> dict[str, float]:
+    """A norm's saved tensors: its input and fp32 1/rms; torch's composite RMSNorm (pow,
+    mean, rsqrt, two multiplies: the CPU path) also keeps x / rms for the weight's multiply."""
+    out = {f"{name}.in": p * d * a, f"{name}.rstd": 4 * a}
+    if impl == "composite":
+        out[f"{name}.normed"] = p * d * a
+    return out
+
+
 def attention_activations(model: ModelConfig, tp: int, sp: bool,
-                          recompute: str = "none") -> dict[str, float]:
+                          recompute: str = "none", norm_impl: str = "fused"
+                          ) -> dict[str, float]:
     """Bytes per token one attention block saves for its backward, by tensor."""
     p, d = model.dtype_bytes, model.d_model
     a = 1.0 / tp if sp else 1.0
     h = math.ceil(model.attn_heads / tp)
     dq, dv = model.qk_head_dim, model.v_dim
-    out = {"attn_norm.in": p * d * a, "attn_norm.rstd": 4 * a}
+    out = _norm("attn_norm", p, d, a, norm_impl)
     if model.attention == "mla":
         out["q_a/kv_a.in"] = p * d * a
         if model.q_lora_rank:
@@ -186,11 +199,12 @@ def attention_activations(model: ModelConfig, tp: int, sp: bool,
 
 
 def mlp_activations(model: ModelConfig, layer: int, tp: int, sp: bool,
-                    rows_per_token: float = 0.0, etp: int = 1) -> dict[str, float]:
+                    rows_per_token: float = 0.0, etp: int = 1, norm_impl: str = "fused"
+                    ) -> dict[str, float]:
     """Bytes per token one MLP block (dense, or MoE with its shared experts) saves."""
     p, d, m = model.dtype_bytes, model.d_model, model.mlp_matrices
     a = 1.0 / tp if sp else 1.0
-    out = {"mlp_norm.in": p * d * a, "mlp_norm.rstd": 4 * a, "mlp.in": p * d * a}
+    out = _norm("mlp_norm", p, d, a, norm_impl) | {"mlp.in": p * d * a}
     if not model.is_moe(layer):
         f = math.ceil(model.d_ffn_dense / tp)
         out |= {"dense.fc1_out": p * (m - 1) * f, "dense.act_out": p * f}
@@ -216,15 +230,16 @@ def layer_activations(model: ModelConfig, layer: int, t: Training) -> float:
     """Bytes per token decoder layer `layer` keeps from its forward to its backward."""
     if t.recompute == "full":
         return model.dtype_bytes * model.d_model * (1.0 / t.tp if t.sp else 1.0)
-    return (sum(attention_activations(model, t.tp, t.sp, t.recompute).values())
+    return (sum(attention_activations(model, t.tp, t.sp, t.recompute, t.norm_impl).values())
             + sum(mlp_activations(model, layer, t.tp, t.sp, t.moe_rows_per_token,
-                                  t.etp).values()))
+                                  t.etp, t.norm_impl).values()))
 
 
 def _block_peak(model: ModelConfig, layer: int, t: Training) -> float:
     """Bytes per token of the larger block's saved activations (its backward's gradients)."""
-    att = sum(attention_activations(model, t.tp, t.sp).values())
-    mlp = sum(mlp_activations(model, layer, t.tp, t.sp, t.moe_rows_per_token, t.etp).values())
+    att = sum(attention_activations(model, t.tp, t.sp, norm_impl=t.norm_impl).values())
+    mlp = sum(mlp_activations(model, layer, t.tp, t.sp, t.moe_rows_per_token, t.etp,
+                              t.norm_impl).values())
     return max(att, mlp)
 
 
@@ -233,7 +248,8 @@ def output_activations(model: ModelConfig, t: Training) -> tuple[float, float]:
     p, d = model.dtype_bytes, model.d_model
     a = 1.0 / t.tp if t.sp else 1.0
     v = math.ceil(model.vocab_size / t.tp)
-    saved = p * d * a + 4 * a + p * d * a       # final norm input and 1/rms, LM head input
+    # The final norm's saved tensors and the LM head's input.
+    saved = sum(_norm("final_norm", p, d, a, t.norm_impl).values()) + p * d * a
     if t.loss == "torch":
         return saved + (p + 4) * v, 8.0 * v     # bf16 logits + fp32 log-softmax; two grads
     return saved + 4.0 * v, float(p * v)        # fp32 softmax; its bf16 gradient
@@ -308,14 +324,15 @@ def estimate(model: ModelConfig, t: Training, capacity_gib: float,
             trans = max(trans, loss_trans)
         terms["activations"] = in_flight * act * tokens
         terms["transient"] = trans * tokens
-        terms["comm_buffers"] = _buffers(model, layers, t, tokens, a, in_flight)
+        terms["comm_buffers"] = _buffers(model, layers, t, tokens, a)
+        terms["fsep_experts"] = _fsep_experts(model, layers, t, in_flight)
         stages.append(terms)
     worst = max(range(len(stages)), key=lambda i: sum(stages[i].values()))
     return Memory(worst, stages[worst], capacity_gib, reserve_gib, stages)
 
 
-def _buffers(model: ModelConfig, layers: list[int], t: Training, tokens: float, a: float,
-             in_flight: int) -> float:
+def _buffers(model: ModelConfig, layers: list[int], t: Training, tokens: float, a: float
+             ) -> float:
     p = model.dtype_bytes
     moe = [i for i in layers if model.is_moe(i)]
     out = 0.0
@@ -327,12 +344,21 @@ def _buffers(model: ModelConfig, layers: list[int], t: Training, tokens: float, 
     if t.zero == 3 and layers:
         per_layer = max(sum(model.layer_params(i).values()) for i in layers) / t.tp
         out += (1 + t.zero3_prefetch) * per_layer * p
-    if t.strategy == "fsep" and moe and t.fsep_slots:
-        one = t.fsep_slots * model.expert_params * p / t.etp
-        held = (1 + t.fsep_prefetch) if t.fsep_backward_gather else len(moe) * in_flight
-        grad_w = 4 if t.precision == "mixed" else p
-        out += one * held + t.fsep_slots * model.expert_params * grad_w / t.etp
     return out
+
+
+def _fsep_experts(model: ModelConfig, layers: list[int], t: Training, in_flight: int
+                  ) -> float:
+    """FSEP's materialised experts: full weights of fsep_slots experts a layer, for the
+    layers held at once, and one layer's full gradients before their reduce-scatter."""
+    moe = [i for i in layers if model.is_moe(i)]
+    if t.strategy != "fsep" or not moe or not t.fsep_slots:
+        return 0.0
+    p = model.dtype_bytes
+    one = t.fsep_slots * model.expert_params * p / t.etp
+    held = (1 + t.fsep_prefetch) if t.fsep_backward_gather else len(moe) * in_flight
+    grad_w = 4 if t.precision == "mixed" else p
+    return one * held + t.fsep_slots * model.expert_params * grad_w / t.etp
 
 
 def training_from_config(cfg: Config, runtime: bool = False, **overrides) -> Training:
@@ -359,8 +385,9 @@ def training_from_config(cfg: Config, runtime: bool = False, **overrides) -> Tra
                              f"is not a multiple of model.seq_len = {m.seq_len}")
         base |= {"micro_batch": max(cfg.run.tokens_per_rank // m.seq_len, 1),
                  "dp": cfg.cluster.num_gpus, "etp": 1}
-        base |= ({"precision": "pure", "loss": "torch"} if runtime else
-                 {"precision": tr.precision, "loss": tr.loss_impl})
+        base |= ({"precision": "pure", "loss": "torch",
+                  "norm_impl": "composite" if cfg.run.device == "cpu" else "fused"}
+                 if runtime else {"precision": tr.precision, "loss": tr.loss_impl})
     return Training(**{**base, **overrides})
 
 

@@ -145,13 +145,13 @@ def test_zero_stages_shard_what_they_say():
 def test_fsep_materialised_experts():
     m = _model(**SMALL)
     kw = dict(micro_batch=2, ep=4, dp=4, strategy="fsep", fsep_slots=3)
-    gather = memory.estimate(m, Training(**kw), 1.0).terms["comm_buffers"]
+    gather = memory.estimate(m, Training(**kw), 1.0).terms["fsep_experts"]
     keep = memory.estimate(m, Training(**kw, fsep_backward_gather=False), 1.0)
     one = 3 * m.expert_params * 2
     # Prefetch 2 + the running layer vs the one MoE layer kept; fp32 gradients of one layer.
-    a2a = 256 * 16
-    assert gather == a2a + 3 * one + 3 * m.expert_params * 4
-    assert keep.terms["comm_buffers"] == a2a + 1 * one + 3 * m.expert_params * 4
+    assert gather == 3 * one + 3 * m.expert_params * 4
+    assert keep.terms["fsep_experts"] == 1 * one + 3 * m.expert_params * 4
+    assert memory.estimate(m, Training(micro_batch=2), 1.0).terms["fsep_experts"] == 0
 
 
 def test_mixtral_on_the_laer_cluster_fits_and_a_big_one_does_not():
