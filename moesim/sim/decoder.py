@@ -334,7 +334,7 @@ def optimizer_cost(compute: ComputeModel, params: float, dtype_bytes: int,
     return Cost("optimizer", _mem(compute, OPT_LAUNCHES[impl], nbytes), 0.0, nbytes)
 
 
-def model_flops(model: ModelConfig, tokens: float) -> float:
+def model_flops(model: ModelConfig, tokens: float, causal: bool = True) -> float:
     """Model FLOPs of one iteration over `tokens` tokens (global batch x sequence), forward
     and backward, as Megatron-LM counts them for its reported TFLOP/s and MFU:
     `num_floating_point_operations` in megatron/training/training.py (NVIDIA/Megatron-LM,
@@ -344,8 +344,11 @@ def model_flops(model: ModelConfig, tokens: float) -> float:
     the logits GEMM; no norms, router, embedding or recompute. MLA as Megatron's branch
     (q_lora, kv_lora with its norm, the rotary key). Multi-Head LatentMoE as Megatron's
     latent MoE (moe_latent_size = num_heads x head_dim): the experts on the latent and its
-    two projections."""
-    d, s, m = model.d_model, model.seq_len, model.mlp_matrices
+    two projections. `causal` False counts the whole s x s score matrix, as Megatron-LM did
+    before it halved it for the causal mask (its 2024 releases, e.g. Megatron-Core 0.9:
+    `12 B s l h^2 (... + s / h ...)`); tables published then used that count."""
+    d, m = model.d_model, model.mlp_matrices
+    s = model.seq_len if causal else 2 * model.seq_len  # the core terms carry s / 2
     h, dq, dv = model.attn_heads, model.qk_head_dim, model.v_dim
     if model.attention == "mla":
         rope, nope = model.qk_rope_head_dim, model.qk_head_dim - model.qk_rope_head_dim

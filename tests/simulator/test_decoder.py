@@ -148,3 +148,24 @@ def test_megatron_loss_bytes():
     assert bwd["loss"].nbytes == 8192 * 4000 * (16 + 2)
     with pytest.raises(ValueError):
         decoder.output_costs(m, cm, 8192, "fwd", loss="fused")
+
+
+def test_model_flops_before_the_causal_halving():
+    # Megatron 2024: 12 B s l h^2 (1 + g/a + s/h) q/h + ... : the attention core doubled.
+    m = _hf("mixtral-8x7b-e8k2", seq_len=4096)
+    core = 6 * m.num_layers * 4096 * m.attn_heads * 2 * m.qk_head_dim / 2
+    full = decoder.model_flops(m, 4096, causal=False)
+    assert full - decoder.model_flops(m, 4096) == pytest.approx(4096 * core, rel=1e-12)
+
+
+@pytest.mark.parametrize("name, tokens, step_s, gpus, tflops", [
+    # NeMo AutoModel's published DGX-H100 BF16 rows (docs/validation/published/
+    # throughput.csv): global batch x 4096 tokens, step time, GPUs, reported TFLOP/s per GPU.
+    ("qwen3-30b-a3b", 512 * 4096, 21.773, 8, 277),
+    ("deepseek-v3", 512 * 4096, 8.18, 256, 250),
+    ("deepseek-v3", 8192 * 4096, 37.87, 1024, 216),
+])
+def test_model_flops_reproduce_published_tflops(name, tokens, step_s, gpus, tflops):
+    m = _hf(name, seq_len=4096)
+    assert decoder.model_flops(m, tokens) / step_s / gpus / 1e12 == pytest.approx(tflops,
+                                                                                  abs=0.5)
