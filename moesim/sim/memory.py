@@ -41,9 +41,10 @@ and the GPU's peak is the largest stage's. Each term, and what it assumes:
 - Routed rows a rank computes: `moe_rows_per_token` x its tokens (balanced: top_k x heads);
   give the hottest rank's ratio from planner/ (max of LayerTraffic.rank_tokens() / tokens)
   for a skewed trace.
-- Pipeline 1F1B (non-interleaved): stage i holds min(pp - i, micro_batches) micro-batches'
-  activations at its peak; without PP one (gradient accumulation frees each before the
-  next). Layers split evenly (the first stages take the remainder).
+- Pipeline 1F1B: stage i holds min(pp - i, micro_batches) micro-batches' activations at its
+  peak; without PP one (gradient accumulation frees each before the next); interleaved with
+  `vp` chunks a rank, Megatron-Core's warm-up count (see _in_flight). Layers split evenly
+  (the first stages take the remainder).
 - Last stage: the final norm and LM head inputs, and the loss as implemented (`loss`):
   "torch" (runtime/train.py: the bf16 logits stay referenced, the fp32 log-softmax is saved;
   its backward adds the NLL gradient and the log-softmax gradient, fp32) or "megatron" (its
@@ -93,6 +94,7 @@ class Training:
     tp: int = 1                    # tensor parallel
     sp: bool = False               # sequence parallel (with tp)
     pp: int = 1                    # pipeline stages
+    vp: int = 1                    # virtual stages (model chunks) per pipeline rank
     dp: int = 1                    # data-parallel replicas of the dense weights
     ep: int = 1                    # ranks an MoE layer's experts spread over (EP/HP/FSEP group)
     etp: int = 1                   # expert tensor parallel
@@ -311,7 +313,7 @@ def estimate(model: ModelConfig, t: Training, capacity_gib: float,
         terms = {k: v for k, v in _state_bytes(dense, t.dp, t, p).items()}
         for k, v in _state_bytes(expert, t.expert_dp, t, p).items():
             terms[k] += v
-        in_flight = min(t.pp - s, t.micro_batches)
+        in_flight = _in_flight(t, s)
         act = sum(layer_activations(model, i, t) for i in layers)
         trans = 0.0
         if t.recompute == "full" and layers:
@@ -331,6 +333,18 @@ def estimate(model: ModelConfig, t: Training, capacity_gib: float,
     return Memory(worst, stages[worst], capacity_gib, reserve_gib, stages)
 
 
+def _in_flight(t: Training, stage: int) -> float:
+    """Micro-batches' worth of the stage's activations held at its peak. 1F1B: min(pp -
+    stage, micro_batches). Interleaved (vp model chunks a rank, Megatron-Core's schedule):
+    the warm-up holds 2 (pp - stage - 1) + (vp - 1) pp chunk forwards, the first backward
+    waits for one more, each chunk 1/vp of the stage's layers (on the first stage 1 + (pp -
+    1) / (pp vp) times 1F1B's, Korthikanti et al. 2022, section 4.2.3)."""
+    if t.vp == 1:
+        return float(min(t.pp - stage, t.micro_batches))
+    chunks = min(2 * (t.pp - stage - 1) + (t.vp - 1) * t.pp + 1, t.micro_batches * t.vp)
+    return chunks / t.vp
+
+
 def _buffers(model: ModelConfig, layers: list[int], t: Training, tokens: float, a: float
              ) -> float:
     p = model.dtype_bytes
@@ -347,7 +361,7 @@ def _buffers(model: ModelConfig, layers: list[int], t: Training, tokens: float, 
     return out
 
 
-def _fsep_experts(model: ModelConfig, layers: list[int], t: Training, in_flight: int
+def _fsep_experts(model: ModelConfig, layers: list[int], t: Training, in_flight: float
                   ) -> float:
     """FSEP's materialised experts: full weights of fsep_slots experts a layer, for the
     layers held at once, and one layer's full gradients before their reduce-scatter."""

@@ -201,3 +201,15 @@ def test_whole_iteration_config_fields(tmp_path):
     # The runtime trains its own way whatever [train] says.
     rt = memory.training_from_config(cfg, runtime=True, micro_batch=1)
     assert (rt.tp, rt.precision, rt.loss, rt.dp) == (1, "pure", "torch", 32)
+
+
+def test_interleaved_pipeline_holds_korthikantis_factor():
+    # First stage, pp 4, vp 8, many micro-batches: 2 x 3 + 7 x 4 + 1 = 35 chunks of 1/8 of
+    # the stage's layers: 35 / 32 = 1 + (p - 1) / (p v) of 1F1B's p micro-batches.
+    m = _model(num_layers=32, num_experts=8, top_k=2)
+    flat = memory.estimate(m, Training(pp=4, micro_batches=64), 1.0).stages[0]
+    inter = memory.estimate(m, Training(pp=4, vp=8, micro_batches=64), 1.0).stages[0]
+    assert inter["activations"] / flat["activations"] == pytest.approx(35 / 32)
+    # Few micro-batches cap it: 2 micro-batches x 8 chunks.
+    few = memory.estimate(m, Training(pp=4, vp=8, micro_batches=2), 1.0).stages[0]
+    assert few["activations"] / flat["activations"] == pytest.approx(2 / 4)
