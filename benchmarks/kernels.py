@@ -252,42 +252,37 @@ def bench_permute_combine(dev: torch.device, small: bool) -> None:
     # launch (PDL, the default on Hopper) or not, and its trigger; the copy's store eviction
     # policy and warps; the index launch shape (programs x keys per chunk). The default is
     # timed again between them, for the spread.
-    knob_names = ("INDEX_PROGRAMS", "INDEX_CHUNK_KEYS", "PDL", "PDL_TRIGGER", "STORE_EVICT",
-                  "COPY_WARPS")  # fmt: skip
-    saved = {a: getattr(pm, a) for a in knob_names}
     variants = [
-        ("no PDL (two plain launches)", {"PDL": False}),
+        ("no PDL (two plain launches)", {"pdl": False}),
         ("default again", {}),
-        ("PDL trigger after counting", {"PDL_TRIGGER": 2}),
-        ("stores default eviction", {"STORE_EVICT": ""}),
-        ("copy 4 warps", {"COPY_WARPS": 4}),
-        ("copy 1 warp", {"COPY_WARPS": 1}),
+        ("PDL trigger after counting", {"pdl_trigger": 2}),
+        ("stores default eviction", {"store_evict": ""}),
+        ("copy 4 warps", {"copy_warps": 4}),
+        ("copy 1 warp", {"copy_warps": 1}),
         ("default again (2)", {}),
-        *[(f"{p} programs, {c}-key chunks", {"INDEX_PROGRAMS": p, "INDEX_CHUNK_KEYS": c})
+        *[(f"{p} programs, {c}-key chunks", {"index_programs": p, "index_chunk_keys": c})
           for p, c in ((64, 256), (256, 256), (128, 128))],
     ]  # fmt: skip
     for name, knobs in variants:
-        for attr, val in knobs.items():
-            setattr(pm, attr, val)
-        try:
-            o = permute(x, experts, e)
-            same = torch.equal(o.row_map, ref.row_map) and torch.equal(o.x_perm, ref.x_perm)
-            exact(f"permute[{name}]", "row_map+x_perm", same)
-            del o
-            record(f"permute/full, {name}", bench(full, dev), bytes_=perm_bytes)
-            if "INDEX_PROGRAMS" in knobs:
-                record(f"permute/index launch alone, {name}",
-                       bench(lambda: pm._index_launch(x, experts, e, None, None), dev))  # fmt: skip
-            if dev.type == "cuda" and name.startswith("no PDL"):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    permute(x, experts, e)
-                record(f"permute/full, {name}, CUDA graph replay", bench(graph.replay, dev),
-                       bytes_=perm_bytes)  # fmt: skip
-                del graph
-        finally:
-            for attr, val in saved.items():
-                setattr(pm, attr, val)
+        cfg = pm.PermuteConfig(**knobs)
+        o = permute(x, experts, e, config=cfg)
+        same = torch.equal(o.row_map, ref.row_map) and torch.equal(o.x_perm, ref.x_perm)
+        exact(f"permute[{name}]", "row_map+x_perm", same)
+        del o
+        record(f"permute/full, {name}",
+               bench(lambda cfg=cfg: permute(x, experts, e, config=cfg), dev),
+               bytes_=perm_bytes)  # fmt: skip
+        if "index_programs" in knobs:
+            record(f"permute/index launch alone, {name}",
+                   bench(lambda cfg=cfg: pm._index_launch(x, experts, e, None, None, cfg),
+                         dev))  # fmt: skip
+        if dev.type == "cuda" and name.startswith("no PDL"):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                permute(x, experts, e, config=cfg)
+            record(f"permute/full, {name}, CUDA graph replay", bench(graph.replay, dev),
+                   bytes_=perm_bytes)  # fmt: skip
+            del graph
     del ref
     record("permute/torch reference", bench(lambda: permute_reference(x, experts, e), dev),
            bytes_=perm_bytes)  # fmt: skip
@@ -406,7 +401,6 @@ def _gemm_checks(dev: torch.device, g: int, kd: int, nd: int, gen: torch.Generat
     mc = int(sizes.sum()) + 7  # 7 rows outside every group
     for kernel in ("tma", "pointer") if gg.HAS_TMA else ("pointer",):
         for layout in ("w[G,K,N]", "w K-contig"):
-            gg.GEMM_KERNEL = kernel
             name = f"grouped_mm[ragged,G={g},{kernel},{layout}]"
             try:
                 xs = torch.randn(mc, kd, device=dev, generator=gen).bfloat16()
@@ -418,7 +412,7 @@ def _gemm_checks(dev: torch.device, g: int, kd: int, nd: int, gen: torch.Generat
                     w0 = w0.transpose(1, 2).contiguous().transpose(1, 2)
                 ws = w0.detach().requires_grad_(True)
                 poison(dev)
-                ys = grouped_mm(xs, ws, group_sizes=sizes.to(dev))
+                ys = grouped_mm(xs, ws, group_sizes=sizes.to(dev), kernel=kernel)
                 dys = torch.randn(mc, nd, device=dev, generator=gen).bfloat16()
                 ys.backward(dys)
                 x64 = xs.detach()[:-7].double().requires_grad_(True)
@@ -434,8 +428,6 @@ def _gemm_checks(dev: torch.device, g: int, kd: int, nd: int, gen: torch.Generat
             except Exception as exc:
                 print(f"{name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 exact(name, "ran", False)
-            finally:
-                gg.GEMM_KERNEL = "auto"
     print(f"TMA kernel state: {'broken: ' + gg._TMA_BROKEN if gg._TMA_BROKEN else 'ok'}",
           flush=True)  # fmt: skip
 
@@ -457,16 +449,6 @@ def bench_grouped_gemm(dev: torch.device, small: bool) -> None:
     layouts = (("w[G,K,N]", w_rm), ("w K-contig", w_cm))
     dy = torch.randn(m, nd, device=dev, generator=gen).bfloat16()
     fwd_flops = 2.0 * m * kd * nd
-
-    def pinned(kernel: str, fn: Callable[[], object]) -> Callable[[], object]:
-        def run():
-            gg.GEMM_KERNEL = kernel
-            try:
-                return fn()
-            finally:
-                gg.GEMM_KERNEL = "auto"
-
-        return run
 
     for dist in ("uniform", "zipf1.2"):
         sz = torch.full((g,), per) if dist == "uniform" else zipf_sizes(m, g, 1.2)
@@ -513,8 +495,8 @@ def bench_grouped_gemm(dev: torch.device, small: bool) -> None:
                     for layout, w in layouts:
                         key = f"gmm fwd/tma {name}/{layout}/{tag}"
                         try:
-                            fn = pinned("tma", lambda w=w, cfg=cfg, o=offsets: grouped_mm_forward(
-                                x, w, o, config=cfg))  # fmt: skip
+                            def fn(w=w, cfg=cfg, o=offsets):
+                                return grouped_mm_forward(x, w, o, config=cfg, kernel="tma")
                             yc = fn()
                             check(f"gmm tma [{name}] {layout}", "vs default",
                                   rel_err(yc, y), 1e-2)  # fmt: skip
@@ -537,7 +519,7 @@ def bench_grouped_gemm(dev: torch.device, small: bool) -> None:
             ms = bench(lambda w=w, offsets=offsets: grouped_mm_dw(x, dy, offsets, w), dev)
             record(f"gmm bwd dW/triton/{layout}/{tag}", ms, flops=fwd_flops)
             # The pointer kernel (last session's forward, now the fallback), same inputs.
-            fn = pinned("pointer", lambda w=w, offsets=offsets: grouped_mm_forward(x, w, offsets))
+            fn = lambda w=w, o=offsets: grouped_mm_forward(x, w, o, kernel="pointer")  # noqa: E731
             record(f"gmm fwd/pointer/{layout}/{tag}", bench(fn, dev), flops=fwd_flops)
         if not have_tgm:
             continue

@@ -17,7 +17,7 @@ Differentiable in ``x`` and ``w`` (``torch.autograd.Function``): ``dX = dY @ w[g
 the forward kernel with ``w``'s strides swapped; ``dW[g] = x[rows of g]^T @ dY[rows of g]`` is a
 second kernel whose reduction runs over the group's rows.
 
-Two forward kernels, picked per call (``GEMM_KERNEL``, default "auto"):
+Two forward kernels, picked per call (the launchers' ``kernel`` parameter, default "auto"):
 
 - On Hopper (compute capability >= 9) a persistent kernel: one program per SM walks the list of
   output tiles of all groups, loading A and B tiles through TMA descriptors built on the device
@@ -353,10 +353,10 @@ def _m_bucket(m: int) -> int:
 _INTERP_TILES = {"BM": 16, "BN": 16, "BK": 16}
 
 
-# Which forward kernel runs: "auto" takes the persistent TMA kernel on CUDA GPUs of compute
-# capability >= 9 (Hopper) whenever the operands allow it, and the pointer kernel otherwise
-# (always under the interpreter); "tma" and "pointer" force one (tests, benchmark).
-GEMM_KERNEL = "auto"
+# Which forward kernel runs (the launchers' `kernel`): "auto" takes the persistent TMA kernel on
+# CUDA GPUs of compute capability >= 9 (Hopper) whenever the operands allow it, and the pointer
+# kernel otherwise (always under the interpreter); "tma" and "pointer" force one.
+KERNELS = ("auto", "tma", "pointer")
 HAS_TMA = hasattr(tl, "make_tensor_descriptor")
 
 
@@ -410,21 +410,24 @@ def _tma_broken(exc: Exception) -> None:
                   stacklevel=3)  # fmt: skip
 
 
-def _use_tma(a: torch.Tensor) -> bool:
-    if GEMM_KERNEL == "pointer":
+def _use_tma(a: torch.Tensor, kernel: str) -> bool:
+    if kernel == "pointer":
         return False
-    if GEMM_KERNEL == "tma":
+    if kernel == "tma":
         return True
     return (a.device.type == "cuda" and not INTERPRET
             and torch.cuda.get_device_capability(a.device)[0] >= 9)  # fmt: skip
 
 
 def _mm_launch(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: int,
-               offsets: torch.Tensor,
-               config: triton.Config | None = None) -> torch.Tensor:  # fmt: skip
+               offsets: torch.Tensor, config: triton.Config | None = None,
+               kernel: str = "auto") -> torch.Tensor:  # fmt: skip
     """out[M, n] = a @ b[g] per group, with b given as (ptr tensor, strides (g, k, n)).
 
-    ``config`` pins one TMA config instead of the autotuner's pick (for the benchmark)."""
+    ``config`` pins one TMA config instead of the autotuner's pick (for the benchmark);
+    ``kernel`` picks the forward kernel (KERNELS)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     m, k = a.shape
     g = offsets.numel() - 1
     out = torch.empty((m, n), device=a.device, dtype=a.dtype)
@@ -438,7 +441,7 @@ def _mm_launch(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: in
     # The TMA configs are sized for 2-byte operands (fp32 would overflow shared memory).
     if interp or a.element_size() == 2:
         tma = _tma_operands(a, b, sb, n, out, _INTERP_TILES["BK"] if interp else _TMA_BK)
-    if tma is not None and _use_tma(a) and (_TMA_BROKEN is None or GEMM_KERNEL == "tma"):
+    if tma is not None and _use_tma(a, kernel) and (_TMA_BROKEN is None or kernel == "tma"):
         b_kn, b_row = tma
         triton.set_allocator(_tma_alloc)  # a context variable: set on every launching thread
         args = (a, b, out, offsets, g, m, n, k, a.stride(0), b_row, out.stride(0), _m_bucket(m))
@@ -462,10 +465,10 @@ def _mm_launch(a: torch.Tensor, b: torch.Tensor, sb: tuple[int, int, int], n: in
             try:
                 _gmm_tma_tuned[tgrid](*args, G_PAD=g_pad, B_KN=b_kn, UPCAST=False)
             except Exception as exc:  # a Triton that cannot build it: keep the pointer kernel
-                if GEMM_KERNEL == "tma":
+                if kernel == "tma":
                     raise
                 _tma_broken(exc)
-                return _mm_launch(a, b, sb, n, offsets)
+                return _mm_launch(a, b, sb, n, offsets, kernel=kernel)
         return out
     args = (a, b, out, offsets, g, m, n, k, a.stride(0), a.stride(1), *sb, out.stride(0),
             out.stride(1), _m_bucket(m))  # fmt: skip
@@ -505,16 +508,19 @@ def _dw_launch(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
 
 
 def grouped_mm_forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                       config: triton.Config | None = None) -> torch.Tensor:  # fmt: skip
-    """Triton forward (no autograd). ``config``: pin a TMA config (benchmark)."""
-    return _mm_launch(x, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], offsets, config)
+                       config: triton.Config | None = None,
+                       kernel: str = "auto") -> torch.Tensor:  # fmt: skip
+    """Triton forward (no autograd). ``config``: pin a TMA config; ``kernel``: KERNELS."""
+    return _mm_launch(x, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], offsets, config,
+                      kernel)  # fmt: skip
 
 
 def grouped_mm_dx(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                  config: triton.Config | None = None) -> torch.Tensor:  # fmt: skip
+                  config: triton.Config | None = None,
+                  kernel: str = "auto") -> torch.Tensor:  # fmt: skip
     """Triton ``dX = dY @ w[g]^T`` per group: the forward kernel on ``w`` with K and N swapped."""
     return _mm_launch(dy, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], offsets,
-                      config)  # fmt: skip
+                      config, kernel)  # fmt: skip
 
 
 def grouped_mm_dw(
@@ -560,18 +566,19 @@ def grouped_mm_reference(
 
 class _GroupedMMFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, offsets):
+    def forward(ctx, x, w, offsets, kernel):
         ctx.save_for_backward(x, w, offsets)
-        return grouped_mm_forward(x, w, offsets)
+        ctx.kernel = kernel
+        return grouped_mm_forward(x, w, offsets, kernel=kernel)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets = ctx.saved_tensors
         if dy.stride(1) != 1:
             dy = dy.contiguous()
-        dx = grouped_mm_dx(dy, w, offsets) if ctx.needs_input_grad[0] else None
+        dx = grouped_mm_dx(dy, w, offsets, kernel=ctx.kernel) if ctx.needs_input_grad[0] else None
         dw = grouped_mm_dw(x, dy, offsets, w) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 def grouped_mm(
@@ -580,8 +587,10 @@ def grouped_mm(
     offsets: torch.Tensor | None = None,
     *,
     group_sizes: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """Grouped ``x @ w[g]`` over row groups: see the module docstring. Differentiable."""
+    """Grouped ``x @ w[g]`` over row groups: see the module docstring. Differentiable.
+    ``kernel``: which forward kernel (KERNELS: "auto", "tma", "pointer")."""
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"need x [M, K] and w [G, K, N], got {tuple(x.shape)}, "
                          f"{tuple(w.shape)}")  # fmt: skip
@@ -593,5 +602,5 @@ def grouped_mm(
     if x.stride(1) != 1:
         x = x.contiguous()
     if (x.requires_grad or w.requires_grad) and torch.is_grad_enabled():
-        return _GroupedMMFn.apply(x, w, offs)
-    return grouped_mm_forward(x, w, offs)
+        return _GroupedMMFn.apply(x, w, offs, kernel)
+    return grouped_mm_forward(x, w, offs, kernel=kernel)

@@ -40,6 +40,7 @@ index launch of ~29 us and no overlap; docs/benchmarks.md has the figures.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -280,23 +281,34 @@ def _check(x: torch.Tensor, experts: torch.Tensor, num_buckets: int) -> None:
         raise ValueError(f"need at least one bucket, got {num_buckets}")
 
 
-# Launch shape of the index build: superchunks per launch (about one program per SM) and keys
-# per chunk (the copy kernel's rank window). Module-level so the benchmark can sweep them, with
-# the knobs below. On the H200 (32k tokens, top-8 of 64; benchmarks/kernels.py, 2026-11-23 15:18,
-# docs/benchmarks.md) the defaults ran 0.654 ms end to end; 64 / 256 programs 0.656 / 0.657;
-# 128-key chunks 0.651 (0.660 against 0.658 in the run before: no clear winner).
-INDEX_PROGRAMS = 128
-INDEX_CHUNK_KEYS = 256
-# Programmatic dependent launch of the copy kernel (Hopper and newer; never under the
-# interpreter): PDL_TRIGGER 1 lets it launch as soon as every index program has started, 2 once
-# each has counted its keys (0.654 ms either way; 0.659 without PDL). STORE_EVICT is the copy's
-# store eviction policy (evict_first; the default policy "" ran 0.660). COPY_WARPS overrides the
-# copy's warps (None: half of row_block's, 2 for 8 KiB rows; row_block's 4 ran 0.658, and 1 ran
-# 0.646 in one timing: the next candidate).
-PDL = True
-PDL_TRIGGER = 1
-STORE_EVICT = "evict_first"
-COPY_WARPS: int | None = None
+@dataclass(frozen=True)
+class PermuteConfig:
+    """Launch shape of permute's two kernels, a launcher parameter (``config=``) with these
+    defaults. On the H200 (32k tokens, top-8 of 64; benchmarks/kernels.py, 2026-11-23 15:18,
+    docs/benchmarks.md) the defaults ran 0.654 ms end to end.
+
+    - ``index_programs``, ``index_chunk_keys``: superchunks per index launch (about one
+      program per SM) and keys per chunk (the copy kernel's rank window); 64 / 256 programs
+      ran 0.656 / 0.657 ms, 128-key chunks 0.651 (0.660 against 0.658 in the run before: no
+      clear winner).
+    - ``pdl``: the copy kernel as a programmatic dependent launch (Hopper and newer; never
+      under the interpreter); ``pdl_trigger`` 1 lets it launch as soon as every index program
+      has started, 2 once each has counted its keys (0.654 ms either way; 0.659 without PDL).
+    - ``store_evict``: the copy's store eviction policy (evict_first; the default policy ""
+      ran 0.660).
+    - ``copy_warps``: the copy's warps (None: half of row_block's, 2 for 8 KiB rows;
+      row_block's 4 ran 0.658, and 1 ran 0.646 in one timing: the next candidate).
+    """
+
+    index_programs: int = 128
+    index_chunk_keys: int = 256
+    pdl: bool = True
+    pdl_trigger: int = 1
+    store_evict: str = "evict_first"
+    copy_warps: int | None = None
+
+
+DEFAULT_CONFIG = PermuteConfig()
 _PDL_DEVICES: dict[int, bool] = {}
 
 # One ticket per (device, stream): the index kernel's last program resets it, so calls on the
@@ -315,9 +327,9 @@ def _ticket(dev: torch.device) -> torch.Tensor:
     return tk
 
 
-def _pdl_ok(dev: torch.device) -> bool:
+def _pdl_ok(dev: torch.device, cfg: PermuteConfig) -> bool:
     """Programmatic dependent launch: CUDA on Hopper or newer, never the interpreter."""
-    if not PDL or dev.type != "cuda" or INTERPRET:
+    if not cfg.pdl or dev.type != "cuda" or INTERPRET:
         return False
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     ok = _PDL_DEVICES.get(idx)
@@ -332,6 +344,7 @@ def _index_launch(
     num_experts: int,
     bucket_of: torch.Tensor | None,
     num_buckets: int | None,
+    cfg: PermuteConfig = DEFAULT_CONFIG,
 ) -> tuple[Permuted, dict | None]:
     """Allocate the outputs and run the index build (one launch). Returns the outputs (rows not
     yet written) and the copy launch's arguments (``None`` when there are no keys)."""
@@ -348,12 +361,12 @@ def _index_launch(
     if n == 0:
         return Permuted(x_perm, row_map, offsets.zero_()), None
     bb = triton.next_power_of_2(nb_keys)
-    # Chunks are whole tokens, about INDEX_CHUNK_KEYS keys: the copy kernel's rank window.
-    tokc = max(1, INDEX_CHUNK_KEYS // k)
+    # Chunks are whole tokens, about index_chunk_keys keys: the copy kernel's rank window.
+    tokc = max(1, cfg.index_chunk_keys // k)
     ch = tokc * k
     ch_pad = triton.next_power_of_2(ch)
     nchunk = triton.cdiv(t, tokc)
-    ncs = triton.cdiv(nchunk, INDEX_PROGRAMS)
+    ncs = triton.cdiv(nchunk, cfg.index_programs)
     ns = triton.cdiv(nchunk, ncs)
     ncs_t = min(16, triton.next_power_of_2(ncs))
     ns_pad = triton.next_power_of_2(ns)
@@ -363,19 +376,19 @@ def _index_launch(
     sup = torch.empty((ns, bb), device=dev, dtype=torch.int32)
     bmap = bucket_of.contiguous() if bucket_of is not None else flat
     has_map = bucket_of is not None
-    pdl = _pdl_ok(dev)
+    pdl = _pdl_ok(dev, cfg)
     _index_kernel[(ns,)](
         flat, bmap, local, sup, offsets, _ticket(dev), n, nb_keys, nchunk, ncs, ns, CH=ch,
         CH_PAD=ch_pad, NCS_T=ncs_t, BB=bb, BBB=bbb, NS_PAD=ns_pad, BBS=bbs, HAS_MAP=has_map,
-        PDL=PDL_TRIGGER if pdl else 0, num_warps=8,
+        PDL=cfg.pdl_trigger if pdl else 0, num_warps=8,
     )  # fmt: skip
     d = x.shape[1] if x is not None else 0
     copy = x is not None and d > 0
     if copy:
         # Half row_block's warps: each thread keeps twice the bytes in flight, which suits a
-        # copy that stores k times what it loads (measured on 8 KiB rows: see COPY_WARPS).
+        # copy that stores k times what it loads (measured on 8 KiB rows: see copy_warps).
         block_d, warps = row_block(d, x.element_size())
-        warps = COPY_WARPS or max(1, warps // 2)
+        warps = cfg.copy_warps or max(1, warps // 2)
     else:
         block_d, warps = 16, 4
     rows = dict(
@@ -385,7 +398,7 @@ def _index_launch(
         meta=dict(K=k, K_PAD=triton.next_power_of_2(k), TOKC=tokc, CH_PAD=ch_pad, BB=bb,
                   BLOCK_D=block_d, EVEN_D=d % block_d == 0, ONE_BLOCK=d <= block_d, COPY=copy,
                   HAS_MAP=has_map, num_warps=warps),
-        pdl=pdl,
+        pdl=pdl, evict=cfg.store_evict,
     )  # fmt: skip
     return Permuted(x_perm, row_map, offsets), rows
 
@@ -396,8 +409,8 @@ def _rows_launch(rows: dict, pdl: bool | None = None) -> None:
     before it. ``pdl=False`` launches it plainly (the benchmark times it alone that way)."""
     pdl = rows["pdl"] if pdl is None else pdl
     extra = {"launch_pdl": True} if pdl else {}
-    _permute_rows_kernel[rows["grid"]](*rows["args"], **rows["meta"], PDL=pdl, EVICT=STORE_EVICT,
-                                       **extra)  # fmt: skip
+    _permute_rows_kernel[rows["grid"]](*rows["args"], **rows["meta"], PDL=pdl,
+                                       EVICT=rows["evict"], **extra)  # fmt: skip
 
 
 def _permute_launch(
@@ -406,11 +419,12 @@ def _permute_launch(
     num_experts: int,
     bucket_of: torch.Tensor | None,
     num_buckets: int | None,
+    cfg: PermuteConfig = DEFAULT_CONFIG,
 ) -> Permuted:
     """Index build (one launch) and row copy with the ranks in its prologue (one launch, a
     programmatic dependent of the first where the GPU has them).
     With ``x=None`` only ``row_map`` and ``offsets`` are built (``x_perm`` is ``None``)."""
-    out, rows = _index_launch(x, experts, num_experts, bucket_of, num_buckets)
+    out, rows = _index_launch(x, experts, num_experts, bucket_of, num_buckets, cfg)
     if rows is not None:
         _rows_launch(rows)
     return out
@@ -421,9 +435,11 @@ def permute_indices(
     num_experts: int,
     bucket_of: torch.Tensor | None = None,
     num_buckets: int | None = None,
+    config: PermuteConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(row_map, offsets)`` of ``permute`` without moving any rows (Triton, no host sync)."""
-    _, row_map, offsets = _permute_launch(None, experts, num_experts, bucket_of, num_buckets)
+    _, row_map, offsets = _permute_launch(None, experts, num_experts, bucket_of, num_buckets,
+                                          config)  # fmt: skip
     return row_map, offsets
 
 
@@ -453,9 +469,9 @@ def permute_reference(
 
 class _PermuteFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, experts, num_experts, bucket_of, num_buckets):
+    def forward(ctx, x, experts, num_experts, bucket_of, num_buckets, config):
         x_perm, row_map, offsets = _permute_launch(x, experts, num_experts, bucket_of,
-                                                   num_buckets)  # fmt: skip
+                                                   num_buckets, config)  # fmt: skip
         ctx.save_for_backward(row_map)
         ctx.mark_non_differentiable(row_map, offsets)
         return x_perm, row_map, offsets
@@ -465,7 +481,8 @@ class _PermuteFn(torch.autograd.Function):
         from kernels.combine import gather_reduce  # combine imports this module
 
         (row_map,) = ctx.saved_tensors
-        return gather_reduce(grad_perm.contiguous(), row_map, None), None, None, None, None
+        return (gather_reduce(grad_perm.contiguous(), row_map, None), None, None, None, None,
+                None)
 
 
 def permute(
@@ -474,8 +491,10 @@ def permute(
     num_experts: int,
     bucket_of: torch.Tensor | None = None,
     num_buckets: int | None = None,
+    config: PermuteConfig = DEFAULT_CONFIG,
 ) -> Permuted:
-    """Permute token rows into bucket-contiguous order: see the module docstring."""
+    """Permute token rows into bucket-contiguous order: see the module docstring. ``config``:
+    the launch shape (``PermuteConfig``; the defaults are the measured best)."""
     nb_keys = num_experts if num_buckets is None else num_buckets
     _check(x, experts, nb_keys)
     if not use_triton(x):
@@ -483,6 +502,7 @@ def permute(
     if x.stride(1) != 1:
         x = x.contiguous()
     if x.requires_grad and torch.is_grad_enabled():
-        return Permuted(*_PermuteFn.apply(x, experts, num_experts, bucket_of, num_buckets))
+        return Permuted(*_PermuteFn.apply(x, experts, num_experts, bucket_of, num_buckets,
+                                          config))
     # Inference path: no autograd node (its host overhead shows next to a short launch chain).
-    return _permute_launch(x, experts, num_experts, bucket_of, num_buckets)
+    return _permute_launch(x, experts, num_experts, bucket_of, num_buckets, config)

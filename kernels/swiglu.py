@@ -48,12 +48,13 @@ from torch.autograd.function import once_differentiable
 
 from kernels.backend import use_triton
 
-# Launch shape: elements per tile (BLOCK_M * BLOCK_F) and warps, forward and backward. Module
-# level so the benchmark can sweep them; the launchers also take overrides.
-FWD_TILE = 4096
-FWD_WARPS = 4
-BWD_TILE = 4096
-BWD_WARPS = 8
+# Default launch shape: elements per tile (BLOCK_M * BLOCK_F) and warps, forward and backward.
+# The launchers take each as a parameter (`tile`, `num_warps`, `block_f`); the benchmark sweeps
+# those, never these constants.
+_FWD_TILE = 4096
+_FWD_WARPS = 4
+_BWD_TILE = 4096
+_BWD_WARPS = 8
 
 
 @triton.jit
@@ -136,11 +137,11 @@ def swiglu_triton(
     if m == 0:
         return out
     assert h.stride(1) == 1 and out.stride(1) == 1 and out.shape == (m, f)
-    block_m, block_f = tile_shape(m, f, tile or FWD_TILE, block_f)
+    block_m, block_f = tile_shape(m, f, tile or _FWD_TILE, block_f)
     nf = triton.cdiv(f, block_f)
     _swiglu_fwd_kernel[(triton.cdiv(m, block_m) * nf,)](
         h, out, m, f, h.stride(0), out.stride(0), nf, BLOCK_M=block_m, BLOCK_F=block_f,
-        EVEN_F=f % block_f == 0, num_warps=num_warps or FWD_WARPS,
+        EVEN_F=f % block_f == 0, num_warps=num_warps or _FWD_WARPS,
     )  # fmt: skip
     return out
 
@@ -165,11 +166,11 @@ def swiglu_backward_triton(
     if dout.stride(1) != 1:
         dout = dout.contiguous()
     assert h.stride(1) == 1 and dh.stride(1) == 1 and dh.shape == (m, 2 * f)
-    block_m, block_f = tile_shape(m, f, tile or BWD_TILE, block_f)
+    block_m, block_f = tile_shape(m, f, tile or _BWD_TILE, block_f)
     nf = triton.cdiv(f, block_f)
     _swiglu_bwd_kernel[(triton.cdiv(m, block_m) * nf,)](
         h, dout, dh, m, f, h.stride(0), dout.stride(0), dh.stride(0), nf, BLOCK_M=block_m,
-        BLOCK_F=block_f, EVEN_F=f % block_f == 0, num_warps=num_warps or BWD_WARPS,
+        BLOCK_F=block_f, EVEN_F=f % block_f == 0, num_warps=num_warps or _BWD_WARPS,
     )  # fmt: skip
     return dh
 

@@ -440,6 +440,12 @@ class RunConfig:
     checkpoint_every: int = _f(0, lo=0, doc="runtime: checkpoint every N steps; 0: never")
     log_every: int = _f(1, lo=1, doc="runtime: print the loss every N steps")
     trace_out: bool = _f(True, doc="runtime: record the routing seen as trace.parquet")
+    kernels: str = _f("auto", choices=("auto", "baseline"),
+                      doc="runtime and simulator: 'auto' routes with the streaming top-k router "
+                      "(kernels/stream_router.py) and runs HP's thin GELU experts in the fused "
+                      "expert kernel (kernels/fused_expert.py) wherever they measure faster "
+                      "(runtime.kernels_bridge; the simulator from the calibration's curves); "
+                      "'baseline' keeps the dense torch router and the grouped GEMMs")
 
     def _check(self) -> list[tuple[str, str]]:
         errs = []

@@ -2,12 +2,16 @@
 device, torch's own grouped GEMM on CUDA, else the plain-torch loop (CPU and gloo).
 
 The choice is made per call from the tensor's device and dtype, so one model runs on the CPU in
-the tests and on the GPU in the benchmark without configuration."""
+the tests and on the GPU in the benchmark without configuration. Where two GPU paths compute
+the same function (the dense or the streaming router; grouped GEMMs or the fused kernel for
+HP's thin GELU experts) the faster is chosen by timing both once per shape (`CHOICES`)."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from runtime.upload import upload
@@ -75,3 +79,138 @@ def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
     offs = group_sizes.cumsum(0, dtype=torch.int32)
     h = _gmm(x, w1, offs)
     return _gmm(activate(h, expert_kind_of(w1, w2), unfused), w2, offs)
+
+
+# -- Measured choices: the streaming router and the fused thin-expert kernel ----------------
+#
+# Each candidate of a choice is timed once per shape key on the device (forward and backward,
+# on inputs of the call's shapes), the fastest kept for the process: the runtime runs what
+# measures faster here, and the simulator (moesim.sim.compute) takes the faster of the same
+# two from the calibration's curves. `CHOICES` records every decision (run directories, logs).
+CHOICES: dict[tuple, dict] = {}
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _time_candidates(cands: dict[str, Callable[[], object]], reps: int = 5) -> dict[str, float]:
+    """Median milliseconds of each candidate (forward + backward), after one warm-up call that
+    also compiles it; GPU time between CUDA events, candidates interleaved."""
+    for fn in cands.values():
+        fn()
+    times = {name: [] for name in cands}
+    for _ in range(reps):
+        for name, fn in cands.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def _choose(key: tuple, cands: dict[str, Callable[[], object]]) -> str:
+    got = CHOICES.get(key)
+    if got is None:
+        ms = _time_candidates(cands)
+        best = min(ms, key=ms.get)
+        got = CHOICES[key] = {"choice": best, "ms": ms}
+        print(f"kernels_bridge: {key[0]} {key[1:]}: {best} "
+              f"({', '.join(f'{k} {v:.3f} ms' for k, v in ms.items())})", flush=True)
+    return got["choice"]
+
+
+def _fwd_bwd(fn: Callable[..., object], *inputs: torch.Tensor) -> Callable[[], object]:
+    """A timed call: fn on fresh leaves of `inputs`, then the backward of all its float outputs
+    with random gradients."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+
+    def run():
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        outs = [o for o in outs if o.is_floating_point() and o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        for t in leaves:
+            t.grad = None
+
+    return run
+
+
+def route_items(items: torch.Tensor, router: torch.Tensor, kind: str, k: int,
+                forced: np.ndarray | None = None, bias: torch.Tensor | None = None,
+                mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Route items [n, H, dim] with one router per head [H, dim, E]: (experts [n, H, k], ids
+    within the head; gates [n, H, k] fp32), by the dense torch router (runtime.routing.route:
+    one batched GEMM, then softmax and top-k over the written logits) or the streaming router
+    (kernels.stream_router: logits never written), whichever measures faster at this shape on
+    this GPU (`mode` "auto"; "baseline" always dense). `forced` counts [B, H, E] choose the
+    experts (both then compute the gates of the forced choice); `bias` [H, E], the aux-loss-free
+    bias, shifts the selection only."""
+    from runtime import routing
+
+    stream_ok = (mode == "auto" and items.is_cuda and items.dtype == router.dtype
+                 and items.shape[-1] <= 256 and router.shape[-1] >= k)
+    if not stream_ok:
+        return routing.route(items, router, kind, k, forced, bias=bias) if bias is not None \
+            else routing.route(items, router, kind, k, forced)
+    from kernels.stream_router import stream_route
+
+    forced_idx = None
+    if forced is not None:
+        forced = np.asarray(forced)
+        forced_idx = routing.forced_choice_blocks(forced, items.shape[0] // forced.shape[0], k,
+                                                  items.device)
+    n, h, d = items.shape
+    key = ("router", _bucket(n), h, d, router.shape[-1], k, kind, forced is not None,
+           str(items.dtype))
+    if key not in CHOICES:
+        fi = forced_idx
+
+        def dense(x, r):
+            logits = torch.bmm(x.transpose(0, 1), r).transpose(0, 1)
+            probs = routing.router_probs(logits, kind)
+            if fi is None:
+                return routing.top_k(probs, k)[1]
+            vals = probs.gather(-1, fi)
+            return vals / vals.sum(-1, keepdim=True)
+
+        def stream(x, r):
+            return stream_route(x, r, k, kind, bias, fi)[1]
+
+        _choose(key, {"dense": _fwd_bwd(dense, items, router),
+                      "stream": _fwd_bwd(stream, items, router)})
+    if CHOICES[key]["choice"] == "dense":
+        return routing.route(items, router, kind, k, forced, bias=bias) if bias is not None \
+            else routing.route(items, router, kind, k, forced)
+    return stream_route(items, router, k, kind, bias, forced_idx)
+
+
+def head_expert_ffn(rows: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor,
+                    w2: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """HP's experts over rows sorted by (head, expert), `sizes` [G] rows a group on the device:
+    the grouped GEMM path (`grouped_ffn`) or, for thin GELU experts, the fused expert kernel
+    (kernels.fused_expert: the hidden layer on chip, each group padded to whole row tiles),
+    whichever measures faster at this shape (`mode` "auto"; "baseline" always grouped)."""
+    from runtime.experts import expert_kind_of
+
+    fused_ok = (mode == "auto" and rows.is_cuda and rows.dtype == torch.bfloat16
+                and expert_kind_of(w1, w2) == "gelu" and rows.shape[1] <= 256
+                and w1.shape[-1] % 16 == 0)
+    if not fused_ok:
+        return grouped_ffn(rows, sizes, w1, w2)
+    from kernels.fused_expert import fused_expert
+
+    offsets = torch.zeros(sizes.numel() + 1, device=rows.device, dtype=torch.int32)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    key = ("experts", _bucket(rows.shape[0]), w1.shape[0], rows.shape[1], w1.shape[-1],
+           str(rows.dtype))
+    if key not in CHOICES:
+        _choose(key, {"grouped": _fwd_bwd(lambda x, a, b: grouped_ffn(x, sizes, a, b),
+                                          rows, w1, w2),
+                      "fused": _fwd_bwd(lambda x, a, b: fused_expert(x, a, b, offsets),
+                                        rows, w1, w2)})
+    if CHOICES[key]["choice"] == "grouped":
+        return grouped_ffn(rows, sizes, w1, w2)
+    return fused_expert(rows, w1, w2, offsets)

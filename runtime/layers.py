@@ -10,14 +10,18 @@ from runtime.moe_layer import MoELayerBase
 
 
 def build_layer(strategy: str, m: ModelConfig, weights: dict[str, torch.Tensor], layer: int,
-                env: DistEnv, **kw) -> MoELayerBase:
+                env: DistEnv, kernels: str = "auto", **kw) -> MoELayerBase:
+    """`kernels`: run.kernels ("auto" or "baseline", MoELayerBase.kernels)."""
     if strategy == "ep":
         from runtime.layers_ep import EPMoE
-        return EPMoE(m, weights, layer, env)
-    if strategy == "hp":
+        out = EPMoE(m, weights, layer, env)
+    elif strategy == "hp":
         from runtime.layers_hp import HPMoE
-        return HPMoE(m, weights, layer, env)
-    if strategy == "fsep":
+        out = HPMoE(m, weights, layer, env)
+    elif strategy == "fsep":
         from runtime.layers_fsep import FSEPMoE
-        return FSEPMoE(m, weights, layer, env, **kw)
-    raise ValueError(f"unknown strategy {strategy!r}")
+        out = FSEPMoE(m, weights, layer, env, **kw)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    out.kernels = kernels
+    return out

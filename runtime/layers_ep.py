@@ -15,8 +15,8 @@ from torch import nn
 
 from moesim.config import ModelConfig
 from planner.placement import ep_placement
-from runtime import routing
 from runtime.comm import DistEnv
+from runtime.kernels_bridge import route_items
 from runtime.moe_layer import MoELayerBase
 
 
@@ -43,7 +43,8 @@ class EPMoE(MoELayerBase):
         with self.timer.fwd(lay, "router") as rec:
             forced_here = None if forced is None else forced[self.rank][None]
             # [T, H, k], all heads in one batched GEMM and one set of kernels
-            local, gates = routing.route(z, self.router, m.router, m.top_k, forced_here)
+            local, gates = route_items(z, self.router, m.router, m.top_k, forced_here,
+                                       mode=self.kernels)
             offset = torch.arange(m.num_heads, device=z.device)[None, :, None] * m.num_experts
             experts = local + offset
             rec.tokens = t * m.num_heads

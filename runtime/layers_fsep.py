@@ -37,8 +37,8 @@ from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import Placement
 from planner.traffic import weight_gather_rows
-from runtime import routing
 from runtime.comm import DistEnv, all_to_all, side_group
+from runtime.kernels_bridge import route_items
 from runtime.moe_layer import MoELayerBase, gather_rows
 
 Layout = Callable[[np.ndarray, int], Placement]
@@ -193,7 +193,8 @@ class FSEPMoE(MoELayerBase):
         with self.timer.fwd(lay, "router") as rec:
             forced_here = None if forced is None else forced[self.rank][None]
             # [T, H, k], all heads in one batched GEMM and one set of kernels
-            local, gates = routing.route(z, self.router, m.router, m.top_k, forced_here)
+            local, gates = route_items(z, self.router, m.router, m.top_k, forced_here,
+                                       mode=self.kernels)
             offset = torch.arange(m.num_heads, device=z.device)[None, :, None] * m.num_experts
             experts = local + offset
             rec.tokens = t * m.num_heads

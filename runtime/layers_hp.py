@@ -1,12 +1,17 @@
 """Head Parallel for Multi-Head LatentMoE (arXiv 2602.04870).
 
 Every token is projected down to its latent (H heads of head_dim) on its own rank; head h and
-all of its experts live on rank h mod N (planner.placement.hp_placement). One all-to-all sends
+all of its experts live on rank h mod N (planner.placement.hp_placement), as in
+kerner-lab/Sparse-GPT-Pretraining src/model/modules/ffwd/mh_moe_hp_nrt.py. One all-to-all sends
 each rank every token's sub-tokens of the heads it holds: T * heads_on(dst) * head_dim elements
 to every destination, fixed by the batch, so no sizes are exchanged and the bytes do not depend
 on top-k or on the routing. Routing, the per-expert sort and the expert FFNs are then local to
 the head's rank; the weighted per-head outputs come back by the reverse all-to-all, are
 concatenated and projected up.
+
+Kernels (`self.kernels`, run.kernels): "auto" routes with the streaming top-k router and runs
+thin GELU experts in the fused expert kernel wherever they measure faster than the dense
+router and the grouped GEMMs (runtime.kernels_bridge); "baseline" keeps the latter.
 
 Replicated: the latent projections (gradients summed by the training loop). Owned by the head's
 rank: the head's router and experts (no gradient exchange).
@@ -22,9 +27,8 @@ from moesim.config import ModelConfig
 from moesim.errors import InputError
 from planner.placement import hp_placement
 from planner.traffic import head_rows
-from runtime import routing
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
-from runtime.experts import expert_ffn
+from runtime.kernels_bridge import head_expert_ffn, route_items
 from runtime.moe_layer import MoELayerBase, inverse_perm, take_rows, weighted_sum
 from runtime.routing import local_counts
 
@@ -80,7 +84,8 @@ class HPMoE(MoELayerBase):
         items = recv.view(n * t, nh, dh)  # item (source, token, local head)
         with tm.fwd(lay, "router") as rec:
             forced_here = None if forced is None else np.asarray(forced)[:, self.my_heads]
-            local, gates = routing.route(items, self.router, m.router, k, forced_here)
+            local, gates = route_items(items, self.router, m.router, k, forced_here,
+                                       mode=self.kernels)
             offset = torch.arange(nh, device=items.device)[None, :, None] * m.num_experts
             assign = local + offset  # [n * t, nh, k]: expert ids among this rank's heads
             gates = gates.reshape(n * t * nh, k)
@@ -99,7 +104,8 @@ class HPMoE(MoELayerBase):
             rec.tokens = rec.bwd["tokens"] = flat.numel()
         with tm.fwd(lay, "expert") as rec:
             rows = tm.bwd_in(rows, lay, "expert")
-            out = tm.bwd_out(expert_ffn(rows, sizes, self.w1, self.w2), lay, "expert")
+            out = tm.bwd_out(head_expert_ffn(rows, sizes, self.w1, self.w2, self.kernels), lay,
+                             "expert")
             rec.tokens = rec.bwd["tokens"] = flat.numel()
             rec.flops = m.expert_flops(flat.numel())
             rec.bwd["flops"] = 2 * rec.flops

@@ -61,7 +61,8 @@ class MoETransformer(nn.Module):
         layers = []
         for i in range(m.num_layers):
             w = init_moe_weights(m, seed=cfg.run.seed * 1000 + i)
-            layers.append(Block(cfg, build_layer(cfg.parallel.strategy, m, w, i, env, **kw)))
+            layers.append(Block(cfg, build_layer(cfg.parallel.strategy, m, w, i, env,
+                                                      kernels=cfg.run.kernels, **kw)))
         self.blocks = nn.ModuleList(layers)
         self.norm = nn.RMSNorm(m.d_model)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)

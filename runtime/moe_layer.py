@@ -128,6 +128,9 @@ class MoELayerBase(nn.Module):
         self.rank, self.world = env.rank, env.world
         self.timer = PhaseTimer(torch.device("cpu"), enabled=False)
         self.latent = m.num_heads > 1
+        # run.kernels: "auto" takes the streaming router / fused experts where they measure
+        # faster (runtime.kernels_bridge), "baseline" never (build_layer sets it).
+        self.kernels = "auto"
         if self.latent:
             self.down = nn.Parameter(weights["down"].clone())
             self.up = nn.Parameter(weights["up"].clone())

@@ -435,19 +435,21 @@ class ComputeModel:
         return np.where(n > 0, t + launches * self.launch_overhead, 0.0)
 
     def router(self, items: np.ndarray, dim: int, experts: int, top_k: int,
-               dtype_bytes: int, backward: bool = False,
-               forced: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               dtype_bytes: int, backward: bool = False, forced: bool = False,
+               stream_ok: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Routing of `items` (sub-)tokens per rank: the logits GEMM [items x dim] @ [dim x
         experts] (`gemm`), then the small kernels of ROUTER_FWD / ROUTER_BWD (and, `forced`,
-        FORCED_EXTRA_LAUNCHES); or the streaming router where the file has its curve and it
-        is faster (runtime.kernels_bridge picks the faster the same way, by measurement)."""
+        FORCED_EXTRA_LAUNCHES); or, with `stream_ok` (run.kernels "auto") and dim <= 256, the
+        streaming router where the file has its curve and it is faster (runtime.kernels_bridge
+        picks the faster the same way, by measurement)."""
         n = np.asarray(items, dtype=np.float64)
         t, flops = self.gemm(n, dim, experts, dtype_bytes, backward)
         launches, per_item = self.ROUTER_BWD if backward else self.ROUTER_FWD
         if forced and not backward:
             launches += self.FORCED_EXTRA_LAUNCHES
         t = t + self._kernels(n, launches, n * per_item(experts, top_k))
-        stream = self.router_stream_seconds(n, dim, experts, backward, forced)
+        stream = (self.router_stream_seconds(n, dim, experts, backward, forced)
+                  if stream_ok and dim <= FUSED_MAX_DIM else None)
         return (t if stream is None else np.minimum(t, stream)), flops
 
     def permute(self, assignments: np.ndarray, row_bytes: int, top_k: int, sorts: int = 1,

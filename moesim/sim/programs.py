@@ -350,7 +350,8 @@ def _router(ctx: StrategyContext, lin: LayerInputs, pass_: str, tokens: np.ndarr
     [dim x E], softmax, top-k and the gate renormalisation (`ComputeModel.router`)."""
     m = ctx.cfg.model
     t, f = ctx.compute.router(lin.routed, m.expert_dim, m.num_experts, m.top_k, m.dtype_bytes,
-                              pass_ == "bwd", forced=ctx.cfg.run.routing == "forced")
+                              pass_ == "bwd", forced=ctx.cfg.run.routing == "forced",
+                              stream_ok=ctx.cfg.run.kernels == "auto")
     return t, f, tokens
 
 
@@ -390,7 +391,8 @@ def _expert(ctx: StrategyContext, lin: LayerInputs, pass_: str, regroup: bool) -
     m = ctx.cfg.model
     t, f = ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
                                   backward=pass_ == "bwd", activation=m.activation,
-                                  kind=m.expert_kind, fused_ok=not regroup)
+                                  kind=m.expert_kind,
+                                  fused_ok=not regroup and ctx.cfg.run.kernels == "auto")
     if regroup:
         t = t + ctx.compute.regroup(lin.expert_tokens.sum(axis=1), _row_bytes(ctx))
     return t, f, lin.expert_tokens.sum(1)

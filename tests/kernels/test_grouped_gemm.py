@@ -36,8 +36,7 @@ def _gen(*key) -> torch.Generator:
 @pytest.mark.parametrize("sizes,tail,k,n,dtype", CASES)
 @pytest.mark.parametrize("use_offsets", [True, False])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_grouped_mm_forward_backward(monkeypatch, sizes, tail, k, n, dtype, use_offsets, kernel):
-    monkeypatch.setattr(gg, "GEMM_KERNEL", kernel)
+def test_grouped_mm_forward_backward(sizes, tail, k, n, dtype, use_offsets, kernel):
     gen = _gen(sizes, tail, k, n, use_offsets)
     g = len(sizes)
     sizes_t = torch.tensor(sizes)
@@ -46,9 +45,9 @@ def test_grouped_mm_forward_backward(monkeypatch, sizes, tail, k, n, dtype, use_
     w = (torch.randn(g, k, n, generator=gen) / k**0.5).to(dtype).requires_grad_(True)
     if use_offsets:
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes_t, 0)])
-        out = grouped_mm(x, w, offsets)
+        out = grouped_mm(x, w, offsets, kernel=kernel)
     else:
-        out = grouped_mm(x, w, group_sizes=sizes_t.int())
+        out = grouped_mm(x, w, group_sizes=sizes_t.int(), kernel=kernel)
     assert out.shape == (m, n) and out.dtype == dtype
     dy = torch.randn(m, n, generator=gen).to(dtype)
     out.backward(dy)
@@ -71,14 +70,13 @@ def test_grouped_mm_forward_backward(monkeypatch, sizes, tail, k, n, dtype, use_
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_grouped_mm_transposed_weight_view(monkeypatch, kernel):
+def test_grouped_mm_transposed_weight_view(kernel):
     # w given as a transposed view (stride (K*N, 1, K)): the kernel takes any strides.
-    monkeypatch.setattr(gg, "GEMM_KERNEL", kernel)
     gen = _gen("t")
     sizes = torch.tensor([19, 0, 13])
     x = torch.randn(32, 24, generator=gen).bfloat16()
     w = torch.randn(3, 40, 24, generator=gen).bfloat16().transpose(1, 2)
-    out = grouped_mm(x, w, group_sizes=sizes)
+    out = grouped_mm(x, w, group_sizes=sizes, kernel=kernel)
     ref = grouped_mm_reference(x.double(), w.double(), group_sizes=sizes)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
@@ -96,10 +94,9 @@ def test_bad_arguments():
 
 
 @pytest.mark.skipif(not gg.HAS_TMA, reason="no tl.make_tensor_descriptor in this Triton")
-def test_tma_kernel_selection_and_tail_rows(monkeypatch):
+def test_tma_kernel_selection_and_tail_rows():
     # Which operands the TMA kernel takes, and that it writes zeros (not NaN) for rows past the
     # last group even when x holds NaN there.
-    monkeypatch.setattr(gg, "GEMM_KERNEL", "tma")
     gen = _gen("tma")
     x = torch.randn(40, 32, generator=gen).bfloat16()
     x[-6:] = float("nan")
@@ -117,7 +114,7 @@ def test_tma_kernel_selection_and_tail_rows(monkeypatch):
     assert sel(gap) is None
     sizes = torch.tensor([10, 0, 24])
     for ww in (w, w_kc):
-        y = grouped_mm(x, ww, group_sizes=sizes)
+        y = grouped_mm(x, ww, group_sizes=sizes, kernel="tma")
         ref = grouped_mm_reference(x[:34].double(), ww.double(), group_sizes=sizes)
         assert torch.all(y[34:] == 0)
         assert rel_err(y[:34], ref) < TOL[torch.bfloat16]

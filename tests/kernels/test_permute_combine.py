@@ -79,25 +79,24 @@ def test_permute_rank_major_buckets():
 
 
 @pytest.mark.parametrize("programs,chunk_keys,k", [(2, 4, 3), (3, 8, 3), (1, 32, 8)])
-def test_permute_index_launch_shapes(monkeypatch, programs, chunk_keys, k):
+def test_permute_index_launch_shapes(programs, chunk_keys, k):
     # Small launch shapes force what large inputs exercise on the GPU: several chunk tiles per
     # program (40 one-token chunks on 2 programs), chunks of whole tokens that are no power of
     # two (2 tokens x 3 keys), a single program, and buckets shared by several keys of a token.
     pm = importlib.import_module("kernels.permute")  # the package re-exports the function
 
-    monkeypatch.setattr(pm, "INDEX_PROGRAMS", programs)
-    monkeypatch.setattr(pm, "INDEX_CHUNK_KEYS", chunk_keys)
+    cfg = pm.PermuteConfig(index_programs=programs, index_chunk_keys=chunk_keys)
     gen = _gen("shapes", programs, chunk_keys, k)
     t, d, e = 40, 24, 12
     x = torch.randn(t, d, generator=gen).bfloat16()
     ex = _experts(t, k, e, gen)
     for bucket_of, nb in ((None, None), (torch.arange(e) % 5, 5)):
-        out = pm.permute(x, ex, e, bucket_of, nb)
+        out = pm.permute(x, ex, e, bucket_of, nb, config=cfg)
         ref = permute_reference(x, ex, e, bucket_of, nb)
         assert torch.equal(out.row_map, ref.row_map)
         assert torch.equal(out.offsets, ref.offsets)
         assert torch.equal(out.x_perm, ref.x_perm)
-        row_map, offsets = pm.permute_indices(ex, e, bucket_of, nb)
+        row_map, offsets = pm.permute_indices(ex, e, bucket_of, nb, config=cfg)
         assert torch.equal(row_map, ref.row_map) and torch.equal(offsets, ref.offsets)
 
 
