@@ -2,7 +2,7 @@
 # Everything the GPU side of issues 5, 6, 7 and 9 needs, in one device call (device time is
 # short: one warm machine, one command). Run from the repository root on the lent machine:
 #
-#   bash benchmarks/device_session.sh OUTDIR [runtime,calibrate,kernels,profile]
+#   bash benchmarks/device_session.sh OUTDIR [runtime,calibrate,kernels,profile,hp]
 #
 # - runtime:   the layers checked against the float64 reference (benchmarks/runtime_check.py),
 #              then NCCL all_to_all sweep + EP/HP/FSEP layers x top-k {2,4,8} x {uniform,
@@ -12,6 +12,11 @@
 # - kernels:   every Triton kernel checked and timed against its ceiling (benchmarks/kernels.py);
 # - profile:   torch.profiler of one EP, HP and FSEP layer on one GPU
 #              (benchmarks/runtime_profile.py).
+# - hp:        issue 17: the streaming router and the fused thin expert checked and timed
+#              (benchmarks/kernels.py sections), the compute model's curves for them at the HP
+#              benchmark's shapes (h200-hp.csv), the HP layer step before and after them
+#              (benchmarks/hp_layer.py, hp_runs.tgz) and `moesim validate` of those runs
+#              against that calibration (hp_validate.log).
 # Results land in OUTDIR as at most 8 files (what the device tool brings back): runs.tgz,
 # h200-measured.csv, kernels.json, kernels_summary.txt and one log per part.
 set -uo pipefail
@@ -50,6 +55,23 @@ if [[ ,$parts, == *,calibrate,* ]]; then
 fi
 if [[ ,$parts, == *,kernels,* ]]; then
     run kernels python3 -m benchmarks.kernels --out "$out"
+fi
+if [[ ,$parts, == *,hp,* ]]; then
+    run hp_kernels python3 -m benchmarks.kernels --only ceilings,stream_router,fused_expert \
+        --out "$out"
+    run hp_calibrate python3 -m moesim.cli calibrate --device cuda --repeat 10 --d-model 2048 \
+        --d-ffn 1024 --experts 64 --gelu-shapes 128x1024,64x512 \
+        --router-shapes 128x64k8,64x64k8 --out "$out/h200-hp.csv"
+    run hp_layer torchrun --standalone --nproc-per-node "$gpus" benchmarks/hp_layer.py \
+        --out /tmp/device_hp
+    cp "$out/h200-hp.csv" configs/calibration/h200-hp.csv 2>/dev/null
+    for r in /tmp/device_hp/runs/*; do
+        echo "== $r" >> "$out/hp_validate.log"
+        python3 -m moesim.cli validate --run "$r" --set cluster.gpu=h200-hp \
+            >> "$out/hp_validate.log" 2>&1 || status=1
+    done
+    grep -E "^== |step-time error" "$out/hp_validate.log"
+    tar czf "$out/hp_runs.tgz" -C /tmp/device_hp . 2>/dev/null
 fi
 if [[ ,$parts, == *,profile,* ]]; then
     run profile python3 -m benchmarks.runtime_profile --strategy ep,hp,fsep --top-k 8 --rows 12

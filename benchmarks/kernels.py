@@ -380,6 +380,220 @@ def bench_swiglu(dev: torch.device, small: bool) -> None:
         record(f"swiglu bwd/triton {tag}", ms, bytes_=bwd_bytes)
 
 
+# ----------------------------------------------------------------------------------------------
+# Streaming router and fused thin experts (issue 17): each against the path the runtime ran
+# before it (runtime.routing.route: one batched GEMM, softmax and top-k over the written logits;
+# runtime.kernels_bridge.grouped_ffn: torch._grouped_mm, GELU, torch._grouped_mm), at the
+# Multi-Head LatentMoE shapes of the paper's code (kerner-lab/Sparse-GPT-Pretraining: head size
+# 64/128/256, experts a multiple of 16, expert width a multiple of 128, top-k 4 and 8).
+STREAM_SHAPES = ((32768, 16, 128, 64, 8), (32768, 16, 64, 64, 8),
+                 (32768, 16, 128, 64, 4))  # (tokens, heads, head size, experts, top-k)
+
+
+def _grad_fn(fn, *leaves, grads):
+    """Backward alone of fn(*leaves) (its graph built once, kept): autograd.grad each call."""
+    out = fn(*leaves)
+    return lambda: torch.autograd.grad(out, leaves, grads, retain_graph=True)
+
+
+def bench_stream_router(dev: torch.device, small: bool) -> None:
+    gen = torch.Generator(device=dev).manual_seed(6)
+    shapes = ((256, 4, 64, 32, 4),) if small else STREAM_SHAPES
+    for si, shape in enumerate(shapes):
+        _stream_router_case(dev, gen, *shape, variants=si == 0 and not small)
+
+
+def _stream_router_case(dev: torch.device, gen: torch.Generator, t: int, h: int, d: int, e: int,
+                        k: int, variants: bool) -> None:
+    from kernels.stream_router import RouterConfig, stream_route, stream_route_reference
+    from runtime import routing
+
+    tag = f"{t}x{h}x{d}, E={e}, k={k}"
+    items = torch.randn(t, h, d, device=dev, generator=gen).bfloat16()
+    router = (torch.randn(h, d, e, device=dev, generator=gen) / d ** 0.5).bfloat16()
+    bias = 0.01 * torch.randn(h, e, device=dev, generator=gen)
+    # -- checks against float64: the choice wherever the k-th and (k+1)-th biased logits
+    # are apart by more than 1e-4 (bf16 inputs, fp32 sums in a different order: closer
+    # pairs may swap), gates and both gradients (the reference forced to the kernel's
+    # choice, so a near-tie swap does not count as an error).
+    x = items.detach().requires_grad_(True)
+    r = router.detach().requires_grad_(True)
+    poison(dev)
+    ex, gates = stream_route(x, r, k, "softmax", bias)
+    x64 = items.double().requires_grad_(True)
+    r64 = router.double().requires_grad_(True)
+    logits = torch.einsum("nhd,hde->nhe", x64.detach(), r64.detach()) + bias.double()
+    top = torch.topk(logits, k + 1, dim=-1).values
+    clear = (top[..., k - 1] - top[..., k]) > 1e-4
+    ref_e, _ = stream_route_reference(x64.detach(), r64.detach(), k, "softmax", bias)
+    same = (torch.sort(ex, -1).values == torch.sort(ref_e, -1).values).all(-1)
+    exact(f"stream_router[{tag}]", "experts (clear rows)", bool(same[clear].all()))
+    check(f"stream_router[{tag}]", "rows with a near tie", float((~clear).float().mean()),
+          1e-3)  # fmt: skip
+    _, ref_g = stream_route_reference(x64, r64, k, "softmax", forced=ex)
+    check(f"stream_router[{tag}]", "gates", rel_err(gates, ref_g), 1e-5)
+    dg = torch.randn(t, h, k, device=dev, generator=gen)
+    poison(dev)
+    gates.backward(dg)
+    ref_g.backward(dg.double())
+    check(f"stream_router[{tag}]", "d items", rel_err(x.grad, x64.grad), 1e-2)
+    check(f"stream_router[{tag}]", "d router", rel_err(r.grad, r64.grad), 1e-2)
+    del x64, r64, logits, ref_g, ref_e
+    # -- timings: forward, backward alone, forward + backward; the dense torch router and
+    # top-k (runtime.routing.route) beside it. Bytes: the fewest the kernel must move
+    # (items, routers, k ids, gates and logits out; backward also their gradients).
+    nb = t * h * d * 2 + h * d * e * 2 + t * h * k * 16
+    flops = 2.0 * t * h * d * e
+    key = f"stream_router/{tag}"
+    ms_s = bench(lambda: stream_route(items, router, k, "softmax", bias), dev)
+    ms_d = bench(lambda: routing.route(items, router, "softmax", k), dev)
+    record(f"{key}/fwd stream", ms_s, bytes_=nb, speedup_vs_torch=ms_d / ms_s)
+    record(f"{key}/fwd dense torch", ms_d, bytes_=nb)
+    xs, rs = items.detach().requires_grad_(True), router.detach().requires_grad_(True)
+    stream_b = _grad_fn(lambda a, b: stream_route(a, b, k, "softmax", bias)[1], xs, rs,
+                        grads=dg)  # fmt: skip
+    xd, rd = items.detach().requires_grad_(True), router.detach().requires_grad_(True)
+    dense_b = _grad_fn(lambda a, b: routing.route(a, b, "softmax", k)[1], xd, rd, grads=dg)
+    ms_s = bench(stream_b, dev)
+    ms_d = bench(dense_b, dev)
+    record(f"{key}/bwd stream", ms_s, bytes_=2 * nb, speedup_vs_torch=ms_d / ms_s)
+    record(f"{key}/bwd dense torch", ms_d, bytes_=2 * nb)
+
+    def fb(fn):
+        a, b = items.detach().requires_grad_(True), router.detach().requires_grad_(True)
+        return lambda: torch.autograd.grad(fn(a, b), (a, b), dg)
+
+    ms_s = bench(fb(lambda a, b: stream_route(a, b, k, "softmax", bias)[1]), dev)
+    ms_d = bench(fb(lambda a, b: routing.route(a, b, "softmax", k)[1]), dev)
+    record(f"{key}/fwd+bwd stream", ms_s, flops=3 * flops, speedup_vs_torch=ms_d / ms_s)
+    record(f"{key}/fwd+bwd dense torch", ms_d, flops=3 * flops)
+    if variants:
+        # Launch-shape variants (explicit RouterConfig, each checked against the default).
+        base = stream_route(items, router, k, "softmax", bias)
+        for cfg in (RouterConfig(block_t=32), RouterConfig(block_t=128),
+                    RouterConfig(block_e=32), RouterConfig(num_warps=8),
+                    RouterConfig(num_stages=3), RouterConfig(bwd_splits=1),
+                    RouterConfig(bwd_block_t=128)):  # fmt: skip
+            name = ", ".join(f"{f}={v}" for f, v in vars(cfg).items()
+                             if v != getattr(RouterConfig(), f))
+            try:
+                got = stream_route(items, router, k, "softmax", bias, config=cfg)
+                exact(f"stream_router[{name}]", "same as default",
+                      torch.equal(got[0], base[0]) and torch.equal(got[1], base[1]))
+                record(f"{key}/fwd stream {name}", bench(
+                    lambda cfg=cfg: stream_route(items, router, k, "softmax", bias,
+                                                 config=cfg), dev), bytes_=nb)  # fmt: skip
+                a, b = items.detach().requires_grad_(True), router.detach().requires_grad_(True)
+                record(f"{key}/bwd stream {name}", bench(_grad_fn(
+                    lambda a, b, cfg=cfg: stream_route(a, b, k, "softmax", bias,
+                                                       config=cfg)[1], a, b, grads=dg), dev),
+                    bytes_=2 * nb)  # fmt: skip
+            except Exception as exc:
+                RESULTS[f"{key}/variant {name}"] = {"error": f"{type(exc).__name__}: "
+                                                             f"{str(exc)[:300]}"}
+                print(f"{key} {name}: {RESULTS[f'{key}/variant {name}']['error']}")
+
+
+FUSED_SHAPES = ((64, 512), (64, 1024), (128, 1024), (256, 1024))  # (head size, expert width)
+
+
+def _routed_sizes(rows: int, groups: int, gen: torch.Generator, dev: torch.device):
+    """Group sizes of `rows` assignments drawn uniformly over `groups` (head, expert) pairs:
+    the ragged sizes a rank's experts see under balanced routing."""
+    ids = torch.randint(0, groups, (rows,), device=dev, generator=gen)
+    return torch.bincount(ids, minlength=groups)
+
+
+def bench_fused_expert(dev: torch.device, small: bool) -> None:
+    gen = torch.Generator(device=dev).manual_seed(7)
+    # 16 heads x 64 experts on the rank, 8192 tokens x top-8 per head: 1M rows.
+    heads, experts, rows = (2, 4, 512) if small else (16, 64, 8192 * 8 * 16)
+    for d, f in ((FUSED_SHAPES[0][0], 256),) if small else FUSED_SHAPES:
+        _fused_expert_case(dev, gen, heads * experts, rows, d, f,
+                           variants=d == 128 and f == 1024 and not small)
+
+
+def _fused_expert_case(dev: torch.device, gen: torch.Generator, g: int, rows: int, d: int, f: int,
+                       variants: bool) -> None:
+    from kernels.fused_expert import FusedExpertConfig, fused_expert, fused_expert_reference
+    from runtime.kernels_bridge import grouped_ffn
+
+    tag = f"{d}x{f}"
+    sizes = _routed_sizes(rows, g, gen, dev)
+    offsets = torch.zeros(g + 1, device=dev, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(sizes, 0)
+    x = torch.randn(rows, d, device=dev, generator=gen).bfloat16()
+    w1 = (torch.randn(g, d, f, device=dev, generator=gen) / d ** 0.5).bfloat16()
+    w2 = (torch.randn(g, f, d, device=dev, generator=gen) / f ** 0.5).bfloat16()
+    dy = torch.randn(rows, d, device=dev, generator=gen).bfloat16()
+    # -- checks against float64 on the first 32 groups (a float64 pass over all 1024 is
+    # slow), both backward variants, NaN-poisoned outputs.
+    cg = min(g, 32)
+    cm = int(offsets[cg])
+    sub = (x[:cm], w1[:cg], w2[:cg], offsets[:cg + 1])
+    ref_l = [t.double().requires_grad_(True) for t in sub[:3]]
+    ref = fused_expert_reference(*ref_l, sub[3])
+    ref.backward(dy[:cm].double())
+    for dxm in ("recompute", "atomic"):
+        leaves = [t.detach().requires_grad_(True) for t in sub[:3]]
+        poison(dev)
+        y = fused_expert(*leaves, sub[3], FusedExpertConfig(dx=dxm))
+        y.backward(dy[:cm])
+        name = f"fused_expert[{tag}, dx {dxm}]"
+        check(name, "out", rel_err(y, ref), 1e-2)
+        for what, got, want in zip(("dx", "dw1", "dw2"), leaves, ref_l, strict=True):
+            check(name, what, rel_err(got.grad, want.grad), 1e-2)
+    del ref_l, ref, leaves, y
+    # -- timings: the same rows and sizes through both paths.
+    fl = 4.0 * rows * d * f
+    key = f"fused_expert/{tag}"
+    ms_f = bench(lambda: fused_expert(x, w1, w2, offsets), dev)
+    ms_g = bench(lambda: grouped_ffn(x, sizes, w1, w2), dev)
+    record(f"{key}/fwd fused", ms_f, flops=fl, speedup_vs_torch=ms_g / ms_f)
+    record(f"{key}/fwd grouped GEMM + GELU", ms_g, flops=fl)
+    leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2)]
+    for dxm in ("recompute", "atomic"):
+        cfg = FusedExpertConfig(dx=dxm)
+        ms = bench(_grad_fn(lambda a, b, c, cfg=cfg: fused_expert(a, b, c, offsets, cfg),
+                            *leaves, grads=dy), dev)  # fmt: skip
+        record(f"{key}/bwd fused dx {dxm}", ms, flops=2 * fl)
+    ms_gb = bench(_grad_fn(lambda a, b, c: grouped_ffn(a, sizes, b, c), *leaves, grads=dy),
+                  dev)  # fmt: skip
+    record(f"{key}/bwd grouped GEMM + GELU", ms_gb, flops=2 * fl)
+    best_b = min(RESULTS[f"{key}/bwd fused dx {m_}"]["ms"] for m_ in ("recompute", "atomic"))
+    RESULTS[f"{key}/bwd fused dx recompute"]["speedup_vs_torch"] = ms_gb / RESULTS[
+        f"{key}/bwd fused dx recompute"]["ms"]  # fmt: skip
+    RESULTS[f"{key}/bwd fused dx atomic"]["speedup_vs_torch"] = ms_gb / RESULTS[
+        f"{key}/bwd fused dx atomic"]["ms"]  # fmt: skip
+    dxm = min(("recompute", "atomic"), key=lambda m_: RESULTS[f"{key}/bwd fused dx {m_}"]["ms"])
+    cfg = FusedExpertConfig(dx=dxm)
+    fb_f = bench(lambda: torch.autograd.grad(fused_expert(*leaves, offsets, cfg), leaves, dy),
+                 dev)  # fmt: skip
+    fb_g = bench(lambda: torch.autograd.grad(grouped_ffn(leaves[0], sizes, *leaves[1:]),
+                                             leaves, dy), dev)  # fmt: skip
+    record(f"{key}/fwd+bwd fused (dx {dxm})", fb_f, flops=3 * fl,
+           speedup_vs_torch=fb_g / fb_f)  # fmt: skip
+    record(f"{key}/fwd+bwd grouped GEMM + GELU", fb_g, flops=3 * fl)
+    del best_b
+    if variants:
+        for cfg in (FusedExpertConfig(block_m=128), FusedExpertConfig(block_f=64),
+                    FusedExpertConfig(num_warps=8), FusedExpertConfig(num_stages=3),
+                    FusedExpertConfig(block_m=128, num_warps=8),
+                    FusedExpertConfig(dw_block_m=128)):  # fmt: skip
+            name = ", ".join(f"{k_}={v}" for k_, v in vars(cfg).items()
+                             if v != getattr(FusedExpertConfig(), k_))
+            try:
+                record(f"{key}/fwd fused {name}", bench(
+                    lambda cfg=cfg: fused_expert(x, w1, w2, offsets, cfg), dev), flops=fl)
+                record(f"{key}/bwd fused {name}", bench(_grad_fn(
+                    lambda a, b, c, cfg=cfg: fused_expert(a, b, c, offsets, cfg), *leaves,
+                    grads=dy), dev), flops=2 * fl)  # fmt: skip
+            except Exception as exc:
+                RESULTS[f"{key}/variant {name}"] = {"error": f"{type(exc).__name__}: "
+                                                             f"{str(exc)[:300]}"}
+                print(f"{key} {name}: {RESULTS[f'{key}/variant {name}']['error']}")
+
+
 def zipf_sizes(m: int, g: int, s: float) -> torch.Tensor:
     p = torch.tensor([1.0 / (r + 1) ** s for r in range(g)], dtype=torch.float64)
     p /= p.sum()
@@ -594,6 +808,28 @@ def headline() -> list[str]:
         r, x = row.get("TB/s", float("nan")), row.get("speedup_vs_torch", float("nan"))
         lines.append(f"{key:<36} {row.get('ms', float('nan')):7.4f} ms {r:5.2f} TB/s = "
                      f"{100 * r / copy:5.1f}% of copy, x{x:.2f} unfused torch")  # fmt: skip
+    # Issue 17: the streaming router against the dense torch router + top-k (target 2x, forward
+    # and backward), the fused expert against grouped GEMM + GELU (target 1.5x at head width 64
+    # and 128).
+    for t, h, d, e, k in STREAM_SHAPES:
+        key = f"stream_router/{t}x{h}x{d}, E={e}, k={k}"
+        for what in ("fwd", "bwd", "fwd+bwd"):
+            row = RESULTS.get(f"{key}/{what} stream", {})
+            x = row.get("speedup_vs_torch", float("nan"))
+            lines.append(f"{key + ' ' + what:<52} {row.get('ms', float('nan')):7.4f} ms "
+                         f"x{x:.2f} dense torch (target 2x: {'met' if x >= 2 else 'missed'})")
+    for d, f in FUSED_SHAPES:
+        key = f"fused_expert/{d}x{f}"
+        rows = {w: RESULTS.get(f"{key}/{w}", {}) for w in ("fwd fused", "bwd fused dx recompute",
+                                                           "bwd fused dx atomic")}
+        fb = next((v for k_, v in RESULTS.items() if k_.startswith(f"{key}/fwd+bwd fused")), {})
+        rows["fwd+bwd fused"] = fb
+        for what, row in rows.items():
+            x = row.get("speedup_vs_torch", float("nan"))
+            tgt = f" (target 1.5x: {'met' if x >= 1.5 else 'missed'})" if d in (64, 128) else ""
+            lines.append(f"{key + ' ' + what:<52} {row.get('ms', float('nan')):7.4f} ms "
+                         f"{row.get('TFLOP/s', float('nan')):4.0f} TFLOP/s x{x:.2f} grouped "
+                         f"GEMM + GELU{tgt}")
     for dist in ("uniform", "zipf1.2"):
         for layout in ("w[G,K,N]", "w K-contig"):
             for what in ("fwd", "bwd"):
@@ -646,7 +882,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--small", action="store_true", help="small shapes (smoke run)")
-    ap.add_argument("--only", default="ceilings,router,permute,swiglu,gemm")
+    ap.add_argument("--only",
+                    default="ceilings,stream_router,fused_expert,router,permute,swiglu,gemm")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"torch": torch.__version__, "triton": triton.__version__,
@@ -660,7 +897,8 @@ def main() -> int:
     out = Path(args.out)
     t0 = time.time()
     # Permute and GEMM (the open targets) before the router, so a cut-off run still has them.
-    steps = (("ceilings", ceilings), ("permute", bench_permute_combine),
+    steps = (("ceilings", ceilings), ("stream_router", bench_stream_router),
+             ("fused_expert", bench_fused_expert), ("permute", bench_permute_combine),
              ("swiglu", bench_swiglu), ("gemm", bench_grouped_gemm),
              ("router", bench_router))  # fmt: skip
     for name, fn in steps:

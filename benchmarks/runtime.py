@@ -88,7 +88,8 @@ def _copy_counts(c):
 
 
 def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: int, steps: int,
-                warmup: int, env, out: Path, meta: dict, latency_s: float = 10e-6) -> dict:
+                warmup: int, env, out: Path, meta: dict, latency_s: float = 10e-6,
+                kernels: str = "auto") -> dict:
     from traces.generators import TraceSpec, generate
     world, rank, dev = env.world, env.rank, env.device
     cuda = dev.type == "cuda"
@@ -97,7 +98,7 @@ def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: 
                                experts=m.num_experts, heads=m.num_heads, top_k=m.top_k,
                                tokens_per_shard=tokens, seed=11, params=params)).counts
     w = init_moe_weights(m, seed=5)
-    layer = build_layer(strategy, m, w, 0, env).to(dev)
+    layer = build_layer(strategy, m, w, 0, env, kernels=kernels).to(dev)
     dtype = torch.bfloat16 if cuda else torch.float32
     layer.to(dtype)
     timer = PhaseTimer(dev)
@@ -174,7 +175,7 @@ def bench_layer(name: str, strategy: str, m: ModelConfig, routing: str, tokens: 
                      parallel=ParallelConfig(strategy=strategy, degree=world),
                      run=RunConfig(steps=steps, seed=11, tokens_per_rank=tokens,
                                    out_dir=str(out), routing="forced", routing_kind=routing,
-                                   routing_exponent=1.2, device=dev.type))
+                                   routing_exponent=1.2, device=dev.type, kernels=kernels))
         write_run_dir(out, cfg, world, flat, counts, placements,
                       {**meta, "benchmark": res, "warmup_steps": warmup})
     return res

@@ -22,6 +22,15 @@ Measured, each as the median of `repeat` timed runs after warm-up, on fresh rand
   forward FLOPs, value = backward FLOPs per second (twice the forward's FLOPs) over the
   rate: thin experts' backward is faster per FLOP than their forward (its weight-gradient
   GEMM contracts over the group's rows, not over a short expert dimension);
+- curves grouped_gemm_gelu@DxF (and _bwd), fused_expert@DxF (and _bwd) for each 2-matrix
+  GELU expert shape (`--gelu-shapes 128x1024`): its two grouped GEMMs (GELU charged apart) and
+  the fused expert kernel (kernels/fused_expert.py, GELU included), over `experts` groups of t
+  rows for whole 64-row tiles t (the fused kernel's padding granule); size = a group's forward
+  FLOPs (4 t d f), relative to the same grouped GEMM rate (the best of every family);
+- curves router_stream@DxE (and _bwd) for each streaming-router shape (`--router-shapes
+  128x64k8`): the streaming top-k router (kernels/stream_router.py) on 16 heads of width D,
+  E experts a head, at 2^14..2^22 items; size = the logits' FLOPs (2 items D E), value = their
+  FLOP/s over the dense GEMM rate;
 - rate sort, overhead sort: stable `argsort` of int64 keys (what the permute runs) at several
   sizes; keys per second from the two largest, the fixed cost per call from the smallest;
 - overhead sync: a device-to-host read between two kernels (`.item()`), less the two launches:
@@ -50,7 +59,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moesim.atomic import atomic_path
-from moesim.calibration import BACKWARD, SHAPED, shaped_op
+from moesim.calibration import (
+    BACKWARD,
+    BACKWARD_GELU,
+    FUSED,
+    FUSED_BWD,
+    ROUTER_STREAM,
+    ROUTER_STREAM_BWD,
+    SHAPED,
+    SHAPED_GELU,
+    shaped_op,
+)
 from moesim.errors import InputError
 
 GEMM_SIZES_GPU = (256, 512, 1024, 2048, 4096, 8192)
@@ -126,8 +145,83 @@ def _expert_gemms(x, a, w_up, w_down, offs):
     return torch.cat(ups), torch.cat(downs)
 
 
+# The fused expert kernel pads each group to 64-row tiles: its curve is measured at whole
+# tiles only (the compute model looks groups up at their padded size).
+FUSED_GROUP_TOKENS_GPU = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+FUSED_GROUP_TOKENS_CPU = (4, 16)
+# Items (sub-tokens x heads) per call of the streaming router's curve.
+ROUTER_ITEMS_GPU = (1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
+ROUTER_ITEMS_CPU = (64, 256)
+ROUTER_HEADS = 16
+
+
+def _gelu_families(rand, device: str, e: int, d: int, f: int, gpu: bool, time_it, gpu_busy,
+                   in_step, repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """The 2-matrix GELU expert at dim d x hidden f over e groups of t rows: its two grouped
+    GEMMs (x @ w1, a @ w2; the GELU is charged apart) and the fused expert kernel (GEMMs and
+    GELU, kernels/fused_expert.py), forward and backward. (group forward FLOPs 4 t d f, FLOP/s)
+    per family; the backward's FLOP/s count twice the forward's FLOPs."""
+    import torch
+
+    from kernels.fused_expert import fused_expert
+
+    w1, w2 = rand(e, d, f) / d ** 0.5, rand(e, f, d) / f ** 0.5
+    fam = {shaped_op(d, f, SHAPED_GELU): [], shaped_op(d, f, BACKWARD_GELU): [],
+           shaped_op(d, f, FUSED): [], shaped_op(d, f, FUSED_BWD): []}
+    for t_per in FUSED_GROUP_TOKENS_GPU if gpu else FUSED_GROUP_TOKENS_CPU:
+        xg, ag = rand(e * t_per, d), rand(e * t_per, f)
+        ends = torch.arange(1, e + 1, device=device, dtype=torch.int32) * t_per
+        offsets = torch.cat([ends.new_zeros(1), ends])
+        fl = 4.0 * t_per * d * f
+        sec = gpu_busy(time_it(lambda xg=xg, ag=ag, ends=ends: _expert_gemms(
+            xg, ag, w1, w2, ends), repeat, between=in_step), 2)
+        fam[shaped_op(d, f, SHAPED_GELU)].append((fl, e * fl / sec))
+        bwd = _expert_gemms_backward(xg, ag, w1, w2, ends)
+        sec = gpu_busy(time_it(bwd, repeat, between=in_step), 4)
+        fam[shaped_op(d, f, BACKWARD_GELU)].append((fl, e * 2 * fl / sec))
+        sec = gpu_busy(time_it(lambda xg=xg, offsets=offsets: fused_expert(
+            xg, w1, w2, offsets), repeat, between=in_step), 1)
+        fam[shaped_op(d, f, FUSED)].append((fl, e * fl / sec))
+        leaves = [t.detach().requires_grad_(True) for t in (xg, w1, w2)]
+        out = fused_expert(*leaves, offsets)
+        grad = torch.randn_like(out)
+        sec = gpu_busy(time_it(lambda out=out, leaves=leaves, grad=grad: torch.autograd.grad(
+            out, leaves, grad, retain_graph=True), repeat, between=in_step), 2)
+        fam[shaped_op(d, f, FUSED_BWD)].append((fl, e * 2 * fl / sec))
+    return fam
+
+
+def _router_curves(rand, d: int, e: int, k: int, gpu: bool, time_it, gpu_busy, in_step,
+                   repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """The streaming router (kernels/stream_router.py) over items of ROUTER_HEADS heads of
+    width d, e experts a head, top-k: (logits FLOPs 2 n d e, logits FLOP/s) forward and
+    backward (the backward's FLOP/s counted on the same FLOPs)."""
+    import torch
+
+    from kernels.stream_router import stream_route
+
+    fwd, bwd = [], []
+    h = ROUTER_HEADS if gpu else 2
+    router = rand(h, d, e) / d ** 0.5
+    for items in ROUTER_ITEMS_GPU if gpu else ROUTER_ITEMS_CPU:
+        x = rand(items // h, h, d)
+        fl = 2.0 * items * d * e
+        sec = gpu_busy(time_it(lambda x=x: stream_route(x, router, k), repeat, between=in_step),
+                       1)
+        fwd.append((fl, fl / sec))
+        xl, rl = x.detach().requires_grad_(True), router.detach().requires_grad_(True)
+        _, gates = stream_route(xl, rl, k)
+        grad = torch.randn_like(gates)
+        sec = gpu_busy(time_it(lambda gates=gates, xl=xl, rl=rl, grad=grad: torch.autograd.grad(
+            gates, (xl, rl), grad, retain_graph=True), repeat, between=in_step), 3)
+        bwd.append((fl, fl / sec))
+    return {shaped_op(d, e, ROUTER_STREAM): fwd, shaped_op(d, e, ROUTER_STREAM_BWD): bwd}
+
+
 def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 1408,
-            experts: int = 64, expert_shapes: tuple[tuple[int, int], ...] = ()
+            experts: int = 64, expert_shapes: tuple[tuple[int, int], ...] = (),
+            gelu_shapes: tuple[tuple[int, int], ...] = (),
+            router_shapes: tuple[tuple[int, int, int], ...] = ()
             ) -> list[tuple[str, str, float | str, float]]:
     """Run the measurements; return CSV rows (record, op, size, value)."""
     import torch
@@ -206,9 +300,17 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
             backward.append((flops_group, e * 2 * flops_group / sec))
         families[op] = grouped
         families[shaped_op(d, f).replace(SHAPED, BACKWARD, 1)] = backward
+    for d, f in gelu_shapes:
+        families.update(_gelu_families(rand, device, e, d, f, gpu, time_it, gpu_busy, in_step,
+                                       repeat))
     best = max(r for grouped in families.values() for _, r in grouped)
     rows.append(("rate", "grouped_gemm", "", best))
     rows += [("curve", op, f, r / best) for op, grouped in families.items() for f, r in grouped]
+    for d, e_r, k in router_shapes:
+        for op, pts in _router_curves(rand, d, e_r, k, gpu, time_it, gpu_busy, in_step,
+                                      repeat).items():
+            # Relative to the dense GEMM rate; a (fake or odd) point above it is capped at 1.
+            rows += [("curve", op, fl, min(r / rows_rate(rows, "gemm"), 1.0)) for fl, r in pts]
 
     sizes = SORT_KEYS_GPU if gpu else SORT_KEYS_CPU
     secs = []
@@ -233,6 +335,11 @@ def measure(device: str, repeat: int = 10, d_model: int = 4096, d_ffn: int = 140
              ("param", "curve_dim", "", float(shapes[0][1])),
              ("param", "curve_ffn", "", float(shapes[0][2]))]
     return rows
+
+
+def rows_rate(rows: list[tuple[str, str, float | str, float]], op: str) -> float:
+    """The `rate` row of `op` among the rows measured so far."""
+    return next(v for r, o, _, v in rows if r == "rate" and o == op)
 
 
 def split_seconds(experts: int, device: str, repeat: int, tokens: int = 16384,
@@ -295,6 +402,24 @@ def write_calibration(rows: list[tuple[str, str, float | str, float]], path: Pat
         tmp.write_text("\n".join(header + lines) + "\n")
 
 
+def parse_router_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """"128x64k8,64x64" -> ((128, 64, 8), (64, 64, 8)): head width x experts, top-k (default
+    8); InputError names a bad entry."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        body, _, k = part.lower().partition("k")
+        try:
+            (d, e), = parse_shapes(body)
+            k_ = int(k) if k else 8
+        except (ValueError, InputError):
+            raise InputError("--router-shapes", part, "want DxE or DxEkK, e.g. 128x64k8") \
+                from None
+        if not 1 <= k_ <= e:
+            raise InputError("--router-shapes", part, f"top-k {k_} must be in 1..{e}")
+        out.append((d, e, k_))
+    return tuple(out)
+
+
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     """"512x704,1024x1408" -> ((512, 704), (1024, 1408)); InputError names a bad entry."""
     shapes = []
@@ -324,6 +449,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-shapes", default="", metavar="DxF[,DxF...]",
                    help="extra expert shapes with their own grouped GEMM curve, e.g. 512x704 "
                    "(Multi-Head LatentMoE experts)")
+    p.add_argument("--gelu-shapes", default="", metavar="DxF[,DxF...]",
+                   help="2-matrix GELU expert shapes (Multi-Head LatentMoE heads, e.g. 128x1024): "
+                   "their grouped GEMM curves and the fused expert kernel's, forward and backward")
+    p.add_argument("--router-shapes", default="", metavar="DxE[kK][,...]",
+                   help="streaming router shapes, head width x experts a head and top-k, e.g. "
+                   "128x64k8: its forward and backward curves")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -343,8 +474,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     machine = torch.cuda.get_device_name() if device == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}"
     shapes = parse_shapes(args.expert_shapes)
-    rows = measure(device, args.repeat, args.d_model, args.d_ffn, args.experts, shapes)
+    gelu = parse_shapes(args.gelu_shapes)
+    routers = parse_router_shapes(args.router_shapes)
+    rows = measure(device, args.repeat, args.d_model, args.d_ffn, args.experts, shapes, gelu,
+                   routers)
     extra = f" --expert-shapes {args.expert_shapes}" if shapes else ""
+    extra += f" --gelu-shapes {args.gelu_shapes}" if gelu else ""
+    extra += f" --router-shapes {args.router_shapes}" if routers else ""
     write_calibration(rows, args.out, machine, f"moesim calibrate --device {device} "
                       f"--repeat {args.repeat} --d-model {args.d_model} --d-ffn {args.d_ffn} "
                       f"--experts {args.experts}{extra} --out {args.out}")

@@ -91,3 +91,29 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
     assert main(["calibrate", "--device", "cuda", "--out", str(tmp_path / "x.csv")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_gelu_fused_and_router_curves(monkeypatch, tmp_path):
+    # The new families on the CPU path (the fused kernel and the router take their torch
+    # references here), with a flat fake timer: every point's rate is its work over 1 ms.
+    monkeypatch.setattr(cal, "_timer", lambda device: lambda fn, repeat, between=None: 1e-3)
+    rows = cal.measure("cpu", repeat=1, gelu_shapes=((32, 16),), router_shapes=((16, 32, 4),))
+    ops = {op for r, op, _, _ in rows if r == "curve"}
+    assert {"grouped_gemm_gelu@32x16", "grouped_gemm_gelu_bwd@32x16", "fused_expert@32x16",
+            "fused_expert_bwd@32x16", "router_stream@16x32", "router_stream_bwd@16x32"} <= ops
+    fused = {s: v for r, op, s, v in rows if op == "fused_expert@32x16"}
+    # size = 4 t d f for t in the CPU's group tokens, efficiency = 8 groups' FLOPs / 1 ms less
+    # one launch, over the best rate of every family.
+    rate = next(v for r, op, _, v in rows if r == "rate" and op == "grouped_gemm")
+    for t in cal.FUSED_GROUP_TOKENS_CPU:
+        fl = 4.0 * t * 32 * 16
+        assert fused[fl] == pytest.approx(8 * fl / (1e-3 - 1e-3 / 200) / rate)
+    path = tmp_path / "c.csv"
+    cal.write_calibration(rows, path, "fake", "test")
+    cm = ComputeModel.load("c", path)
+    assert cm.fused_expert_seconds([[16, 0]], 32, 16) is not None
+    assert cm.router_stream_seconds([256.0], 16, 32) is not None
+    assert cal.parse_router_shapes("128x64k4, 64x16") == ((128, 64, 4), (64, 16, 8))
+    for bad in ("128x64k0", "128", "axbk2", "16x4k8"):
+        with pytest.raises(InputError, match="router-shapes"):
+            cal.parse_router_shapes(bad)
