@@ -9,7 +9,10 @@ rows, plus the step time under the phase name "step".
 
 from __future__ import annotations
 
+import json
+import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -118,9 +121,35 @@ def plot_validation(comp: pd.DataFrame, *, title: str | None = None,
     return fig
 
 
-def compare(measured: pd.DataFrame, simulated: pd.DataFrame, run: Path) -> pd.DataFrame:
+def measured_steps(run: Path) -> tuple[list[float], str]:
+    """The run's measured step times: the benchmark's own, host time included, not the span
+    of its timed phases. Per-step wall times when the run recorded them (meta.json
+    `step_wall_s`, or the benchmark's), else the benchmark's `step_s` alone (one value: the
+    median over its timed steps of CUDA events from the step's start, queued before its first
+    kernel, to its end). Returns (times, what they are)."""
+    path = run / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file", "no meta.json: no measured step time") from None
+    except json.JSONDecodeError as e:
+        raise InputError(path, "json", str(e)) from None
+    bench = meta.get("benchmark", {})
+    for src in (meta, bench):
+        wall = src.get("step_wall_s")
+        if isinstance(wall, list) and wall:
+            return [float(v) for v in wall], "wall time per step"
+    if "step_s" not in bench:
+        raise InputError(path, "benchmark.step_s", "no measured step time in the run")
+    return [float(bench["step_s"])], "benchmark step_s (median over steps, CUDA events)"
+
+
+def compare(measured: pd.DataFrame, simulated: pd.DataFrame, run: Path,
+            measured_step: list[float] | None = None) -> pd.DataFrame:
     """Rows: every phase, the mean step, and each step; columns measured_s, simulated_s,
-    rel_error."""
+    rel_error. With `measured_step` (measured_steps(run)[0]) the measured step is the
+    benchmark's own: its mean is the step row, and per-step rows appear only when there is one
+    time per simulated step; without it, the span of the timed phases."""
     comp = comparison_from_results([ResultFile(run / "results.parquet", measured, {}),
                                     ResultFile(Path("simulated"), simulated, {})])
     comp.insert(2, "step", "mean")
@@ -130,6 +159,13 @@ def compare(measured: pd.DataFrame, simulated: pd.DataFrame, run: Path) -> pd.Da
     per_step = pd.DataFrame({"strategy": per_step["strategy"], "phase": "step",
                              "step": per_step["step"].astype(str),
                              "measured_s": per_step["real"], "simulated_s": per_step["sim"]})
+    if measured_step is not None:
+        mean = (comp["phase"] == "step") & (comp["step"] == "mean")
+        comp.loc[mean, "measured_s"] = float(np.mean(measured_step))
+        if len(measured_step) == len(per_step):
+            per_step["measured_s"] = measured_step
+        else:
+            per_step = per_step.iloc[0:0]
     out = pd.concat([comp, per_step], ignore_index=True)
     out["rel_error"] = (out["simulated_s"] - out["measured_s"]) / out["measured_s"]
     return out
@@ -151,3 +187,104 @@ def compare_passes(measured: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFr
     out = pd.concat(rows, axis=1).dropna().reset_index()
     out["rel_error"] = (out["simulated_s"] - out["measured_s"]) / out["measured_s"]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run sets and calibrations (docs/validation/sets.toml): what was measured together.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSet:
+    name: str
+    dirs: list[Path]
+    call: str
+    command: str
+    machine: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    name: str
+    file: Path
+    call: str
+    note: str
+
+    def scores_in_sample(self, runs: RunSet) -> bool:
+        """Same device call as the runs: the calibration has seen their machine."""
+        return bool(self.call) and self.call == runs.call
+
+
+@dataclass(frozen=True)
+class Sets:
+    path: Path
+    primary: str
+    runs: list[RunSet]
+    calibrations: list[Calibration]
+
+
+def load_sets(path: Path, root: Path | None = None) -> Sets:
+    """Read docs/validation/sets.toml; paths are taken from `root` (default: its repo, two
+    folders up)."""
+    path = Path(path)
+    root = Path(root) if root is not None else path.resolve().parents[2]
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file", "no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(path, "toml", str(e)) from None
+    for k in raw:
+        if k not in ("primary", "runs", "calibration"):
+            raise InputError(path, k, "unknown key; allowed: primary, runs, calibration")
+    sets, cals = [], []
+    for i, r in enumerate(raw.get("runs", [])):
+        for k in ("name", "dirs", "call", "command", "machine"):
+            if not isinstance(r.get(k), str):
+                raise InputError(path, f"runs[{i}].{k}", "required (a string)")
+        dirs = sorted(p for p in root.glob(r["dirs"]) if p.is_dir())
+        if not dirs:
+            raise InputError(path, f"runs[{i}].dirs", f"{r['dirs']!r} matches no run directory")
+        sets.append(RunSet(r["name"], dirs, r["call"], r["command"], r["machine"],
+                           r.get("note", "")))
+    for i, c in enumerate(raw.get("calibration", [])):
+        for k in ("name", "file", "call"):
+            if not isinstance(c.get(k), str):
+                raise InputError(path, f"calibration[{i}].{k}", "required (a string)")
+        f = root / c["file"]
+        if not f.exists() or f.stem != c["name"]:
+            raise InputError(path, f"calibration[{i}].file", f"{c['file']}: missing, or not "
+                             f"named {c['name']}.csv (cluster.gpu selects it by name)")
+        cals.append(Calibration(c["name"], f, c["call"], c.get("note", "")))
+    if not sets or not cals:
+        raise InputError(path, "runs" if not sets else "calibration", "at least one needed")
+    primary = raw.get("primary", cals[0].name)
+    if primary not in {c.name for c in cals}:
+        raise InputError(path, "primary", f"{primary!r} is not a [[calibration]] name")
+    return Sets(path, primary, sets, cals)
+
+
+def score_run(run: Path, overrides: dict | None = None) -> dict:
+    """One run's step against the simulator: the measured step is the benchmark's own
+    (measured_steps); the span of the timed phases is kept beside it."""
+    from moesim.sim.replay import simulate_run
+
+    measured, simulated = simulate_run(run, overrides)
+    steps, kind = measured_steps(run)
+    meas = float(np.mean(steps))
+    sim = float(step_times(simulated)["step_time_s"].mean())
+    return {"run": run.name, "strategy": str(measured["strategy"].iloc[0]),
+            "measured_step_s": meas, "measured_kind": kind,
+            "phase_span_s": float(step_times(measured)["step_time_s"].mean()),
+            "simulated_step_s": sim, "step_error": (sim - meas) / meas}
+
+
+def strategy_errors(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy: runs, median |step error|, the worst error (signed) and its run."""
+    rows = []
+    for strategy, d in scores.groupby("strategy", sort=True):
+        a = d["step_error"].abs()
+        worst = d.loc[a.idxmax()]
+        rows.append({"strategy": strategy, "runs": len(d), "median_abs_error": float(a.median()),
+                     "worst_error": float(worst["step_error"]), "worst_run": worst["run"]})
+    return pd.DataFrame(rows)

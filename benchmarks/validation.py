@@ -1,65 +1,145 @@
-"""Validate the simulator against every runtime run directory given, in one table.
+"""Validate the simulator against measured runs, out of sample, and write docs/validation.md's
+numbers:
 
-    python -m benchmarks.validation docs/validation/runs/h200x1-* --out docs/validation \
-        [--set cluster.gpu=h200-measured]
+    python -m benchmarks.validation --sets docs/validation/sets.toml --out docs/validation
+    python -m benchmarks.validation --sets docs/validation/sets.toml --out docs/validation \
+        --render-only        # re-render docs/validation.md from the committed CSVs
+    python -m benchmarks.validation RUN... --out DIR [--set cluster.gpu=NAME]   # ad hoc
 
-For each run, `moesim validate`'s comparison (analysis.validation.compare); then per run the
-step-time error and the worst phase, and per strategy the median absolute step-time error. Writes
-OUT/comparison.csv (every row), OUT/summary.csv (one row per run) and OUT/passes.csv (each
-phase per pass, `analysis.validation.compare_passes`), and prints the summary and the forward
-phases' errors (the passes can be judged apart: a runtime bug may spoil one of them).
+With --sets, every run set is scored with every calibration (sets.toml says which device call
+took each; the same call is in sample, another is out of sample) into OUT/out_of_sample.csv
+(one row per run and calibration); with the primary calibration, `moesim validate`'s
+comparison of every run into OUT/comparison.csv (every phase and step), OUT/passes.csv (each
+phase per pass) and OUT/summary.csv (one row per run); then the figure
+docs/figures/validation_h200x1 and the generated regions of docs/validation.md
+(analysis.validation_doc). The measured step is the benchmark's own step time
+(analysis.validation.measured_steps), not the span of the timed phases.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from analysis.validation import compare, compare_passes
+from analysis.validation import (
+    compare,
+    compare_passes,
+    load_sets,
+    measured_steps,
+    score_run,
+    strategy_errors,
+)
 from moesim.atomic import atomic_path
 from moesim.config import parse_override
+from moesim.errors import InputError
 from moesim.sim.replay import simulate_run
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("runs", type=Path, nargs="+")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="override every run's config (moesim validate --set)")
-    args = ap.parse_args()
-    overrides = dict(map(parse_override, args.set))
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def detailed(runs: list[Path], overrides: dict, set_of: dict[str, str] | None = None):
+    """(comparison, summary, passes) of `runs` with `overrides`."""
     comps, rows, passes = [], [], []
-    for run in sorted(args.runs):
+    for run in runs:
         measured, simulated = simulate_run(run, overrides)
-        comp = compare(measured, simulated, run).assign(run=run.name)
+        steps, _ = measured_steps(run)
+        comp = compare(measured, simulated, run, steps).assign(run=run.name)
         comps.append(comp)
         passes.append(compare_passes(measured, simulated).assign(run=run.name))
         mean = comp[comp["step"] == "mean"]
         step = mean[mean["phase"] == "step"].iloc[0]
         phases = mean[(mean["phase"] != "step") & (mean["measured_s"] > 0)]
         worst = phases.loc[phases["rel_error"].abs().idxmax()]
-        rows.append({"run": run.name, "strategy": step["strategy"],
-                     "measured_step_s": step["measured_s"], "simulated_step_s": step["simulated_s"],
+        span = comparison_span(measured)
+        rows.append({"set": (set_of or {}).get(run.name, ""), "run": run.name,
+                     "strategy": step["strategy"], "measured_step_s": step["measured_s"],
+                     "phase_span_s": span, "simulated_step_s": step["simulated_s"],
                      "step_error": step["rel_error"], "worst_phase": worst["phase"],
                      "worst_phase_error": worst["rel_error"]})
-    summary = pd.DataFrame(rows)
-    by_pass = pd.concat(passes, ignore_index=True)
-    for name, df in (("comparison.csv", pd.concat(comps, ignore_index=True)),
-                     ("summary.csv", summary), ("passes.csv", by_pass)):
-        with atomic_path(args.out / name) as tmp:
-            df.to_csv(tmp, index=False)
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    med = summary.assign(abs_err=summary["step_error"].abs()).groupby("strategy")["abs_err"]
-    print("\nmedian |step error| per strategy:")
-    print(med.median().to_string(float_format=lambda v: f"{v:.1%}"))
-    fwd = by_pass[(by_pass["pass"] == "fwd") & (by_pass["measured_s"] > 0)]
-    table = fwd.pivot_table(index="run", columns="phase", values="rel_error")
-    print("\nforward phases, relative error (simulated - measured) / measured:")
-    print(table.to_string(float_format=lambda v: f"{v:+.0%}"))
+    return (pd.concat(comps, ignore_index=True), pd.DataFrame(rows),
+            pd.concat(passes, ignore_index=True))
+
+
+def comparison_span(measured: pd.DataFrame) -> float:
+    from analysis.run_summary import step_times
+    return float(step_times(measured)["step_time_s"].mean())
+
+
+def out_of_sample(sets) -> pd.DataFrame:
+    rows = []
+    for rs in sets.runs:
+        for cal in sets.calibrations:
+            for run in rs.dirs:
+                s = score_run(run, {"cluster.gpu": cal.name})
+                rows.append({"set": rs.name, "runs_call": rs.call, "calibration": cal.name,
+                             "calibration_call": cal.call,
+                             "sample": "in" if cal.scores_in_sample(rs) else "out", **s})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.validation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="*", help="run directories (without --sets)")
+    ap.add_argument("--sets", type=Path, help="docs/validation/sets.toml")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override every run's config (ad hoc mode, moesim validate --set)")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "validation.md")
+    ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
+    ap.add_argument("--render-only", action="store_true",
+                    help="with --sets: only re-render the doc from OUT's committed CSVs")
+    args = ap.parse_args(argv)
+    try:
+        if args.sets:
+            sets = load_sets(args.sets)
+            if not args.render_only:
+                oos = out_of_sample(sets)
+                write_csv(oos, args.out / "out_of_sample.csv")
+                set_of = {r.name: rs.name for rs in sets.runs for r in rs.dirs}
+                runs = [r for rs in sets.runs for r in rs.dirs]
+                comp, summary, passes = detailed(runs, {"cluster.gpu": sets.primary}, set_of)
+                for name, df in (("comparison.csv", comp), ("summary.csv", summary),
+                                 ("passes.csv", passes)):
+                    write_csv(df, args.out / name)
+                from analysis.figure_files import save_figure
+                from analysis.validation import plot_validation
+                fig = plot_validation(comp, title=f"1 x H200: EP, HP, FSEP layers "
+                                      f"(calibration {sets.primary})",
+                                      source=str(args.out / "comparison.csv"))
+                save_figure(fig, args.figures, "validation_h200x1")
+                for (set_, cal), d in oos.groupby(["set", "calibration"], sort=False):
+                    e = strategy_errors(d)
+                    print(f"{set_} scored with {cal}: " + ", ".join(
+                        f"{r.strategy} {r.median_abs_error:.1%} (worst {r.worst_error:+.0%})"
+                        for r in e.itertuples()))
+            from analysis.doc_regions import update
+            update(args.doc)
+            print(f"wrote {args.doc}")
+            return 0
+        if not args.runs:
+            raise InputError("benchmarks.validation", "runs", "give run directories or --sets")
+        comp, summary, passes = detailed(sorted(args.runs), dict(map(parse_override, args.set)))
+        for name, df in (("comparison.csv", comp), ("summary.csv", summary),
+                         ("passes.csv", passes)):
+            write_csv(df, args.out / name)
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print("\nper strategy:")
+        print(strategy_errors(summary).to_string(index=False,
+                                                 float_format=lambda v: f"{v:.3f}"))
+    except InputError as e:
+        print(f"validation: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

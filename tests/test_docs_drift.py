@@ -48,3 +48,57 @@ def test_each_study_summary_claims_and_report_are_current(studies):
         report = s.out / "report.md"
         assert render_section(s, report, f, level=1) in report.read_text(), \
             f"{s.name}: report drifted: {cmd}"
+
+
+def test_study_results_are_what_the_simulator_gives_today(studies, tmp_path):
+    """A canary per study: its first run simulated again must give the committed step time,
+    or the committed results (and every number drawn from them) are stale."""
+    from analysis.study import make_trace, simulate_frames
+    from analysis.study_report import simulated_fields
+    from moesim.config import config_from_dict
+    from moesim.results import write_results
+
+    for s in studies:
+        run = next((r for r in s.runs if r.runner == "simulate"), None)
+        if run is None:
+            continue
+        cfg = config_from_dict(run.config, run.key)
+        frame = simulate_frames(run, cfg, make_trace(run, cfg, tmp_path, ROOT), "canary")
+        write_results(frame, tmp_path / "canary.parquet", {"config": run.config})
+        now = simulated_fields(tmp_path / "canary.parquet")[0]["step_ms"]
+        then = simulated_fields(s.results_path(run))[0]["step_ms"]
+        assert now == pytest.approx(then, rel=1e-9), (
+            f"{s.name}/{run.key}: the simulator now gives {now:.4f} ms, the committed result "
+            f"{then:.4f} ms: python -m analysis.reproduce")
+
+
+VALIDATE = "python -m benchmarks.validation --sets docs/validation/sets.toml --out docs/validation"
+
+
+def test_validation_doc_regions_are_what_the_committed_files_give():
+    from analysis.doc_regions import drifted, regions, stray_numbers
+
+    doc = ROOT / "docs" / "validation.md"
+    text = doc.read_text()
+    assert {n for n, _ in regions(text)} >= {"validation.status", "validation.out_of_sample",
+                                             "validation.runs"}
+    assert drifted(doc) == [], f"{doc} drifted: {VALIDATE} --render-only"
+    # docs/reproduction.md is generated whole (test above); here prose sits beside regions
+    assert stray_numbers(text) == [], "numbers typed outside generated regions"
+
+
+def test_validation_scores_are_what_the_simulator_gives_today():
+    """The shipped calibration's per-run scores, simulated again from the committed runs."""
+    import pandas as pd
+
+    from analysis.validation import load_sets, score_run
+
+    sets = load_sets(ROOT / "docs" / "validation" / "sets.toml", ROOT)
+    committed = pd.read_csv(ROOT / "docs" / "validation" / "summary.csv").set_index("run")
+    for rs in sets.runs:
+        for run in rs.dirs:
+            s = score_run(run, {"cluster.gpu": sets.primary})
+            c = committed.loc[run.name]
+            assert s["measured_step_s"] == pytest.approx(c["measured_step_s"], rel=1e-5)
+            assert s["simulated_step_s"] == pytest.approx(c["simulated_step_s"], rel=1e-5), \
+                f"{run.name}: the simulator drifted from docs/validation: {VALIDATE}"

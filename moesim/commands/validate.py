@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.figure_files import save_figure
-from analysis.validation import compare, plot_validation
+from analysis.validation import compare, measured_steps, plot_validation
 from moesim.atomic import atomic_path
 from moesim.config import parse_override
 from moesim.sim.replay import simulate_run
@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     measured, simulated = simulate_run(args.run, dict(map(parse_override, args.set)))
-    comp = compare(measured, simulated, args.run)
+    # The measured step is the benchmark's own (host time included) where the run records it.
+    steps = measured_steps(args.run)[0] if (args.run / "meta.json").exists() else None
+    comp = compare(measured, simulated, args.run, steps)
     out = args.out or args.run / "validate"
     with atomic_path(out / "comparison.csv") as tmp:
         comp.to_csv(tmp, index=False)
