@@ -84,7 +84,9 @@ def test_validation_doc_regions_are_what_the_committed_files_give():
                                              "validation.runs"}
     assert drifted(doc) == [], f"{doc} drifted: {VALIDATE} --render-only"
     # docs/reproduction.md is generated whole (test above); here prose sits beside regions
-    assert stray_numbers(text) == [], "numbers typed outside generated regions"
+    assert stray_numbers(text) == [], (
+        "numbers typed outside generated regions: render them in a region whose function is "
+        "registered in analysis.doc_regions.REGIONS")
 
 
 def test_validation_scores_are_what_the_simulator_gives_today():
@@ -102,3 +104,20 @@ def test_validation_scores_are_what_the_simulator_gives_today():
             assert s["measured_step_s"] == pytest.approx(c["measured_step_s"], rel=1e-5)
             assert s["simulated_step_s"] == pytest.approx(c["simulated_step_s"], rel=1e-5), \
                 f"{run.name}: the simulator drifted from docs/validation: {VALIDATE}"
+
+
+def test_readme_layout_table_matches_the_tree_and_architecture():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):readme.index("## Gallery")]
+    listed = {p.rstrip("/") for p in re.findall(r"^\| `([^`]+)`", table, re.M)}
+    listed |= {p.rstrip("/") for p in re.findall(r", `([\w/.]+/)`", table)}
+    for p in listed:
+        assert (ROOT / p).exists(), f"README's layout lists {p}, which does not exist"
+    packages = {"moesim", "moesim/sim", "moesim/commands", "traces", "planner", "kernels",
+                "runtime", "analysis", "configs", "benchmarks", "docs"}
+    assert packages <= listed, f"README's layout misses {sorted(packages - listed)}"
+    arch = (ROOT / "docs" / "architecture.md").read_text()
+    for p in packages - {"docs", "configs", "benchmarks"}:
+        assert f"`{p}/" in arch or f"`{p.replace('/', '.')}" in arch, p
