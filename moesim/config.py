@@ -1,9 +1,9 @@
 """Experiment configuration: one frozen dataclass per TOML section, validated once on load.
 
-A config file has the sections [model], [cluster], [parallel], [planner] and [run]; each maps
-onto the dataclass of the same name below. Every field is typed and may carry limits in its
-metadata (`choices`, `min`, `max`); `load_config` checks them all and raises `InputError`
-naming the file, the field and what is allowed. Code past the loader trusts the config.
+A config file has the sections [model], [cluster], [parallel], [planner], [routing] and [run];
+each maps onto the dataclass of the same name below. Every field is typed and may carry limits
+in its metadata (`choices`, `min`, `max`); `load_config` checks them all and raises
+`InputError` naming the file, the field and what is allowed. Code past the loader trusts the config.
 """
 
 from __future__ import annotations
@@ -414,6 +414,37 @@ class PlannerConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """Load balancing of learned routing and capacity-factor dispatch (runtime.balancing has
+    the formulas, after Megatron-Core's router). The planner, the simulator and the runtime
+    all apply the capacity to the traffic (planner.capacity)."""
+
+    load_balancing: str = _f("none", choices=("none", "aux_loss", "seq_aux_loss",
+                                              "global_aux_loss"),
+                             doc="runtime: the auxiliary loss: switch/GShard per micro-batch, "
+                             "per sequence, or over the global batch")
+    aux_loss_coeff: float = _f(1e-2, lo=0.0, doc="runtime: weight of the auxiliary loss")
+    z_loss_coeff: float = _f(0.0, lo=0.0, doc="runtime: weight of the router z-loss (0: off)")
+    expert_bias: bool = _f(False, doc="runtime: aux-loss-free balancing, a per-expert bias "
+                           "added to the scores before the top-k, updated from the load")
+    bias_update_rate: float = _f(1e-3, lo=0.0, doc="runtime: bias step per update")
+    bias_update: str = _f("sign", choices=("sign", "centered_sign"),
+                          doc="runtime: 'sign' as DeepSeek-V3/Megatron; 'centered_sign' also "
+                          "subtracts the signs' mean, as the HP paper's code")
+    capacity_factor: float = _f(0.0, lo=0.0, doc="tokens an expert takes, in units of the "
+                                "balanced share T*k/E; 0 is dropless")
+    drop_policy: str = _f("probs", choices=("probs", "position"),
+                          doc="over capacity, keep the tokens of largest gate or the first")
+    pad_to_capacity: bool = _f(False, doc="send every expert exactly its capacity (padding "
+                               "rows of gate 0)")
+
+    def _check(self) -> list[tuple[str, str]]:
+        if self.pad_to_capacity and self.capacity_factor == 0:
+            return [("pad_to_capacity", "needs capacity_factor > 0")]
+        return []
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What to run: steps, seed, and where outputs go."""
 
@@ -494,6 +525,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str = field(default="<defaults>", compare=False)
@@ -511,6 +543,7 @@ SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "parallel": ParallelConfig,
     "planner": PlannerConfig,
+    "routing": RoutingConfig,
     "run": RunConfig,
     "train": TrainConfig,
 }

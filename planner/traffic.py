@@ -30,6 +30,7 @@ import numpy as np
 
 from moesim.config import ModelConfig
 from moesim.errors import InputError
+from planner.capacity import Capacity
 from planner.placement import Placement
 
 Key = tuple[str, str]
@@ -53,6 +54,10 @@ class LayerTraffic:
     copies: dict[str, np.ndarray] = field(default_factory=dict)
     owned_param_bytes: np.ndarray | None = None  # int64[N]: parameters only this rank holds
     replicated_param_bytes: int = 0  # parameters every rank of the group holds whole
+    # int64[N, E_total]: token-expert pairs each source drops over capacity (None: dropless)
+    dropped: np.ndarray | None = None
+    # int64[N, E_total]: padding rows each source sends (pad_to_capacity; None: no padding)
+    padded: np.ndarray | None = None
 
     @property
     def strategy(self) -> str:
@@ -238,7 +243,8 @@ def _set(lt: dict, rows: dict, width: dict, key: Key, r: np.ndarray, w: int) -> 
 
 
 def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, *,
-                  gpus_per_node: int = 0, fsep_backward_gather: bool = True) -> LayerTraffic:
+                  gpus_per_node: int = 0, fsep_backward_gather: bool = True,
+                  capacity: Capacity | None = None) -> LayerTraffic:
     """Traffic of one (step, layer). `counts` is int [N, H, E] (see module docstring).
 
     - tokens / expert_tokens: integer splits of `counts` over replicas (`split_tokens`).
@@ -258,6 +264,10 @@ def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, 
       fills (`weight_gather_rows`, shards of `shard_elements`); and ("bwd", "grad_scatter"),
       its transpose. Gradients move in the model dtype.
     - owned_param_bytes / replicated_param_bytes: `param_bytes`.
+    - `capacity`: experts take at most their capacity from each source (planner.capacity):
+      tokens, expert_tokens and every token phase count the rows really sent (kept, plus
+      padding with `capacity.pad`); `dropped` and `padded` say how many. HP's dispatch is fixed
+      by the batch whatever is dropped after it; only its expert rows change.
     """
     n, e_total = placement.num_ranks, placement.num_experts
     counts = np.asarray(counts)
@@ -274,6 +284,12 @@ def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, 
         raise InputError("cluster", "gpus_per_node",
                          f"{gpus_per_node} does not divide the {n} ranks")
     t_src = _tokens_per_source(model, counts)
+    dropped = padded = None
+    if capacity is not None:
+        kept = capacity.rows(counts, t_src, model.top_k)
+        dropped = np.maximum(counts - kept, 0).reshape(n, e_total)
+        padded = np.maximum(kept - counts, 0).reshape(n, e_total) if capacity.pad else None
+        counts = kept
     c2 = counts.reshape(n, e_total).astype(np.int64)
     tokens = split_tokens(c2, placement)
     expert_tokens = np.zeros((n, e_total), dtype=np.int64)
@@ -316,4 +332,5 @@ def layer_traffic(model: ModelConfig, placement: Placement, counts: np.ndarray, 
     return LayerTraffic(placement, tokens, expert_tokens, phases, rows, row_bytes,
                         source_tokens=t_src.astype(np.int64), routed=routed.astype(np.int64),
                         copies=copies, owned_param_bytes=owned.astype(np.int64),
-                        replicated_param_bytes=int(replicated))
+                        replicated_param_bytes=int(replicated), dropped=dropped,
+                        padded=padded)

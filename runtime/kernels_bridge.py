@@ -140,21 +140,25 @@ def _fwd_bwd(fn: Callable[..., object], *inputs: torch.Tensor) -> Callable[[], o
 
 def route_items(items: torch.Tensor, router: torch.Tensor, kind: str, k: int,
                 forced: np.ndarray | None = None, bias: torch.Tensor | None = None,
-                mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                mode: str = "auto", balancer=None, blocks: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route items [n, H, dim] with one router per head [H, dim, E]: (experts [n, H, k], ids
     within the head; gates [n, H, k] fp32), by the dense torch router (runtime.routing.route:
     one batched GEMM, then softmax and top-k over the written logits) or the streaming router
     (kernels.stream_router: logits never written), whichever measures faster at this shape on
     this GPU (`mode` "auto"; "baseline" always dense). `forced` counts [B, H, E] choose the
     experts (both then compute the gates of the forced choice); `bias` [H, E], the aux-loss-free
-    bias, shifts the selection only."""
+    bias, shifts the selection only. `balancer` (runtime.balancing) takes the dense path: its
+    losses need the logits, and it brings its own bias."""
     from runtime import routing
+
+    if balancer is not None:
+        return routing.route(items, router, kind, k, forced, balancer=balancer, blocks=blocks)
 
     stream_ok = (mode == "auto" and items.is_cuda and items.dtype == router.dtype
                  and items.shape[-1] <= 256 and router.shape[-1] >= k)
     if not stream_ok:
-        return routing.route(items, router, kind, k, forced, bias=bias) if bias is not None \
-            else routing.route(items, router, kind, k, forced)
+        return routing.route(items, router, kind, k, forced, bias=bias)
     from kernels.stream_router import stream_route
 
     forced_idx = None
@@ -182,8 +186,7 @@ def route_items(items: torch.Tensor, router: torch.Tensor, kind: str, k: int,
         _choose(key, {"dense": _fwd_bwd(dense, items, router),
                       "stream": _fwd_bwd(stream, items, router)})
     if CHOICES[key]["choice"] == "dense":
-        return routing.route(items, router, kind, k, forced, bias=bias) if bias is not None \
-            else routing.route(items, router, kind, k, forced)
+        return routing.route(items, router, kind, k, forced, bias=bias)
     return stream_route(items, router, k, kind, bias, forced_idx)
 
 

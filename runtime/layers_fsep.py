@@ -194,7 +194,8 @@ class FSEPMoE(MoELayerBase):
             forced_here = None if forced is None else forced[self.rank][None]
             # [T, H, k], all heads in one batched GEMM and one set of kernels
             local, gates = route_items(z, self.router, m.router, m.top_k, forced_here,
-                                       mode=self.kernels)
+                                       mode=self.kernels,
+                                       balancer=self.balancer)
             offset = torch.arange(m.num_heads, device=z.device)[None, :, None] * m.num_experts
             experts = local + offset
             rec.tokens = t * m.num_heads

@@ -85,7 +85,8 @@ class HPMoE(MoELayerBase):
         with tm.fwd(lay, "router") as rec:
             forced_here = None if forced is None else np.asarray(forced)[:, self.my_heads]
             local, gates = route_items(items, self.router, m.router, k, forced_here,
-                                       mode=self.kernels)
+                                       mode=self.kernels,
+                                       balancer=self.balancer, blocks=n)
             offset = torch.arange(nh, device=items.device)[None, :, None] * m.num_experts
             assign = local + offset  # [n * t, nh, k]: expert ids among this rank's heads
             gates = gates.reshape(n * t * nh, k)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moesim.config import Config
+from runtime.balancing import attach_balancing
 from runtime.comm import DistEnv
 from runtime.experts import init_moe_weights
 from runtime.layers import build_layer
@@ -64,12 +65,19 @@ class MoETransformer(nn.Module):
             layers.append(Block(cfg, build_layer(cfg.parallel.strategy, m, w, i, env,
                                                       kernels=cfg.run.kernels, **kw)))
         self.blocks = nn.ModuleList(layers)
+        attach_balancing(cfg, env, self.moe_layers)
         self.norm = nn.RMSNorm(m.d_model)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
 
     @property
     def moe_layers(self) -> list[MoELayerBase]:
         return [b.moe for b in self.blocks]
+
+    def balancing_loss(self) -> torch.Tensor | None:
+        """This rank's share of the last forward's balancing losses (runtime.balancing)."""
+        parts = [ly.balancer.loss for ly in self.moe_layers
+                 if ly.balancer is not None and ly.balancer.loss is not None]
+        return sum(parts) if parts else None
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank holds whole: all but the experts' own (their gradients are

@@ -19,7 +19,9 @@ from torch import nn
 from kernels.backend import use_triton
 from kernels.combine import gather_reduce
 from moesim.config import ModelConfig
+from planner.capacity import Capacity
 from planner.traffic import LayerTraffic, layer_traffic
+from runtime.balancing import Balancer, capacity_slots
 from runtime.comm import DistEnv, all_gather_counts, all_to_all
 from runtime.dispatch import build_route
 from runtime.experts import expert_ffn
@@ -139,6 +141,10 @@ class MoELayerBase(nn.Module):
         # planner.traffic.layer_traffic options of this strategy's runtime (FSEP: whether
         # backward gathers the weights again)
         self.traffic_options: dict = {}
+        # Load balancing (runtime.balancing), set by the model from the [routing] config.
+        self.balancer: Balancer | None = None
+        self.capacity: Capacity | None = None
+        self.drop_policy = "probs"
 
     # Parameters every rank holds a full copy of: their gradients are summed over the ranks.
     def replicated_parameters(self) -> list[nn.Parameter]:
@@ -182,13 +188,19 @@ class MoELayerBase(nn.Module):
             self.last_counts = torch.from_numpy(counts)
             if callable(placement):  # FSEP: the layout may depend on this step's counts
                 placement = placement(counts)
-            traffic = layer_traffic(self.m, placement, counts, **self.traffic_options)
+            traffic = layer_traffic(self.m, placement, counts, capacity=self.capacity,
+                                    **self.traffic_options)
             self.last_traffic = traffic
-            route = build_route(placement, traffic.tokens, self.rank, assign.reshape(-1),
-                                items.device)
+            slots = None if self.capacity is None else self._capacity_slots(assign, gates)
+            flat = assign.reshape(-1) if slots is None else slots[1]
+            route = build_route(placement, traffic.tokens, self.rank, flat, items.device)
             items = tm.bwd_in(items, lay, "permute")
-            send = tm.bwd_out(take_rows(items, route.send_order, k), lay, "permute")
-            rec.tokens = rec.bwd["tokens"] = n * k
+            if slots is None:
+                send = take_rows(items, route.send_order, k)
+            else:  # rows kept (and padding) under capacity: any number per item
+                send = items.index_select(0, slots[0][route.send_order])
+            send = tm.bwd_out(send, lay, "permute")
+            rec.tokens = rec.bwd["tokens"] = flat.numel()
         width = dim * send.element_size()
         with tm.fwd(lay, "dispatch") as rec:
             send = tm.bwd_in(send, lay, "dispatch")
@@ -212,12 +224,31 @@ class MoELayerBase(nn.Module):
             out = tm.bwd_in(out, lay, "combine")
             back = all_to_all(out, route.recv_splits, route.send_splits, layer=lay,
                               phase="combine")
-            row_map = inverse_perm(route.send_order).view(n, k)
-            y = tm.bwd_out(weighted_sum(back, row_map, gates), lay, "combine")
+            if slots is None:
+                row_map = inverse_perm(route.send_order).view(n, k)
+                y = weighted_sum(back, row_map, gates)
+            else:
+                g = slots[2][route.send_order].to(back.dtype)
+                y = back.new_zeros((n, back.shape[1])).index_add(
+                    0, slots[0][route.send_order], back * g[:, None])
+            y = tm.bwd_out(y, lay, "combine")
             rec.bytes = _sent(route.recv_splits, self.rank) * width
             rec.bwd["bytes"] = _sent(route.send_splits, self.rank) * width
-            rec.tokens = n * k
+            rec.tokens = flat.numel()
         return y
+
+    def _capacity_slots(self, assign: torch.Tensor, gates: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(item, global expert, gate) of every row sent under capacity (runtime.balancing:
+        per head, this rank's tokens are one batch with capacity C per expert)."""
+        m = self.m
+        h, e = m.num_heads, m.num_experts
+        t = assign.shape[0] // h
+        local = assign.view(t, h, -1) - torch.arange(h, device=assign.device)[None, :, None] * e
+        cap = self.capacity.per_expert(t, e, m.top_k)
+        token, g, gate = capacity_slots(local, gates.view(t, h, -1), e, cap,
+                                        self.drop_policy, self.capacity.pad)
+        return token * h + g // e, g, gate
 
     def seen_counts(self) -> np.ndarray:
         """Global counts [N, H, E] of the last forward (for the trace recorder)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from runtime.balancing import Balancer
 from runtime.upload import upload
 
 
@@ -63,15 +64,31 @@ def forced_choice_blocks(counts: np.ndarray, n: int, k: int,
 
 
 def route(items: torch.Tensor, router: torch.Tensor, kind: str, k: int,
-          forced: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          forced: np.ndarray | None = None, balancer: Balancer | None = None,
+          blocks: int = 1, bias: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route items [n, H, dim] with one router per head, router [H, dim, E]: (experts
     [n, H, k] int64, ids within the head; gates [n, H, k] fp32). One batched GEMM and one
     set of kernels for all heads. `forced`: counts [B, H, E] for B equal contiguous blocks of
-    the items (one per source rank) override the choice; the gates stay the router's."""
+    the items (one per source rank) override the choice; the gates stay the router's.
+    `balancer` (runtime.balancing): its expert bias enters the top-k choice, and it takes the
+    balancing losses and the load of this forward; the items are `blocks` equal blocks, one
+    per source rank (1 when they are this rank's own tokens). `bias` [H, E] alone: an expert
+    bias for the choice without a balancer (the gates stay unbiased)."""
     logits = torch.bmm(items.transpose(0, 1), router).transpose(0, 1)  # [n, H, E]
     probs = router_probs(logits, kind)
     if forced is None:
-        return top_k(probs, k)
+        if balancer is None and bias is not None:
+            scored = logits.float() if kind == "softmax" else probs
+            idx = torch.topk(scored.detach() + bias, k, dim=-1, sorted=True).indices
+            vals = probs.gather(-1, idx)
+            return idx, vals / vals.sum(dim=-1, keepdim=True)
+        if balancer is None:
+            return top_k(probs, k)
+        experts, gates = balancer.select(logits, probs, k)
+        if torch.is_grad_enabled():
+            balancer.observe(logits, experts, blocks)
+        return experts, gates
     forced = np.asarray(forced)
     idx = forced_choice_blocks(forced, items.shape[0] // forced.shape[0], k, items.device)
     vals = probs.gather(-1, idx)

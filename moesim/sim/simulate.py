@@ -27,6 +27,7 @@ from moesim.sim.executor import Program, execute
 from moesim.sim.network import FlowNetwork
 from moesim.sim.programs import TABLES, LayerInputs, StrategyContext, build_step
 from moesim.sim.topology import LINK_KINDS, Topology, build_topology
+from planner.capacity import Capacity
 from planner.placement import ep_hot_replicas, ep_placement, hp_placement
 from planner.traffic import layer_traffic
 from traces.schema import Trace
@@ -125,7 +126,8 @@ class Simulator:
             if gpn and self.g % gpn:
                 gpn = 0  # a group inside one node: nothing to deduplicate
             lt = layer_traffic(self.cfg.model, placement, counts, gpus_per_node=gpn,
-                               fsep_backward_gather=self.cfg.parallel.fsep_backward_gather)
+                               fsep_backward_gather=self.cfg.parallel.fsep_backward_gather,
+                               capacity=Capacity.from_config(self.cfg.routing))
             self._traffic[key] = (lt, {k: Traffic.dense(v) for k, v in lt.phases.items()})
         return self._traffic[key]
 
