@@ -245,3 +245,23 @@ def attach_balancing(cfg, env, layers) -> None:
                      experts=m.num_experts, k=m.top_k, kind=m.router, world=env.world,
                      seq_len=m.seq_len, covers_all_ranks=ly.strategy == "hp")
         ly.balancer = b.to(ly.router.device) if b.active else None
+
+
+def after_step(layers) -> dict[str, list[float]]:
+    """After the optimizer step: update every layer's expert bias from its last load and
+    return the step's balancing losses per layer, summed over the ranks (the job's values)."""
+    import numpy as np
+
+    names = ("aux", "z")
+    parts = torch.zeros(len(layers), len(names))
+    for i, ly in enumerate(layers):
+        b = ly.balancer
+        if b is None:
+            continue
+        for j, n in enumerate(names):
+            if n in b.parts:
+                parts[i, j] = float(b.parts[n].detach())
+        b.update_bias()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(parts)
+    return {n: np.round(parts[:, j].numpy(), 8).tolist() for j, n in enumerate(names)}

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from moesim.config import Config, load_config, parse_override, with_overrides
 from moesim.errors import InputError
 from runtime import checkpoint
+from runtime.balancing import after_step
 from runtime.comm import DistEnv, all_reduce_grads, init_distributed
 from runtime.data import Batches
 from runtime.kernels_bridge import expert_backend
@@ -88,6 +89,7 @@ class Trainer:
             layer.timer = self.timer
         self.start_step = 0
         self.losses: list[float] = []
+        self.balance_log: list[dict] = []
         self.rows: list[dict] = []
         self.counts: list[np.ndarray] = []  # per step [layers, N, H, E]
         self.placements: dict[tuple[int, int], object] = {}
@@ -101,6 +103,7 @@ class Trainer:
                 "prev_counts": [getattr(ly, "prev_counts", None) for ly in
                                 self.model.moe_layers],
                 "losses": self.losses, "rows": self.rows, "counts": self.counts,
+                "balance": self.balance_log,
                 "placements": self.placements, "rng": torch.get_rng_state()}
 
     def resume(self) -> None:
@@ -113,6 +116,7 @@ class Trainer:
             if hasattr(ly, "prev_counts"):
                 ly.prev_counts = pc
         self.losses, self.rows, self.counts = st["losses"], st["rows"], st["counts"]
+        self.balance_log = st.get("balance", [])
         self.placements = st["placements"]
         torch.set_rng_state(st["rng"])
         self.start_step = st["step"] + 1
@@ -132,12 +136,14 @@ class Trainer:
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  y.reshape(-1), reduction="sum") / total
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        balance = self.model.balancing_loss()  # runtime.balancing: aux and z losses
+        (loss if balance is None else loss + balance).backward()
         t0 = self.timer.now()
         all_reduce_grads(self.replicated)
         self.timer.record(-1, "bwd", "grad_sync", t0, self.timer.now(),
                           sum(p.numel() * p.element_size() for p in self.replicated))
         self.opt.step()
+        self.balance_log.append(after_step(self.model.moe_layers))  # and the expert bias
         self.rows += self.timer.rows(env.rank, cfg.parallel.strategy)
         if cfg.run.trace_out:
             self.counts.append(np.stack([ly.seen_counts() for ly in self.model.moe_layers]))
@@ -172,6 +178,9 @@ class Trainer:
         meta = {**machine_meta(env.world, env.backend, env.device.type),
                 "strategy": cfg.parallel.strategy, "routing": cfg.run.routing,
                 "data": cfg.run.data, "losses": self.losses,
+                "balancing": {"losses": self.balance_log, "expert_bias": [
+                    None if ly.balancer is None else ly.balancer.bias.cpu().tolist()
+                    for ly in self.model.moe_layers]},
                 "expert_backend": expert_backend(env.device, self.dtype)}
         write_run_dir(Path(cfg.run.out_dir), cfg, env.world, [r for p in rows for r in p],
                       self.counts, self.placements, meta, self.losses)
