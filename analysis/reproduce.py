@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                    "doc still renders every study from its files)")
     p.add_argument("--resume", action="store_true", help="skip runs that are up to date")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="simulate in N processes")
     p.add_argument("--folder", type=Path, default=STUDIES, help="the study files")
     p.add_argument("--doc", type=Path, default=DOCS / "reproduction.md")
     p.add_argument("--cache", type=Path, default=Path("/tmp/moesim-study-cache"))
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_outputs(study, figures=not args.no_figures)
             else:
                 run_study(study, cache=args.cache, resume=args.resume,
-                          figures=not args.no_figures)
+                          figures=not args.no_figures, jobs=args.jobs)
         render(every, args.doc, args.doc.parent / "reproduction" / "headline.csv")
         print(f"wrote {args.doc}")
     except InputError as e:

@@ -396,11 +396,19 @@ def make_trace(run: Run, cfg: Config, cache: Path, root: Path):
 
 
 def simulate_frames(run: Run, cfg: Config, trace, source: str) -> pd.DataFrame:
-    """Every step of `run.steps`, simulated (moesim.sim.simulate.Simulator)."""
-    from moesim.sim.simulate import Simulator
+    """Every step of `run.steps`, simulated: the MoE layers of a step
+    (moesim.sim.simulate.Simulator), or whole training iterations when the run's
+    `train.scope` is "iteration" (moesim.sim.iteration.IterationSimulator)."""
+    if cfg.train.scope == "iteration":
+        from moesim.sim.iteration import IterationSimulator
 
-    sim = Simulator(cfg, trace, source)
-    frames = [sim.simulate_step(run.strategy, s).frame for s in range(cfg.run.steps)]
+        it = IterationSimulator(cfg, trace, source)
+        frames = [it.simulate_iteration(run.strategy, s).frame for s in range(cfg.run.steps)]
+    else:
+        from moesim.sim.simulate import Simulator
+
+        sim = Simulator(cfg, trace, source)
+        frames = [sim.simulate_step(run.strategy, s).frame for s in range(cfg.run.steps)]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -458,48 +466,73 @@ def _stored_digest(path: Path) -> str | None:
     return None
 
 
+def _compute(run: Run, source: str, cache: Path, root: Path) -> pd.DataFrame:
+    """One run's frame (Result rows, or a layout's loads); a top-level function so that a
+    process pool can run it."""
+    cfg = config_from_dict(run.config, source)
+    trace = make_trace(run, cfg, cache, root)
+    if run.runner == "simulate":
+        return simulate_frames(run, cfg, trace, json.dumps(run.trace))
+    return layout_loads(run, cfg, trace)
+
+
 def run_study(study: Study, *, cache: Path | None = None, resume: bool = False,
               only: str | None = None, log: Callable[[str], None] = print,
-              figures: bool = True) -> list[Path]:
+              figures: bool = True, jobs: int = 1) -> list[Path]:
     """Simulate (or lay out) every run and write OUT/configs/KEY.toml, OUT/results/KEY.parquet;
     then the summary, figures and report (analysis.study_report.write_outputs). With `resume`,
     a run whose result file already holds its digest is not run again. `only` (a regular
-    expression) runs the matching keys and re-reports from the files of the others."""
+    expression) runs the matching keys and re-reports from the files of the others. `jobs` > 1
+    runs distinct runs in that many processes (results are the same: each run is seeded)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from analysis import study_report
     from moesim.results import write_results
 
     root = study.root
     cache = cache or Path("/tmp/moesim-study-cache")
     cache.mkdir(parents=True, exist_ok=True)
-    done: dict[str, pd.DataFrame] = {}
     pattern = re.compile(only) if only else None
+    todo: list[Run] = []
     for run in study.runs:
         if pattern and not pattern.search(run.key):
             continue
-        result = study.results_path(run)
-        digest = run.digest()
         write_text_atomic(study.config_path(run), f"# {study.name}/{run.key}: written by "
                           f"moesim study run {study.file}\n# trace: {json.dumps(run.trace)}\n"
                           + to_toml(run.config))
-        if resume and _stored_digest(result) == digest:
+        if resume and _stored_digest(study.results_path(run)) == run.digest():
             log(f"{study.name}/{run.key}: up to date")
             continue
-        t0 = time.perf_counter()
-        cfg = config_from_dict(run.config, f"{study.path}:{run.key}")
-        if digest not in done:
-            trace = make_trace(run, cfg, cache, root)
-            if run.runner == "simulate":
-                done[digest] = simulate_frames(run, cfg, trace, json.dumps(run.trace))
-            else:
-                done[digest] = layout_loads(run, cfg, trace)
-        frame = done[digest]
+        todo.append(run)
+    first: dict[str, Run] = {}
+    for run in todo:
+        first.setdefault(run.digest(), run)
+
+    def write(run: Run, frame: pd.DataFrame, seconds: float) -> None:
         meta = {"config": run.config, "study": study.name, "arm": run.key,
-                "trace": run.trace, "labels": run.labels, "digest": digest}
+                "trace": run.trace, "labels": run.labels, "digest": run.digest()}
         if run.runner == "simulate":
-            write_results(frame, result, meta)
+            write_results(frame, study.results_path(run), meta)
         else:
-            _write_layout(frame, result, meta)
-        log(f"{study.name}/{run.key}: {run.runner} in {time.perf_counter() - t0:.1f} s")
+            _write_layout(frame, study.results_path(run), meta)
+        log(f"{study.name}/{run.key}: {run.runner} in {seconds:.1f} s")
+
+    frames: dict[str, pd.DataFrame] = {}
+    if jobs > 1 and len(first) > 1:
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {d: pool.submit(_compute, r, f"{study.path}:{r.key}", cache, root)
+                       for d, r in first.items()}
+            for d, fut in futures.items():
+                frames[d] = fut.result()
+        log(f"{study.name}: {len(first)} runs in {jobs} processes, "
+            f"{time.perf_counter() - t0:.1f} s")
+    for run in todo:
+        t0 = time.perf_counter()
+        d = run.digest()
+        if d not in frames:
+            frames[d] = _compute(run, f"{study.path}:{run.key}", cache, root)
+        write(run, frames[d], time.perf_counter() - t0)
     return study_report.write_outputs(study, log=log, figures=figures)
 
 

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--report-only", action="store_true",
                    help="simulate nothing; re-report from the result files")
     r.add_argument("--no-figures", action="store_true", help="skip the figures")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="simulate in N processes (default 1)")
     r.add_argument("--cache", type=Path, default=Path("/tmp/moesim-study-cache"),
                    help="where generated traces are kept (regenerable)")
     r.set_defaults(func=cmd_run)
@@ -40,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             write_outputs(study, figures=not args.no_figures)
         else:
             run_study(study, cache=args.cache, resume=args.resume, only=args.only,
-                      figures=not args.no_figures)
+                      figures=not args.no_figures, jobs=args.jobs)
     return 0
 
 

@@ -299,3 +299,25 @@ def test_every_committed_study_file_loads():
                                          "scaling"}
     for s in studies:
         assert s.runs
+
+
+def test_parallel_jobs_give_the_same_results(tmp_path):
+    body = study_head() + TINY + """
+[[axis]]
+name = "k"
+point = [ { label = 1, set = { "model.top_k" = 1 } }, { label = 2 } ]
+[[arm]]
+name = "ep"
+strategy = "ep"
+[[arm]]
+name = "fsep"
+strategy = "fsep"
+"""
+    out = {}
+    for jobs in (1, 2):
+        d = tmp_path / f"j{jobs}"
+        d.mkdir()
+        study = load_study(write(d, body), d)
+        run_study(study, cache=d / "cache", log=lambda _: None, figures=False, jobs=jobs)
+        out[jobs] = (study.out / "summary.csv").read_text()
+    assert out[1] == out[2]
