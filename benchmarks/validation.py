@@ -5,6 +5,10 @@ numbers:
     python -m benchmarks.validation --sets docs/validation/sets.toml --out docs/validation \
         --render-only        # re-render docs/validation.md from the committed CSVs
     python -m benchmarks.validation RUN... --out DIR [--set cluster.gpu=NAME]   # ad hoc
+    python -m benchmarks.validation --sets docs/validation/sets.toml --out docs/validation \
+        --add-set s4-1410 --add-runs /tmp/runs/runs --add-calibration OUT/h200-measured.csv \
+        --call "2026-12-01 14:10 UTC" --command "bash benchmarks/device_session.sh ..." \
+        --machine "one lent nvidia-h200"    # commit a device call's runs and calibration
 
 With --sets, every run set is scored with every calibration (sets.toml says which device call
 took each; the same call is in sample, another is out of sample) into OUT/out_of_sample.csv
@@ -19,6 +23,7 @@ docs/figures/validation_h200x1 and the generated regions of docs/validation.md
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -85,6 +90,51 @@ def out_of_sample(sets) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def add_set(args: argparse.Namespace) -> None:
+    """Copy a device call's run directories to docs/validation/runs/NAME-RUN and its
+    calibration to configs/calibration/h200-NAME.csv, and append both to sets.toml, tagged
+    with the call (the new runs are then scored in and out of sample)."""
+    import re
+    import shutil
+
+    name = args.add_set
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name or ""):
+        raise InputError("--add-set", name, "lower-case letters, digits and '-'")
+    for flag, v in (("--add-runs", args.add_runs), ("--add-calibration", args.add_calibration),
+                    ("--call", args.call)):
+        if not v:
+            raise InputError("--add-set", flag, "required with --add-set")
+    sets = load_sets(args.sets)
+    if name in {r.name for r in sets.runs}:
+        raise InputError(args.sets, name, "a run set of that name exists")
+    runs = sorted(p for p in args.add_runs.iterdir() if (p / "results.parquet").exists())
+    if not runs:
+        raise InputError(args.add_runs, "results.parquet", "no run directory in this folder")
+    if not args.add_calibration.exists():
+        raise InputError(args.add_calibration, "file", "no such calibration file")
+    root = args.sets.resolve().parents[2]
+    dest = root / "docs" / "validation" / "runs"
+    for r in runs:
+        shutil.copytree(r, dest / f"{name}-{r.name}")
+    cal = f"h200-{name}"
+    text = args.add_calibration.read_text()
+    (root / "configs" / "calibration" / f"{cal}.csv").write_text(
+        f"# taken in the device call of {args.call} with the run set {name}\n" + text)
+    note = "the measured step: each run's meta.json (analysis.validation.measured_steps)"
+    entries = [("runs", {"name": name, "dirs": f"docs/validation/runs/{name}-*",
+                         "call": args.call, "command": args.command, "machine": args.machine,
+                         "note": note}),
+               ("calibration", {"name": cal, "file": f"configs/calibration/{cal}.csv",
+                                "call": args.call,
+                                "note": f"taken in the same device call as run set {name}"})]
+    # JSON's string escapes are TOML's basic-string escapes
+    block = "".join(f"\n[[{table}]]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                                   for k, v in vals.items())
+                    for table, vals in entries)
+    with open(args.sets, "a") as f:
+        f.write(block)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.validation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,8 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
     ap.add_argument("--render-only", action="store_true",
                     help="with --sets: only re-render the doc from OUT's committed CSVs")
+    add = ap.add_argument_group("adding a device call's runs and calibration (with --sets)")
+    add.add_argument("--add-set", metavar="NAME", help="name of the new run set")
+    add.add_argument("--add-runs", type=Path, metavar="DIR",
+                     help="folder of run directories (benchmarks/runtime.py --out DIR/runs)")
+    add.add_argument("--add-calibration", type=Path, metavar="CSV",
+                     help="the calibration taken in the same device call")
+    add.add_argument("--call", help="when the device call ran, e.g. '2026-12-01 14:10 UTC'")
+    add.add_argument("--command", default="bash benchmarks/device_session.sh $OUT "
+                     "runtime,calibrate", help="the command that took them")
+    add.add_argument("--machine", default="one lent nvidia-h200")
     args = ap.parse_args(argv)
     try:
+        if args.sets and args.add_set:
+            add_set(args)
         if args.sets:
             sets = load_sets(args.sets)
             if not args.render_only:

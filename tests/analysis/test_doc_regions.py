@@ -66,3 +66,46 @@ def test_strategy_errors_median_and_signed_worst():
     assert e.loc["ep", "median_abs_error"] == pytest.approx(0.10)
     assert e.loc["ep", "worst_error"] == -0.30 and e.loc["ep", "worst_run"] == "b"
     assert e.loc["hp", "runs"] == 1
+
+
+def test_add_set_scores_both_directions(tmp_path, monkeypatch):
+    """A second device call's runs and calibration, added with --add-set: each set is scored
+    with the other's calibration (out of sample, both directions) and its own (in sample)."""
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+
+    import moesim.sim.compute as compute
+    from benchmarks import validation as bv
+
+    repo = Path(__file__).resolve().parents[2]
+    cal_dir = tmp_path / "configs" / "calibration"
+    cal_dir.mkdir(parents=True)
+    monkeypatch.setattr(compute, "CALIBRATION_DIR", cal_dir)
+    shutil.copy(repo / "configs/calibration/h200-measured.csv", cal_dir / "h200-a.csv")
+    runs = tmp_path / "docs" / "validation" / "runs"
+    new = tmp_path / "new"
+    for name in ("h200x1-ep-k4-zipf", "h200x1-hp-k4-zipf"):
+        shutil.copytree(repo / "docs/validation/runs" / name, runs / f"a-{name}")
+        shutil.copytree(repo / "docs/validation/runs" / name, new / name)
+    sets = tmp_path / "docs" / "validation" / "sets.toml"
+    sets.write_text('primary = "h200-a"\n[[runs]]\nname = "a"\ndirs = '
+                    '"docs/validation/runs/a-*"\ncall = "A"\ncommand = "c"\nmachine = "m"\n'
+                    '[[calibration]]\nname = "h200-a"\nfile = "configs/calibration/h200-a.csv"'
+                    '\ncall = "A"\n')
+    b_cal = tmp_path / "b.csv"
+    b_cal.write_text((repo / "configs/calibration/h200-s3-1540.csv").read_text())
+    doc = tmp_path / "v.md"
+    doc.write_text("# v\n")
+    out = tmp_path / "docs" / "validation"
+    assert bv.main(["--sets", str(sets), "--out", str(out), "--doc", str(doc), "--figures",
+                    str(tmp_path / "fig"), "--add-set", "b", "--add-runs", str(new),
+                    "--add-calibration", str(b_cal), "--call", "B"]) == 0
+    oos = pd.read_csv(out / "out_of_sample.csv")
+    rel = {(r.set, r.calibration): r.sample for r in oos.itertuples()}
+    assert rel == {("a", "h200-a"): "in", ("a", "h200-b"): "out", ("b", "h200-a"): "out",
+                   ("b", "h200-b"): "in"}
+    # the same runs scored with the same calibration give the same error, whatever the set
+    same = oos[oos["calibration"] == "h200-a"].groupby("set")["step_error"].apply(sorted)
+    assert same["a"] == pytest.approx(same["b"])
