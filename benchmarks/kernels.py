@@ -428,8 +428,8 @@ def _stream_router_case(dev: torch.device, gen: torch.Generator, t: int, h: int,
     ref_e, _ = stream_route_reference(x64.detach(), r64.detach(), k, "softmax", bias)
     same = (torch.sort(ex, -1).values == torch.sort(ref_e, -1).values).all(-1)
     exact(f"stream_router[{tag}]", "experts (clear rows)", bool(same[clear].all()))
-    check(f"stream_router[{tag}]", "rows with a near tie", float((~clear).float().mean()),
-          1e-3)  # fmt: skip
+    RESULTS[f"stream_router/{tag}/rows with a near tie (info)"] = {
+        "fraction": float((~clear).float().mean())}
     _, ref_g = stream_route_reference(x64, r64, k, "softmax", forced=ex)
     check(f"stream_router[{tag}]", "gates", rel_err(gates, ref_g), 1e-5)
     dg = torch.randn(t, h, k, device=dev, generator=gen)
@@ -470,10 +470,8 @@ def _stream_router_case(dev: torch.device, gen: torch.Generator, t: int, h: int,
     if variants:
         # Launch-shape variants (explicit RouterConfig, each checked against the default).
         base = stream_route(items, router, k, "softmax", bias)
-        for cfg in (RouterConfig(block_t=32), RouterConfig(block_t=128),
-                    RouterConfig(block_e=32), RouterConfig(num_warps=8),
-                    RouterConfig(num_stages=3), RouterConfig(bwd_splits=1),
-                    RouterConfig(bwd_block_t=128)):  # fmt: skip
+        for cfg in (RouterConfig(block_e=64), RouterConfig(block_e=16),
+                    RouterConfig(bwd_splits=16)):  # fmt: skip
             name = ", ".join(f"{f}={v}" for f, v in vars(cfg).items()
                              if v != getattr(RouterConfig(), f))
             try:
@@ -494,7 +492,7 @@ def _stream_router_case(dev: torch.device, gen: torch.Generator, t: int, h: int,
                 print(f"{key} {name}: {RESULTS[f'{key}/variant {name}']['error']}")
 
 
-FUSED_SHAPES = ((64, 512), (64, 1024), (128, 1024), (256, 1024))  # (head size, expert width)
+FUSED_SHAPES = ((64, 512), (64, 1024), (128, 1024), (128, 512))  # (head size, expert width)
 
 
 def _routed_sizes(rows: int, groups: int, gen: torch.Generator, dev: torch.device):
@@ -509,13 +507,17 @@ def bench_fused_expert(dev: torch.device, small: bool) -> None:
     # 16 heads x 64 experts on the rank, 8192 tokens x top-8 per head: 1M rows.
     heads, experts, rows = (2, 4, 512) if small else (16, 64, 8192 * 8 * 16)
     for d, f in ((FUSED_SHAPES[0][0], 256),) if small else FUSED_SHAPES:
-        _fused_expert_case(dev, gen, heads * experts, rows, d, f,
-                           variants=d == 128 and f == 1024 and not small)
+        _fused_expert_case(dev, gen, heads * experts, rows, d, f)
 
 
-def _fused_expert_case(dev: torch.device, gen: torch.Generator, g: int, rows: int, d: int, f: int,
-                       variants: bool) -> None:
-    from kernels.fused_expert import FusedExpertConfig, fused_expert, fused_expert_reference
+def _fused_expert_case(dev: torch.device, gen: torch.Generator, g: int, rows: int, d: int,
+                       f: int) -> None:
+    from kernels.fused_expert import (
+        CANDIDATES,
+        FusedExpertConfig,
+        fused_expert,
+        fused_expert_reference,
+    )
     from runtime.kernels_bridge import grouped_ffn
 
     tag = f"{d}x{f}"
@@ -544,54 +546,52 @@ def _fused_expert_case(dev: torch.device, gen: torch.Generator, g: int, rows: in
         for what, got, want in zip(("dx", "dw1", "dw2"), leaves, ref_l, strict=True):
             check(name, what, rel_err(got.grad, want.grad), 1e-2)
     del ref_l, ref, leaves, y
-    # -- timings: the same rows and sizes through both paths.
+    # -- timings: the same rows and sizes through both paths; every candidate launch shape of
+    # the fused kernel (kernels.fused_expert.CANDIDATES, what runtime.kernels_bridge tries),
+    # forward and backward each, the best of each reported against the grouped path.
     fl = 4.0 * rows * d * f
     key = f"fused_expert/{tag}"
-    ms_f = bench(lambda: fused_expert(x, w1, w2, offsets), dev)
     ms_g = bench(lambda: grouped_ffn(x, sizes, w1, w2), dev)
-    record(f"{key}/fwd fused", ms_f, flops=fl, speedup_vs_torch=ms_g / ms_f)
     record(f"{key}/fwd grouped GEMM + GELU", ms_g, flops=fl)
     leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2)]
-    for dxm in ("recompute", "atomic"):
-        cfg = FusedExpertConfig(dx=dxm)
-        ms = bench(_grad_fn(lambda a, b, c, cfg=cfg: fused_expert(a, b, c, offsets, cfg),
-                            *leaves, grads=dy), dev)  # fmt: skip
-        record(f"{key}/bwd fused dx {dxm}", ms, flops=2 * fl)
     ms_gb = bench(_grad_fn(lambda a, b, c: grouped_ffn(a, sizes, b, c), *leaves, grads=dy),
                   dev)  # fmt: skip
     record(f"{key}/bwd grouped GEMM + GELU", ms_gb, flops=2 * fl)
-    best_b = min(RESULTS[f"{key}/bwd fused dx {m_}"]["ms"] for m_ in ("recompute", "atomic"))
-    RESULTS[f"{key}/bwd fused dx recompute"]["speedup_vs_torch"] = ms_gb / RESULTS[
-        f"{key}/bwd fused dx recompute"]["ms"]  # fmt: skip
-    RESULTS[f"{key}/bwd fused dx atomic"]["speedup_vs_torch"] = ms_gb / RESULTS[
-        f"{key}/bwd fused dx atomic"]["ms"]  # fmt: skip
-    dxm = min(("recompute", "atomic"), key=lambda m_: RESULTS[f"{key}/bwd fused dx {m_}"]["ms"])
-    cfg = FusedExpertConfig(dx=dxm)
+    fwd, bwd = {}, {}
+    for i, cfg in enumerate(CANDIDATES):
+        name = f"cand{i} " + (", ".join(f"{k_}={v}" for k_, v in vars(cfg).items()
+                                        if v != getattr(FusedExpertConfig(), k_)) or "default")
+        try:
+            if i:  # the default was checked above; each other shape against it
+                y0 = fused_expert(x[:cm], w1[:cg], w2[:cg], offsets[:cg + 1])
+                y1 = fused_expert(x[:cm], w1[:cg], w2[:cg], offsets[:cg + 1], cfg)
+                check(f"fused_expert[{tag}, {name}]", "vs default", rel_err(y1, y0), 1e-2)
+            fwd[name] = bench(lambda cfg=cfg: fused_expert(x, w1, w2, offsets, cfg), dev)
+            record(f"{key}/fwd fused {name}", fwd[name], flops=fl,
+                   speedup_vs_torch=ms_g / fwd[name])  # fmt: skip
+            bwd[name] = bench(_grad_fn(lambda a, b, c, cfg=cfg: fused_expert(
+                a, b, c, offsets, cfg), *leaves, grads=dy), dev)  # fmt: skip
+            record(f"{key}/bwd fused {name}", bwd[name], flops=2 * fl,
+                   speedup_vs_torch=ms_gb / bwd[name])  # fmt: skip
+        except Exception as exc:
+            RESULTS[f"{key}/{name}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"{key} {name}: {RESULTS[f'{key}/{name}']['error']}")
+    if not fwd:
+        return
+    bf, bb = min(fwd, key=fwd.get), min(bwd, key=bwd.get)
+    record(f"{key}/fwd fused best", fwd[bf], flops=fl, speedup_vs_torch=ms_g / fwd[bf],
+           config=bf)  # fmt: skip
+    record(f"{key}/bwd fused best", bwd[bb], flops=2 * fl, speedup_vs_torch=ms_gb / bwd[bb],
+           config=bb)  # fmt: skip
+    both = min(fwd, key=lambda n_: fwd[n_] + bwd.get(n_, float("inf")))
+    cfg = CANDIDATES[int(both.split()[0][len("cand"):])]
     fb_f = bench(lambda: torch.autograd.grad(fused_expert(*leaves, offsets, cfg), leaves, dy),
                  dev)  # fmt: skip
     fb_g = bench(lambda: torch.autograd.grad(grouped_ffn(leaves[0], sizes, *leaves[1:]),
                                              leaves, dy), dev)  # fmt: skip
-    record(f"{key}/fwd+bwd fused (dx {dxm})", fb_f, flops=3 * fl,
-           speedup_vs_torch=fb_g / fb_f)  # fmt: skip
+    record(f"{key}/fwd+bwd fused best", fb_f, flops=3 * fl, speedup_vs_torch=fb_g / fb_f,
+           config=both)  # fmt: skip
     record(f"{key}/fwd+bwd grouped GEMM + GELU", fb_g, flops=3 * fl)
-    del best_b
-    if variants:
-        for cfg in (FusedExpertConfig(block_m=128), FusedExpertConfig(block_f=64),
-                    FusedExpertConfig(num_warps=8), FusedExpertConfig(num_stages=3),
-                    FusedExpertConfig(block_m=128, num_warps=8),
-                    FusedExpertConfig(dw_block_m=128)):  # fmt: skip
-            name = ", ".join(f"{k_}={v}" for k_, v in vars(cfg).items()
-                             if v != getattr(FusedExpertConfig(), k_))
-            try:
-                record(f"{key}/fwd fused {name}", bench(
-                    lambda cfg=cfg: fused_expert(x, w1, w2, offsets, cfg), dev), flops=fl)
-                record(f"{key}/bwd fused {name}", bench(_grad_fn(
-                    lambda a, b, c, cfg=cfg: fused_expert(a, b, c, offsets, cfg), *leaves,
-                    grads=dy), dev), flops=2 * fl)  # fmt: skip
-            except Exception as exc:
-                RESULTS[f"{key}/variant {name}"] = {"error": f"{type(exc).__name__}: "
-                                                             f"{str(exc)[:300]}"}
-                print(f"{key} {name}: {RESULTS[f'{key}/variant {name}']['error']}")
 
 
 def zipf_sizes(m: int, g: int, s: float) -> torch.Tensor:
@@ -820,16 +820,14 @@ def headline() -> list[str]:
                          f"x{x:.2f} dense torch (target 2x: {'met' if x >= 2 else 'missed'})")
     for d, f in FUSED_SHAPES:
         key = f"fused_expert/{d}x{f}"
-        rows = {w: RESULTS.get(f"{key}/{w}", {}) for w in ("fwd fused", "bwd fused dx recompute",
-                                                           "bwd fused dx atomic")}
-        fb = next((v for k_, v in RESULTS.items() if k_.startswith(f"{key}/fwd+bwd fused")), {})
-        rows["fwd+bwd fused"] = fb
+        rows = {w: RESULTS.get(f"{key}/{w}", {}) for w in ("fwd fused best", "bwd fused best",
+                                                           "fwd+bwd fused best")}
         for what, row in rows.items():
             x = row.get("speedup_vs_torch", float("nan"))
             tgt = f" (target 1.5x: {'met' if x >= 1.5 else 'missed'})" if d in (64, 128) else ""
             lines.append(f"{key + ' ' + what:<52} {row.get('ms', float('nan')):7.4f} ms "
                          f"{row.get('TFLOP/s', float('nan')):4.0f} TFLOP/s x{x:.2f} grouped "
-                         f"GEMM + GELU{tgt}")
+                         f"GEMM + GELU{tgt} [{row.get('config', '')}]")
     for dist in ("uniform", "zipf1.2"):
         for layout in ("w[G,K,N]", "w K-contig"):
             for what in ("fwd", "bwd"):

@@ -63,6 +63,9 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return _DenseGrad.apply(_torch_grouped_mm()(x, w, offs=offs))
 
 
+GROUPED_MM_MAX_GROUPS = 512
+
+
 def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
                 w2: torch.Tensor, unfused: bool = False) -> torch.Tensor:
     """group_sizes: a list of ints or an int tensor (on the device: no host sync on GPU).
@@ -74,6 +77,19 @@ def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
         if isinstance(group_sizes, torch.Tensor):
             group_sizes = group_sizes.tolist()
         return ffn_loop(x, group_sizes, w1, w2, unfused)
+    if w1.shape[0] > GROUPED_MM_MAX_GROUPS:
+        # torch._grouped_mm takes at most 1024 groups (seen on the H200 with torch 2.11: HP's
+        # 16 heads x 64 experts on one GPU): run slices of groups, which needs the sizes on the
+        # host (one sync a call).
+        sizes = group_sizes.tolist() if isinstance(group_sizes, torch.Tensor) else group_sizes
+        outs, start = [], 0
+        for g0 in range(0, w1.shape[0], GROUPED_MM_MAX_GROUPS):
+            part = sizes[g0:g0 + GROUPED_MM_MAX_GROUPS]
+            rows = int(sum(part))
+            outs.append(grouped_ffn(x[start:start + rows], part, w1[g0:g0 + len(part)],
+                                    w2[g0:g0 + len(part)], unfused))
+            start += rows
+        return torch.cat(outs)
     if not isinstance(group_sizes, torch.Tensor):
         (group_sizes,) = upload(group_sizes, device=x.device)  # pinned: no stream stall
     offs = group_sizes.cumsum(0, dtype=torch.int32)
@@ -124,7 +140,7 @@ def _choose(key: tuple, cands: dict[str, Callable[[], object]]) -> str:
 
 def _fwd_bwd(fn: Callable[..., object], *inputs: torch.Tensor) -> Callable[[], object]:
     """A timed call: fn on fresh leaves of `inputs`, then the backward of all its float outputs
-    with random gradients."""
+    with gradients of ones (dense, as _grouped_mm's backward needs)."""
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
 
     def run():
@@ -203,17 +219,19 @@ def head_expert_ffn(rows: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor,
                 and w1.shape[-1] % 16 == 0)
     if not fused_ok:
         return grouped_ffn(rows, sizes, w1, w2)
-    from kernels.fused_expert import fused_expert
+    from kernels.fused_expert import CANDIDATES, fused_expert
 
     offsets = torch.zeros(sizes.numel() + 1, device=rows.device, dtype=torch.int32)
     torch.cumsum(sizes, 0, out=offsets[1:])
     key = ("experts", _bucket(rows.shape[0]), w1.shape[0], rows.shape[1], w1.shape[-1],
            str(rows.dtype))
     if key not in CHOICES:
-        _choose(key, {"grouped": _fwd_bwd(lambda x, a, b: grouped_ffn(x, sizes, a, b),
-                                          rows, w1, w2),
-                      "fused": _fwd_bwd(lambda x, a, b: fused_expert(x, a, b, offsets),
-                                        rows, w1, w2)})
-    if CHOICES[key]["choice"] == "grouped":
+        cands = {"grouped": _fwd_bwd(lambda x, a, b: grouped_ffn(x, sizes, a, b), rows, w1, w2)}
+        for i, cfg in enumerate(CANDIDATES):
+            cands[f"fused{i}"] = _fwd_bwd(lambda x, a, b, cfg=cfg: fused_expert(
+                x, a, b, offsets, cfg), rows, w1, w2)
+        _choose(key, cands)
+    choice = CHOICES[key]["choice"]
+    if choice == "grouped":
         return grouped_ffn(rows, sizes, w1, w2)
-    return fused_expert(rows, w1, w2, offsets)
+    return fused_expert(rows, w1, w2, offsets, CANDIDATES[int(choice[len("fused"):])])

@@ -44,7 +44,7 @@ CASES = [
 @pytest.mark.parametrize("dx", ["recompute", "atomic"])
 def test_matches_float64(sizes, d, f, tail, dtype, dx):
     x, w1, w2, offsets, g = _case(sizes, d, f, dtype, tail)
-    cfg = FusedExpertConfig(block_m=16, block_f=16, dw_block_m=16, dx=dx)
+    cfg = FusedExpertConfig(block_m=16, block_f=16, dw_block_m=16, dw_block_f=16, dx=dx)
     leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
     y = fused_expert(*leaves, offsets, cfg)
     ref_leaves = [t.double().requires_grad_(True) for t in (x, w1, w2)]
@@ -67,8 +67,16 @@ def test_matches_float64(sizes, d, f, tail, dtype, dx):
 def test_default_config_and_shape_errors():
     x, w1, w2, offsets, _ = _case([70, 3, 0, 64], 64, 128, torch.float32)
     y = fused_expert_forward(x, w1, w2, offsets)
-    assert rel_err(y, fused_expert_reference(x.double(), w1.double(), w2.double(),
-                                             offsets)) <= 1e-5
+    ref = fused_expert_reference(x.double(), w1.double(), w2.double(), offsets)
+    assert rel_err(y, ref) <= 1e-5
+    # The dW kernel's own chunk (32 here) differs from the forward's (16): both must agree.
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
+    cfg = FusedExpertConfig(block_m=16, block_f=16, dw_block_m=32, dw_block_f=32)
+    fused_expert(*leaves, offsets, cfg).backward(torch.ones_like(y))
+    r = [t.double().requires_grad_(True) for t in (x, w1, w2)]
+    fused_expert_reference(*r, offsets).backward(torch.ones_like(ref))
+    for got, want in zip(leaves, r, strict=True):
+        assert rel_err(got.grad, want.grad) <= 1e-5
     with pytest.raises(ValueError, match="multiple of 16"):
         fused_expert_forward(x[:, :8], w1[:, :8, :10], w2[:, :10, :8], offsets)
     with pytest.raises(ValueError, match="offsets"):
