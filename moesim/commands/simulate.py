@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from moesim.atomic import atomic_path, write_text_atomic
@@ -153,6 +154,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     sims, cfg_of = {}, {}
     traces_cache: dict[Path, object] = {}
     topo = None
+    iteration = cfg.train.scope == "iteration"
+    if iteration:
+        from moesim.sim.iteration import IterationSimulator as Simulator
     for s in strategies:
         c, t = _strategy_inputs(s, cfg, hp, args.trace, args.hp_trace)
         if t not in traces_cache:
@@ -160,6 +164,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sims[s] = Simulator(c, traces_cache[t], str(t), topo=topo)
         topo = sims[s].topo
         cfg_of[s] = c
+    if iteration:
+        return _simulate_iterations(args, cfg, sims, cfg_of, strategies, steps)
     t0 = time.perf_counter()
     outcomes = run_strategies(sims, list(range(steps)), progress=sys.stderr.isatty())
     wall = time.perf_counter() - t0
@@ -184,6 +190,97 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         write_text_atomic(args.timeline, text)
         print(f"wrote {args.timeline} (open in ui.perfetto.dev or chrome://tracing)")
     if args.plot:
+        _plot(frame, meta, args.plot, cfg)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+ITERATION_ROWS = [
+    ("layout", "layout"),
+    ("iteration_ms", "iteration time (ms)"),
+    ("tokens_per_s", "tokens / s"),
+    ("tflops_per_gpu", "model TFLOP/s per GPU"),
+    ("mfu", "MFU (Megatron: model FLOPs / peak)"),
+    ("compute_ms", "compute busy, slowest rank (ms)"),
+    ("exposed_comm_ms", "exposed communication (ms/rank)"),
+    ("exposed_*", "  exposed {} (ms/rank)"),
+    ("idle_ms", "idle: bubble and waits (ms/rank)"),
+    ("peak_memory_gib", "peak memory per GPU (GiB)"),
+    ("memory", "memory"),
+    ("imbalance", "expert load max/mean - 1"),
+    ("wall_s", "simulator wall time (s)"),
+]
+
+
+def _simulate_iterations(args: argparse.Namespace, cfg: Config, sims: dict, cfg_of: dict,
+                         strategies: list[str], steps: int) -> int:
+    """`moesim simulate` with train.scope = "iteration": whole training iterations."""
+    from tqdm import tqdm
+
+    from moesim.sim.iteration import summarize_iterations
+    from moesim.sim.simulate import chrome_trace
+    t0 = time.perf_counter()
+    outcomes = []
+    jobs = [(s, st) for s in sims for st in range(steps)]
+    walls: dict[str, float] = {}
+    for s, st in tqdm(jobs, desc="simulate", unit="iter", disable=not sys.stderr.isatty(),
+                      leave=False):
+        t1 = time.perf_counter()
+        o = sims[s].simulate_iteration(s, st)
+        o.wall_s = time.perf_counter() - t1
+        walls[s] = walls.get(s, 0.0) + o.wall_s
+        outcomes.append(o)
+    wall = time.perf_counter() - t0
+    summary = summarize_iterations(outcomes)
+    summary["wall_s"] = summary["strategy"].map(walls)
+    c, m, tr = cfg.cluster, cfg.model, cfg.train
+    print(f"{c.preset if not c.topology_file else c.topology_file}: {c.nodes} x "
+          f"{c.gpus_per_node} GPUs, fabric {c.fabric}; {m.name}: {m.num_layers} layers "
+          f"({m.num_moe_layers} MoE); {steps} iteration(s) of {tr.micro_batches} micro-batch(es) "
+          f"x {tr.micro_batch_size} x {m.seq_len} tokens per data-parallel rank, "
+          f"recompute {tr.recompute}, ZeRO {cfg.parallel.zero}")
+    cols = list(summary["strategy"])
+    width = 40
+    print(" " * width + "".join(f"{s.upper():>26}" for s in cols))
+    kinds = sorted({k for k in summary.columns if k.startswith("exposed_")
+                    and k != "exposed_comm_ms"})
+    for key, label in ITERATION_ROWS:
+        keys = [(k, label.format(k[len("exposed_"):-len("_ms")])) for k in kinds] \
+            if key == "exposed_*" else [(key, label)]
+        for k, lab in keys:
+            if k not in summary.columns:
+                continue
+            cells = []
+            for v in summary[k].to_numpy():
+                if isinstance(v, str):
+                    cells.append(f"{v:>26}")
+                elif v is None or (isinstance(v, float) and np.isnan(v)):
+                    cells.append(f"{'-':>26}")
+                elif k == "mfu":
+                    cells.append(f"{100 * v:>25.1f}%")
+                else:
+                    cells.append(f"{v:>26.4g}")
+            print(f"{lab:<{width}}{''.join(cells)}")
+    print(f"(simulated in {wall:.2f} s)")
+    timed = [o for o in outcomes if len(o.frame)]
+    meta = {"source": "sim", "scope": "iteration", "config": config_to_dict(cfg),
+            "trace": str(args.trace), "strategies": strategies,
+            "configs": {s: config_to_dict(c) for s, c in cfg_of.items()},
+            "traces": {s: sims[s].trace_source for s in sims}}
+    if args.out and timed:
+        frame = pd.concat([o.frame for o in timed], ignore_index=True)
+        write_results(frame, args.out, meta)
+        print(f"wrote {args.out} ({len(frame)} rows)")
+    if args.summary:
+        with atomic_path(args.summary) as tmp:
+            summary.to_csv(tmp, index=False, float_format="%.6g")
+        print(f"wrote {args.summary}")
+    if args.timeline and timed:
+        text = json.dumps(chrome_trace(timed, args.timeline_ranks), separators=(",", ":"))
+        write_text_atomic(args.timeline, text)
+        print(f"wrote {args.timeline} (open in ui.perfetto.dev or chrome://tracing)")
+    if args.plot and timed:
+        frame = pd.concat([o.frame for o in timed], ignore_index=True)
         _plot(frame, meta, args.plot, cfg)
         print(f"wrote {args.plot}")
     return 0

@@ -1,16 +1,24 @@
-"""The discrete-event executor of step programs: operations on a compute and a comm stream of
-every rank, with explicit dependencies.
+"""The discrete-event executor of step programs: operations on the streams of every rank of a
+pipeline stage, with explicit dependencies, in issue order.
 
-A program is a list of operations in issue order, each on one stream of every rank with
-dependencies on earlier operations. The executor runs one SimPy process per stream, vectorised
-over ranks: an operation's start on rank r is the later of its stream being free on r and its
-dependencies having finished on r, so per-rank skew (a rank with more expert tokens finishes
-later) carries through. Overlap comes only from the dependencies and the streams: nothing is
-assumed to hide behind anything else.
+A program is a list of operations in issue order, each on one stream ("compute", or a
+communication stream of moesim.results.STREAMS) of every rank of one pipeline stage, with
+dependencies on earlier operations. A lane is a (stage, stream); every stage has the same
+number of ranks, and position i of one stage is the pipeline peer of position i of another, so
+a dependency across stages is rank by rank. The executor walks the ops in issue order (a
+topological order), vectorised over the stage's ranks: an operation's start on rank r is the
+later of its lane being free on r and its dependencies having finished on r, so per-rank skew
+(a rank with more expert tokens finishes later) carries through. Overlap comes only from the
+dependencies and the streams: nothing is assumed to hide behind anything else.
 
-Assumed: a collective starts when its last participant is ready (NCCL semantics, a barrier at
-the start); ranks finish it at different times (`CollectiveResult.rank_end`). One comm stream
-per rank, so collectives run one at a time on the network and never share it with each other.
+Assumed: a collective group starts when its last participant is ready (NCCL semantics, a
+barrier at the start); ranks finish it at different times (`CollectiveResult.rank_end`). The
+groups of one op (every TP group of a stage, every MoE group) are timed on the network
+together as if they started at once, then each is shifted to its own start: exact when the
+groups share no link (TP and expert groups inside a node), an approximation when they do.
+Collectives of one stream run one at a time; collectives of different lanes that overlap in
+time are each timed on an otherwise empty network (their contention for shared links is
+ignored: a lower bound).
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import simpy
 
 from moesim.sim.collectives import CollectiveResult
 
@@ -39,6 +46,10 @@ class Op:
     tokens: np.ndarray | None = None                               # int64[N]
     flops: np.ndarray | None = None                                # float64[N]
     chunk: int = -1
+    stage: int = 0                                                 # pipeline stage (lane)
+    # A collective's independent groups (int64[G, k] positions): each starts when its own
+    # members are ready. None: one group of every rank (a barrier over the stage).
+    groups: np.ndarray | None = None
     # Filled by the executor.
     start: np.ndarray = field(default=None, repr=False)            # type: ignore[assignment]
     end: np.ndarray = field(default=None, repr=False)              # type: ignore[assignment]
@@ -65,41 +76,41 @@ class Program:
 
 
 def execute(prog: Program) -> float:
-    """Run the program; fill every op's per-rank start/end. Returns the step time."""
-    env = simpy.Environment()
+    """Run the program; fill every op's per-rank start/end. Returns the step time.
+
+    Ops are taken in issue order, which is a topological order (every dependency is issued
+    first), so each op's start is known when it is reached: on each rank, the later of its
+    lane being free and its dependencies' ends. A compute op then ends after its duration; a
+    collective starts, for each of its groups (`Op.groups`, default: all ranks one group),
+    when the group's last member is ready, and each rank ends when the collective's result
+    says it does; the lane is busy until the group's last rank is done."""
     n = prog.n
-    done = [env.event() for _ in prog.ops]
-
-    def stream(name: str):
-        free = np.zeros(n)
-        for i, op in enumerate(prog.ops):
-            if op.stream != name:
-                continue
-            if op.deps:
-                yield simpy.AllOf(env, [done[d] for d in op.deps])
-            ready = free.copy()
-            for d in op.deps:
-                np.maximum(ready, prog.ops[d].end, out=ready)
-            if name == "compute":
-                op.start = ready
-                op.end = ready + op.dur
-                free = op.end
-                yield env.timeout(max(float(op.end.max()) - env.now, 0.0))
-            else:
-                t0 = max(float(ready.max()), env.now)
-                yield env.timeout(t0 - env.now)
-                res = op.comm()
-                op.result = res
-                op.start = np.full(n, t0)
-                op.end = t0 + res.rank_end
-                free = np.full(n, t0 + res.duration)
-                yield env.timeout(res.duration)
-            done[i].succeed()
-
-    env.process(stream("compute"))
-    env.process(stream("comm"))
-    env.run()
-    missing = [i for i, e in enumerate(done) if not e.triggered]
-    if missing:  # a dependency on a later op of the other stream: a program bug
-        raise RuntimeError(f"step program deadlocked at op {missing[0]}: {prog.ops[missing[0]]}")
+    free: dict[tuple[int, str], np.ndarray] = {}
+    for op in prog.ops:
+        lane = (op.stage, op.stream)
+        f = free.get(lane)
+        ready = np.zeros(n) if f is None else f.copy()
+        for d in op.deps:
+            np.maximum(ready, prog.ops[d].end, out=ready)
+        if op.stream == "compute":
+            op.start = ready
+            op.end = ready + op.dur
+            free[lane] = op.end
+            continue
+        res = op.comm()
+        op.result = res
+        if op.groups is None:
+            t0 = float(ready.max())
+            op.start = np.full(n, t0)
+            op.end = t0 + res.rank_end
+            free[lane] = np.full(n, t0 + res.duration)
+        else:
+            g = op.groups
+            start = np.zeros(n) if f is None else f.copy()
+            start[g] = ready[g].max(axis=1, keepdims=True)
+            op.start = start
+            op.end = start + res.rank_end
+            busy = op.end.copy()
+            busy[g] = op.end[g].max(axis=1, keepdims=True)
+            free[lane] = busy
     return float(max(op.end.max() for op in prog.ops)) if prog.ops else 0.0

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,19 @@ class StrategyContext:
     all_reduce_all: Callable[[float], CollectiveResult]
     replicated_bytes: float                    # router / latent weights per layer, per rank
     groups: int = 1                            # data-parallel copies of the MoE group
-    n: int = 0                                 # ranks the program runs on
+    n: int = 0                                 # ranks the program runs on (one stage's)
+    # The whole iteration (moesim.sim.iteration): the scope, whether this is the
+    # iteration's last micro-batch (gradients are reduced after it), and the stage's dense
+    # collectives: collective(kind, group, buffer bytes) -> CollectiveResult over the stage.
+    scope: str = "moe"
+    last_micro_batch: bool = True
+    collective: Callable[[str, str, float], CollectiveResult] | None = None
+    layout: Any = None                         # planner.parallel.Layout
+    strategy: str = ""
+    stage: int = 0
+    # int64[groups, G] positions of the MoE groups: each group's all-to-all starts when its
+    # own ranks are ready (None: the whole program is one group).
+    moe_groups: np.ndarray | None = None
 
     @property
     def group_ranks(self) -> int:
@@ -88,7 +101,9 @@ class StrategyContext:
 
 
 # A compute row's cost: (seconds, FLOPs, tokens) per rank; a comm row's: the collective (run
-# when the op is issued) and the bytes each rank sends, for a `share` of the phase's traffic.
+# when the op is issued) and the bytes each rank sends, for a `share` of the phase's traffic,
+# optionally followed by the collective's independent groups (int64[G, k] positions; see
+# moesim.sim.executor.Op.groups).
 Work = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 ComputeCost = Callable[[StrategyContext, LayerInputs, str], Work]
 CommCost = Callable[[StrategyContext, LayerInputs, str, str, float],
@@ -107,7 +122,9 @@ class Row:
     key: str = ""
     chunks: str = "one"            # "one" | "all" | "first" | "rest"
     lag: int = 0
-    when: Callable[[StrategyContext, LayerInputs], bool] | None = None
+    when: Callable[[StrategyContext, Any], bool] | None = None
+    split: Callable[[StrategyContext], int] | None = None  # chunks; None: the table's
+    label: str = ""                # the pass its ops record, when not pass_ ("recompute")
 
     @property
     def name(self) -> str:
@@ -131,6 +148,16 @@ class Table:
 
 
 # --- the builder ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """One layer of a pass: its table, the layer number its Result rows carry, and the inputs
+    its cost functions and conditions read."""
+
+    table: Table
+    layer: int
+    inputs: Any
+
+
 def _chunk_ids(row: Row, k: int) -> list[int]:
     return {"one": [-1], "all": list(range(k)), "first": [0], "rest": list(range(1, k))}[
         row.chunks]
@@ -143,12 +170,12 @@ def _deps_of(entry: dict[int, list[int]], chunk: int) -> list[int]:
     return [d for ids in entry.values() for d in ids]
 
 
-def _emit_row(prog: Program, ctx: StrategyContext, table: Table, row: Row, layer: int,
-              lin: LayerInputs, entries: dict[str, dict[int, list[int]]],
-              chain: Callable[[], list[int]], k: int) -> None:
-    chunks = _chunk_ids(row, k)
+def _emit_row(prog: Program, ctx: StrategyContext, table: Table, row: Row, unit: Unit,
+              entries: dict[str, dict[int, list[int]]], chain: Callable[[], list[int]],
+              label: str, stage: int, ops: list[int]) -> None:
+    k = (row.split or table.split)(ctx) if row.chunks != "one" else 1
     entry = entries.setdefault(row.name, {})
-    for j in chunks:
+    for j in _chunk_ids(row, k):
         deps: list[int] = []
         for key in row.after:
             if key == IN:
@@ -159,55 +186,89 @@ def _emit_row(prog: Program, ctx: StrategyContext, table: Table, row: Row, layer
                 raise ValueError(f"table {table.name}: {row.pass_} {row.name} waits for "
                                  f"{key!r}, which is not an earlier row of the layer")
             deps += [d for d in got if d not in deps]
-        if row.when is not None and not row.when(ctx, lin):
+        if row.when is not None and not row.when(ctx, unit.inputs):
             entry.setdefault(j, []).extend(deps)  # transparent: pass the dependencies on
             continue
         share = 1.0 if j < 0 else 1.0 / k
         if row.stream == COMPUTE:
-            dur, flops, tokens = row.cost(ctx, lin, row.pass_)
+            dur, flops, tokens = row.cost(ctx, unit.inputs, row.pass_)
             if j >= 0:
                 dur = dur / k
                 flops = None if flops is None else flops / k
                 tokens = None if tokens is None else tokens // k + (j < tokens % k)
-            op = Op(layer, row.pass_, row.phase, row.stream, deps, dur=dur, flops=flops,
-                    tokens=tokens, chunk=j)
+            op = Op(unit.layer, row.label or label, row.phase, row.stream, deps, dur=dur,
+                    flops=flops, tokens=tokens, chunk=j, stage=stage)
         else:
-            run, nbytes = row.cost(ctx, lin, row.pass_, row.phase, share)
-            op = Op(layer, row.pass_, row.phase, row.stream, deps, comm=run, nbytes=nbytes,
-                    chunk=j)
-        entry.setdefault(j, []).append(prog.add(op))
+            run, nbytes, *groups = row.cost(ctx, unit.inputs, row.pass_, row.phase, share)
+            op = Op(unit.layer, row.label or label, row.phase, row.stream, deps, comm=run,
+                    nbytes=nbytes, chunk=j, stage=stage, groups=groups[0] if groups else None)
+        i = prog.add(op)
+        entry.setdefault(j, []).append(i)
+        ops.append(i)
+
+
+def emit(prog: Program, ctx: StrategyContext, units: list[Unit], pass_: str,
+         chain: list[int], *, label: str | None = None,
+         only: Callable[[Row], bool] | None = None, stage: int = 0,
+         wait: dict[int, list[int]] | None = None) -> tuple[list[int], list[list[int]]]:
+    """Issue the rows of `pass_` of every unit (in pass order), the first unit waiting for
+    `chain`, each next one for its predecessor's output (its table's `out`). A row's `lag`
+    counts units of its own table. `label` is the pass the ops record ("recompute" re-issues
+    the forward rows), `only` keeps some rows, `wait[u]` adds dependencies to unit u's input.
+    Returns (the last unit's output ops, every unit's op ids)."""
+    label = label or pass_
+    rows = {id(u.table): [r for r in u.table.rows if r.pass_ == pass_
+                          and (only is None or only(r))] for u in units}
+    members: dict[int, list[int]] = {}
+    for i, u in enumerate(units):
+        members.setdefault(id(u.table), []).append(i)
+    entries: list[dict[str, dict[int, list[int]]]] = [{} for _ in units]
+    unit_ops: list[list[int]] = [[] for _ in units]
+
+    def chain_in(i: int) -> list[int]:
+        extra = (wait or {}).get(i, [])
+        if i == 0:
+            return chain + [d for d in extra if d not in chain]
+        prev = units[i - 1]
+        out = entries[i - 1].get(prev.table.out[pass_]) if pass_ in prev.table.out else None
+        if out is None:
+            raise ValueError(f"table {units[i].table.name}: unit {i} needs unit {i - 1}'s "
+                             f"output before it is issued")
+        got = _deps_of(out, -1)
+        return got + [d for d in extra if d not in got]
+
+    def issue(t: int, table_id: int, only_lagged: bool) -> None:
+        who = members[table_id]
+        for row in rows[table_id]:
+            if only_lagged and row.lag == 0:
+                continue
+            pos = t - row.lag
+            if 0 <= pos < len(who):
+                i = who[pos]
+                _emit_row(prog, ctx, units[i].table, row, units[i], entries[i],
+                          lambda i=i: chain_in(i), label, stage, unit_ops[i])
+
+    for i, u in enumerate(units):
+        tid = id(u.table)
+        who, t = members[tid], members[tid].index(i)
+        lags = [r.lag for r in rows[tid]] or [0]
+        if t == 0:  # prefetches of this table's first units
+            for it in range(min(0, *lags), 0):
+                issue(it, tid, True)
+        issue(t, tid, False)
+        if t == len(who) - 1:  # rows lagged past this table's last unit
+            for it in range(len(who), len(who) + max(0, *lags)):
+                issue(it, tid, True)
+    if not units:
+        return chain, unit_ops
+    return chain_in(len(units)) if pass_ in units[-1].table.out else chain, unit_ops
 
 
 def emit_pass(prog: Program, ctx: StrategyContext, table: Table, pass_: str,
-              layers: list[tuple[int, LayerInputs]], chain: list[int]) -> list[int]:
+              layers: list[tuple[int, Any]], chain: list[int]) -> list[int]:
     """Issue `table`'s rows of `pass_` for `layers` ((layer index, inputs) in pass order),
     the first waiting for `chain`; returns the ops of the last layer's output."""
-    rows = [r for r in table.rows if r.pass_ == pass_]
-    if not rows or not layers:
-        return chain
-    k = table.split(ctx)
-    lo = min(0, *(r.lag for r in rows))
-    hi = max(0, *(r.lag for r in rows))
-    entries: list[dict[str, dict[int, list[int]]]] = [{} for _ in layers]
-    out_key = table.out[pass_]
-
-    def chain_in(pos: int) -> list[int]:
-        if pos == 0:
-            return chain
-        prev = entries[pos - 1].get(out_key)
-        if prev is None:
-            raise ValueError(f"table {table.name}: layer {pos} needs layer {pos - 1}'s output "
-                             f"{out_key!r} before it is issued")
-        return _deps_of(prev, -1)
-
-    for it in range(lo, len(layers) + hi):
-        for row in rows:
-            pos = it - row.lag
-            if 0 <= pos < len(layers):
-                layer, lin = layers[pos]
-                _emit_row(prog, ctx, table, row, layer, lin, entries[pos],
-                          lambda pos=pos: chain_in(pos), k)
-    return chain_in(len(layers))
+    return emit(prog, ctx, [Unit(table, li, lin) for li, lin in layers], pass_, chain)[0]
 
 
 def build_step(prog: Program, ctx: StrategyContext, table: Table,
@@ -220,6 +281,43 @@ def build_step(prog: Program, ctx: StrategyContext, table: Table,
     if table.steps:
         step = Table(table.name, table.steps, {"bwd": table.steps[-1].name})
         emit_pass(prog, ctx, step, "bwd", [(0, layers[0] if layers else None)], last)
+
+
+def compose(name: str, parts: list[tuple[str, Table, Callable[[Any], Any],
+                                         Callable[[StrategyContext, Any], bool] | None]]
+            ) -> Table:
+    """One table from several, in forward order: (prefix, table, the part's inputs from the
+    unit's, the part's condition). Keys become "prefix.key"; each part's "<in" is the previous
+    part's output (backward: the next part's, as the backward runs the parts in reverse);
+    forward rows keep the parts' order, backward rows reverse it. A part whose condition is
+    false for a unit is transparent, like a row whose `when` is false."""
+    def wrap(row: Row, prefix: str, get, cond, prev_out: str | None) -> Row:
+        after = tuple((prev_out or IN) if a == IN else f"{prefix}.{a}" for a in row.after)
+        inner = row.when
+
+        def when(ctx, u, inner=inner, get=get, cond=cond):
+            return (cond is None or cond(ctx, u)) and (inner is None or inner(ctx, get(u)))
+
+        def cost(ctx, u, *args, cost=row.cost, get=get):
+            return cost(ctx, get(u), *args)
+
+        return dataclasses.replace(row, key=f"{prefix}.{row.name}", after=after, cost=cost,
+                                   when=when if (cond or inner) else None,
+                                   split=row.split or parts_split[prefix])
+
+    parts_split = {prefix: t.split for prefix, t, _, _ in parts}
+    fwd, bwd = [], []
+    prev = None
+    for prefix, t, get, cond in parts:
+        fwd += [wrap(r, prefix, get, cond, prev) for r in t.rows if r.pass_ == "fwd"]
+        prev = f"{prefix}.{t.out['fwd']}" if "fwd" in t.out else prev
+    prev = None
+    for prefix, t, get, cond in reversed(parts):
+        bwd += [wrap(r, prefix, get, cond, prev) for r in t.rows if r.pass_ == "bwd"]
+        prev = f"{prefix}.{t.out['bwd']}" if "bwd" in t.out else prev
+    first, last = parts[0], parts[-1]
+    return Table(name, tuple(fwd + bwd), {"fwd": f"{last[0]}.{last[1].out['fwd']}",
+                                          "bwd": f"{first[0]}.{first[1].out['bwd']}"})
 
 
 # --- cost functions -------------------------------------------------------------------------
@@ -262,9 +360,9 @@ def _weight_copies(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: st
     local = lin.local.get((pass_, phase), zero) * share
     sent = np.bincount(t.src, weights=t.nbytes, minlength=n) + local
     recv = np.bincount(t.dst, weights=t.nbytes, minlength=n) + local
-    cm, degree = ctx.compute, ctx.cfg.parallel.degree or ctx.cfg.cluster.num_gpus
+    cm = ctx.compute
     if phase == "weight_gather":
-        unpack = (cm.local_copy(recv) + 2 * cm.launch_overhead) if degree > 1 else zero
+        unpack = (cm.local_copy(recv) + 2 * cm.launch_overhead) if ctx.group_ranks > 1 else zero
         return cm.gather(sent), np.where(recv > 0, unpack, 0.0)
     shard = share * lin.owned
     pack = np.where(sent > 0, cm.local_copy(sent) + 2 * cm.launch_overhead, 0.0)
@@ -288,7 +386,12 @@ def a2a(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str, share: f
     def run() -> CollectiveResult:
         return _packed(_with_local_copy(ctx.a2a(t), copy_s, latency), pack, unpack)
 
-    return run, t.sent(n)
+    return run, t.sent(n), _independent(ctx.moe_groups)
+
+
+def _independent(groups: np.ndarray | None) -> np.ndarray | None:
+    """Groups that start on their own, or None when there is only one."""
+    return groups if groups is not None and len(groups) > 1 else None
 
 
 def dp_all_reduce(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str,
@@ -297,14 +400,15 @@ def dp_all_reduce(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str
     ranks with the same local index."""
     d = max(ctx.groups, 1)
     sent = np.full(ctx.n, int(2 * (d - 1) / d * lin.dp_bytes), dtype=np.int64)
-    return (lambda b=lin.dp_bytes: ctx.dp_all_reduce(b)), sent
+    rings = None if ctx.moe_groups is None else _independent(ctx.moe_groups.T)
+    return (lambda b=lin.dp_bytes: ctx.dp_all_reduce(b)), sent, rings
 
 
 def final_all_reduce(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str,
                      share: float):
     """One bucketed all-reduce over all ranks of the weights every rank holds (router, HP
     latent projections) of every layer, after the last backward layer."""
-    total = ctx.replicated_bytes * ctx.cfg.model.num_layers
+    total = ctx.replicated_bytes * ctx.cfg.model.num_moe_layers
     n = ctx.n
     sent = np.full(n, int(2 * (n - 1) / n * total), dtype=np.int64)
     return (lambda: ctx.all_reduce_all(total)), sent
@@ -441,16 +545,25 @@ def has_phase(key: tuple[str, str]) -> Callable[[StrategyContext, LayerInputs], 
 
 
 def dp_synced(ctx: StrategyContext, lin: LayerInputs) -> bool:
-    return ctx.cfg.parallel.dp_grad_sync and lin.dp_bytes > 0
+    """The MoE part of a step syncs the groups' replicated weights per layer; a whole
+    iteration reduces every gradient in its data-parallel buckets instead."""
+    return ctx.scope == "moe" and ctx.cfg.parallel.dp_grad_sync and lin.dp_bytes > 0
 
 
 def replicated_synced(ctx: StrategyContext, lin: LayerInputs) -> bool:
     """The step's bucket of every-rank weights has bytes to move (2(n-1)/n of it)."""
-    total = ctx.replicated_bytes * ctx.cfg.model.num_layers
-    return ctx.cfg.parallel.dp_grad_sync and 2 * (ctx.n - 1) / ctx.n * total > 0
+    total = ctx.replicated_bytes * ctx.cfg.model.num_moe_layers
+    return (ctx.scope == "moe" and ctx.cfg.parallel.dp_grad_sync
+            and 2 * (ctx.n - 1) / ctx.n * total > 0)
 
 
-replica_synced = _has_traffic(("bwd", "grad_sync"))
+_replica_traffic = _has_traffic(("bwd", "grad_sync"))
+
+
+def replica_synced(ctx: StrategyContext, lin: LayerInputs) -> bool:
+    """Replicated experts (EP's hot replicas) sum their gradients: once per iteration, after
+    its last micro-batch."""
+    return ctx.last_micro_batch and _replica_traffic(ctx, lin)
 
 
 # --- the tables -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pandas as pd
 
 from moesim.config import Config
 from moesim.errors import InputError
-from moesim.results import COLUMNS
+from moesim.results import COLUMNS, STREAMS
 from moesim.sim.collectives import CollectiveResult, Collectives, Traffic
 from moesim.sim.compute import ComputeModel
 from moesim.sim.executor import Program, execute
@@ -82,14 +82,12 @@ class Simulator:
                  topo: Topology | None = None) -> None:
         self.cfg = cfg
         self.n = cfg.cluster.num_gpus
-        self.g = cfg.parallel.degree or self.n
-        if self.n % self.g:
-            raise InputError(cfg.source, "parallel.degree",
-                             f"{self.g} does not divide the cluster's {self.n} GPUs")
+        self.g, self.width, self.moe_groups = self._moe_layout()
         _check_trace(cfg, trace, trace_source, self.g)
         self.trace = trace.aggregate(self.g)
-        if self.trace.num_layers != cfg.model.num_layers:
-            self.trace = self.trace.resample(num_layers=cfg.model.num_layers)
+        # The trace's layers are the model's MoE layers.
+        if self.trace.num_layers != cfg.model.num_moe_layers:
+            self.trace = self.trace.resample(num_layers=cfg.model.num_moe_layers)
         self.trace_source = trace_source
         self.topo = topo or build_topology(cfg.cluster, cfg.source)
         if self.topo.num_gpus != self.n:
@@ -99,6 +97,16 @@ class Simulator:
         self.net = FlowNetwork(self.topo, cfg.cluster.completion_tolerance)
         self.coll = Collectives(self.net, cfg.cluster.collective_latency_us * 1e-6)
         self._traffic: dict = {}
+
+    def _moe_layout(self) -> tuple[int, int, np.ndarray]:
+        """(ranks of a MoE group, ranks a program spans, the groups as int64[groups, G]
+        positions in the program): the MoE part of a step spans the cluster, groups side
+        by side (group g: ranks g*G .. g*G + G - 1)."""
+        g = self.cfg.parallel.degree or self.n
+        if self.n % g:
+            raise InputError(self.cfg.source, "parallel.degree",
+                             f"{g} does not divide the cluster's {self.n} GPUs")
+        return g, self.n, np.arange(self.n, dtype=np.int64).reshape(self.n // g, g)
 
     # --- planner -----------------------------------------------------------------------
     def _placement(self, strategy: str, counts: np.ndarray):
@@ -132,9 +140,10 @@ class Simulator:
         return self._traffic[key]
 
     def layer_inputs(self, strategy: str, step: int, layer: int) -> LayerInputs:
-        """One layer over the cluster: every group's planner traffic laid block-diagonally."""
-        n, g = self.n, self.g
-        groups = n // g
+        """One MoE layer over the program's ranks: every group's planner traffic laid on the
+        group's positions (`moe_groups`). `layer` is the MoE layer (the trace's layer)."""
+        n = self.width
+        groups = len(self.moe_groups)
         m = self.cfg.model
         parts: dict[tuple[str, str], list[Traffic]] = {}
         local: dict[tuple[str, str], np.ndarray] = {}
@@ -147,10 +156,9 @@ class Simulator:
         for gi in range(groups):
             tstep = (step + gi) % self.trace.num_steps
             lt, sparse = self._layer_traffic(strategy, tstep, layer)
-            sl = slice(gi * g, (gi + 1) * g)
+            sl = self.moe_groups[gi]
             for key, t in sparse.items():
-                parts.setdefault(key, []).append(Traffic(t.src + gi * g, t.dst + gi * g,
-                                                         t.nbytes))
+                parts.setdefault(key, []).append(Traffic(sl[t.src], sl[t.dst], t.nbytes))
             for key, mtx in lt.phases.items():
                 # The diagonal never reaches the network, but it is still copied.
                 local.setdefault(key, np.zeros(n))[sl] = np.diag(mtx)
@@ -170,8 +178,7 @@ class Simulator:
 
     # --- collectives -------------------------------------------------------------------
     def _dp_rings(self) -> np.ndarray:
-        g, groups = self.g, self.n // self.g
-        return np.arange(self.n).reshape(groups, g).T  # [G rings, groups members]
+        return self.moe_groups.T  # [G rings, groups members]: same local index
 
     def simulate_step(self, strategy: str, step: int) -> StepOutcome:
         cfg = self.cfg
@@ -200,6 +207,7 @@ class Simulator:
             replicated_bytes=float(np.mean([lin.replicated for lin in layers])),
             groups=self.n // self.g,
             n=self.n,
+            moe_groups=self.moe_groups,
         )
         prog = Program(self.n)
         build_step(prog, ctx, TABLES[strategy], layers)
@@ -214,7 +222,7 @@ class Simulator:
                            phase_time=phase_time, ops=prog.ops)
 
     def _frame(self, prog: Program, strategy: str, step: int):
-        n = self.n
+        n = prog.n
         ops = prog.ops
         k = len(ops)
         rank = np.tile(np.arange(n), k)
@@ -303,34 +311,40 @@ def summarize(outcomes: list[StepOutcome], n: dict[str, int]) -> pd.DataFrame:
 
 def chrome_trace(outcomes: list[StepOutcome], max_ranks: int) -> dict:
     """Chrome/Perfetto trace: a process per (strategy, rank), a thread per stream; steps laid
-    one after another. Only the first `max_ranks` ranks are written (a 1024-GPU step has
-    millions of slices)."""
+    one after another. Only ranks below `max_ranks` are written (a 1024-GPU step has
+    millions of slices). Ops of a pipeline stage (whole iterations) carry the stage's ranks
+    (`stage_ranks` of the outcome); others run on ranks 0..N-1."""
     events: list[dict] = []
     pid_of: dict[tuple[str, int], int] = {}
     offset: dict[str, float] = {}
+    tid_of = {s: i for i, s in enumerate(STREAMS)}
     for o in outcomes:
         base = offset.get(o.strategy, 0.0)
+        stage_ranks = getattr(o, "stage_ranks", None) or None
         for op in o.ops:
-            for r in range(min(max_ranks, len(op.start))):
+            ranks = (stage_ranks[op.stage] if stage_ranks is not None
+                     else np.arange(len(op.start)))
+            for i in np.nonzero(ranks < max_ranks)[0]:
+                r = int(ranks[i])
                 key = (o.strategy, r)
                 if key not in pid_of:
                     pid = len(pid_of)
                     pid_of[key] = pid
                     events.append({"ph": "M", "name": "process_name", "pid": pid,
                                    "args": {"name": f"{o.strategy} rank {r}"}})
-                    for tid, s in enumerate(("compute", "comm")):
+                    for s, tid in tid_of.items():
                         events.append({"ph": "M", "name": "thread_name", "pid": pid,
                                        "tid": tid, "args": {"name": s}})
-                start, end = float(op.start[r]), float(op.end[r])
+                start, end = float(op.start[i]), float(op.end[i])
                 if end <= start:
                     continue
                 name = f"{op.pass_} {op.phase}" + (f" c{op.chunk}" if op.chunk >= 0 else "")
                 events.append({
                     "ph": "X", "name": name, "cat": op.stream, "pid": pid_of[key],
-                    "tid": 0 if op.stream == "compute" else 1,
+                    "tid": tid_of[op.stream],
                     "ts": round((base + start) * 1e6, 3), "dur": round((end - start) * 1e6, 3),
-                    "args": {"layer": op.layer, "step": o.step, "bytes": int(op.nbytes[r]),
-                             "tokens": int(op.tokens[r]), "flops": float(op.flops[r])},
+                    "args": {"layer": op.layer, "step": o.step, "bytes": int(op.nbytes[i]),
+                             "tokens": int(op.tokens[i]), "flops": float(op.flops[i])},
                 })
         offset[o.strategy] = base + o.step_time
     return {"traceEvents": events, "displayTimeUnit": "ms"}
