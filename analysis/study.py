@@ -395,21 +395,27 @@ def make_trace(run: Run, cfg: Config, cache: Path, root: Path):
     return read_trace(path)
 
 
-def simulate_frames(run: Run, cfg: Config, trace, source: str) -> pd.DataFrame:
+def simulate_frames(run: Run, cfg: Config, trace, source: str
+                    ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Every step of `run.steps`, simulated: the MoE layers of a step
     (moesim.sim.simulate.Simulator), or whole training iterations when the run's
-    `train.scope` is "iteration" (moesim.sim.iteration.IterationSimulator)."""
+    `train.scope` is "iteration" (moesim.sim.iteration.IterationSimulator). Returns the Result
+    rows and, for iterations, what their summary needs (tokens of the global batch, Megatron's
+    model FLOPs, the GPU's peak) for the result's metadata."""
     if cfg.train.scope == "iteration":
         from moesim.sim.iteration import IterationSimulator
 
         it = IterationSimulator(cfg, trace, source)
-        frames = [it.simulate_iteration(run.strategy, s).frame for s in range(cfg.run.steps)]
-    else:
-        from moesim.sim.simulate import Simulator
+        outs = [it.simulate_iteration(run.strategy, s) for s in range(cfg.run.steps)]
+        extra = {"tokens": int(outs[0].tokens),
+                 "model_flops": float(np.mean([o.model_flops for o in outs])),
+                 "peak_flops": float(outs[0].peak_flops)}
+        return pd.concat([o.frame for o in outs], ignore_index=True), extra
+    from moesim.sim.simulate import Simulator
 
-        sim = Simulator(cfg, trace, source)
-        frames = [sim.simulate_step(run.strategy, s).frame for s in range(cfg.run.steps)]
-    return pd.concat(frames, ignore_index=True)
+    sim = Simulator(cfg, trace, source)
+    frames = [sim.simulate_step(run.strategy, s).frame for s in range(cfg.run.steps)]
+    return pd.concat(frames, ignore_index=True), {}
 
 
 def layout_loads(run: Run, cfg: Config, trace) -> pd.DataFrame:
@@ -466,14 +472,15 @@ def _stored_digest(path: Path) -> str | None:
     return None
 
 
-def _compute(run: Run, source: str, cache: Path, root: Path) -> pd.DataFrame:
-    """One run's frame (Result rows, or a layout's loads); a top-level function so that a
-    process pool can run it."""
+def _compute(run: Run, source: str, cache: Path, root: Path
+             ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One run's frame (Result rows, or a layout's loads) and its extra metadata; a top-level
+    function so that a process pool can run it."""
     cfg = config_from_dict(run.config, source)
     trace = make_trace(run, cfg, cache, root)
     if run.runner == "simulate":
         return simulate_frames(run, cfg, trace, json.dumps(run.trace))
-    return layout_loads(run, cfg, trace)
+    return layout_loads(run, cfg, trace), {}
 
 
 def run_study(study: Study, *, cache: Path | None = None, resume: bool = False,
@@ -508,16 +515,19 @@ def run_study(study: Study, *, cache: Path | None = None, resume: bool = False,
     for run in todo:
         first.setdefault(run.digest(), run)
 
-    def write(run: Run, frame: pd.DataFrame, seconds: float) -> None:
+    def write(run: Run, done: tuple[pd.DataFrame, dict], seconds: float) -> None:
+        frame, extra = done
         meta = {"config": run.config, "study": study.name, "arm": run.key,
                 "trace": run.trace, "labels": run.labels, "digest": run.digest()}
+        if extra:
+            meta["iteration"] = extra
         if run.runner == "simulate":
             write_results(frame, study.results_path(run), meta)
         else:
             _write_layout(frame, study.results_path(run), meta)
         log(f"{study.name}/{run.key}: {run.runner} in {seconds:.1f} s")
 
-    frames: dict[str, pd.DataFrame] = {}
+    frames: dict[str, tuple[pd.DataFrame, dict]] = {}
     if jobs > 1 and len(first) > 1:
         t0 = time.perf_counter()
         with ProcessPoolExecutor(max_workers=jobs) as pool:

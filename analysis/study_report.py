@@ -13,7 +13,9 @@ Metrics of a simulated run (analysis.run_summary's definitions): step_ms, step_t
 step_std_ms, throughput_tok_s, tokens_per_step, num_gpus, comm_bytes_per_gpu,
 comm_mib_per_gpu, comm_ms (comm stream busy, per rank), compute_ms, comm_share (comm_ms /
 step_ms), imbalance (max/mean - 1 of per-GPU expert load), imbalance_cv (std/mean), and
-PHASE_ms for each phase (fwd + bwd, mean over ranks and steps). Of a layout run: imbalance,
+PHASE_ms for each phase (fwd + bwd, mean over ranks and steps); a whole-iteration run
+(train.scope = "iteration") counts the global batch as tokens_per_step and adds
+tflops_per_gpu and mfu (Megatron's model FLOPs). Of a layout run: imbalance,
 imbalance_cv, worst_step_imbalance (the worst step's max/mean - 1, mean over layers).
 """
 
@@ -179,6 +181,13 @@ def simulated_fields(path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
         "comm_share": float(r["comm_time_s"]) / step if step > 0 else math.nan,
         "imbalance": float(r["imbalance"]), "imbalance_cv": float(r["imbalance_cv"]),
     }
+    it = rf.meta.get("iteration")
+    if it:  # whole iterations: the global batch, and Megatron's model FLOPs per GPU
+        out["tokens_per_step"] = float(it["tokens"])
+        out["throughput_tok_s"] = it["tokens"] / step if step > 0 else math.nan
+        tflops = it["model_flops"] / step / out["num_gpus"] if step > 0 else math.nan
+        out["tflops_per_gpu"] = tflops / 1e12
+        out["mfu"] = tflops / it["peak_flops"] if it["peak_flops"] else math.nan
     ph = phase_times(rf.frame).groupby("phase")["time_s"].sum()
     out |= {f"{p}_ms": float(t) * 1e3 for p, t in ph.items()}
     return out, s
@@ -424,8 +433,8 @@ def summary_frame(fields: Fields) -> pd.DataFrame:
 
 
 _METRICS = ["num_gpus", "step_ms", "step_std_ms", "throughput_tok_s", "tokens_per_step",
-            "comm_bytes_per_gpu", "comm_ms", "compute_ms", "comm_share", "imbalance",
-            "imbalance_cv", "worst_step_imbalance"]
+            "comm_bytes_per_gpu", "comm_ms", "compute_ms", "comm_share", "tflops_per_gpu",
+            "mfu", "imbalance", "imbalance_cv", "worst_step_imbalance"]
 
 
 def md_table(header: list[str], body: list[list[str]]) -> str:

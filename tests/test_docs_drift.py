@@ -63,7 +63,7 @@ def test_study_results_are_what_the_simulator_gives_today(studies, tmp_path):
         if run is None:
             continue
         cfg = config_from_dict(run.config, run.key)
-        frame = simulate_frames(run, cfg, make_trace(run, cfg, tmp_path, ROOT), "canary")
+        frame, _ = simulate_frames(run, cfg, make_trace(run, cfg, tmp_path, ROOT), "canary")
         write_results(frame, tmp_path / "canary.parquet", {"config": run.config})
         now = simulated_fields(tmp_path / "canary.parquet")[0]["step_ms"]
         then = simulated_fields(s.results_path(run))[0]["step_ms"]

@@ -321,3 +321,24 @@ strategy = "fsep"
         run_study(study, cache=d / "cache", log=lambda _: None, figures=False, jobs=jobs)
         out[jobs] = (study.out / "summary.csv").read_text()
     assert out[1] == out[2]
+
+
+def test_whole_iteration_runs_report_the_global_batch(tmp_path):
+    p = write(tmp_path, study_head() + TINY.replace(
+        'run = { steps = 2, seed = 3, tokens_per_rank = 256 }',
+        'run = { steps = 1, seed = 3, tokens_per_rank = 256 }\n'
+        'train = { scope = "iteration", micro_batches = 2 }') + """
+[[arm]]
+name = "ep"
+strategy = "ep"
+set = { "model.seq_len" = 128 }
+""")
+    study = load_study(p, tmp_path)
+    run_study(study, cache=tmp_path / "cache", log=lambda _: None, figures=False)
+    df, meta = read_results(study.results_path(study.runs[0]))
+    s = pd.read_csv(study.out / "summary.csv").iloc[0]
+    it = meta["iteration"]
+    assert s["tokens_per_step"] == it["tokens"]
+    assert s["step_ms"] == pytest.approx(step_times(df)["step_time_s"].mean() * 1e3, rel=1e-5)
+    assert s["mfu"] == pytest.approx(it["model_flops"] / (s["step_ms"] / 1e3) / 2
+                                     / it["peak_flops"], rel=1e-4)
