@@ -78,9 +78,11 @@ def grouped_ffn(x: torch.Tensor, group_sizes, w1: torch.Tensor,
             group_sizes = group_sizes.tolist()
         return ffn_loop(x, group_sizes, w1, w2, unfused)
     if w1.shape[0] > GROUPED_MM_MAX_GROUPS:
-        # torch._grouped_mm takes at most 1024 groups (seen on the H200 with torch 2.11: HP's
-        # 16 heads x 64 experts on one GPU): run slices of groups, which needs the sizes on the
-        # host (one sync a call).
+        # torch._grouped_mm refused 1024 groups on the H200 (torch 2.11: HP's 16 heads x 64
+        # experts on one GPU): run slices of groups, which needs the sizes on the host (one
+        # sync a call; HP cuts at head boundaries instead, `head_grouped_ffn`, with none). The
+        # sync left the host behind the GPU for the rest of the step in the first H200 run
+        # (2026-12-01: HP's small phases after it 2-3x their modelled time).
         sizes = group_sizes.tolist() if isinstance(group_sizes, torch.Tensor) else group_sizes
         outs, start = [], 0
         for g0 in range(0, w1.shape[0], GROUPED_MM_MAX_GROUPS):
@@ -206,10 +208,30 @@ def route_items(items: torch.Tensor, router: torch.Tensor, kind: str, k: int,
     return stream_route(items, router, k, kind, bias, forced_idx)
 
 
+def head_grouped_ffn(rows: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor,
+                     w2: torch.Tensor, heads: int) -> torch.Tensor:
+    """`grouped_ffn` over rows sorted by (head, expert) with no host sync however many groups:
+    every head's items choose k of its experts, so each head holds rows / heads rows (known
+    on the host) and the groups are cut at head boundaries into calls of at most
+    GROUPED_MM_MAX_GROUPS groups."""
+    g = w1.shape[0]
+    per_call = max(1, GROUPED_MM_MAX_GROUPS // max(g // heads, 1))
+    if g <= GROUPED_MM_MAX_GROUPS or heads <= 1 or g % heads or rows.shape[0] % heads:
+        return grouped_ffn(rows, sizes, w1, w2)
+    e, r = g // heads, rows.shape[0] // heads
+    outs = []
+    for h0 in range(0, heads, per_call):
+        h1 = min(heads, h0 + per_call)
+        outs.append(grouped_ffn(rows[h0 * r:h1 * r], sizes[h0 * e:h1 * e], w1[h0 * e:h1 * e],
+                                w2[h0 * e:h1 * e]))
+    return torch.cat(outs)
+
+
 def head_expert_ffn(rows: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor,
-                    w2: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    """HP's experts over rows sorted by (head, expert), `sizes` [G] rows a group on the device:
-    the grouped GEMM path (`grouped_ffn`) or, for thin GELU experts, the fused expert kernel
+                    w2: torch.Tensor, mode: str = "auto", heads: int = 1) -> torch.Tensor:
+    """HP's experts over rows sorted by (head, expert), `sizes` [G] rows a group on the device
+    (`heads` heads of G / heads experts, rows / heads rows each): the grouped GEMM path
+    (`head_grouped_ffn`) or, for thin GELU experts, the fused expert kernel
     (kernels.fused_expert: the hidden layer on chip, each group padded to whole row tiles),
     whichever measures faster at this shape (`mode` "auto"; "baseline" always grouped)."""
     from runtime.experts import expert_kind_of
@@ -218,7 +240,7 @@ def head_expert_ffn(rows: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor,
                 and expert_kind_of(w1, w2) == "gelu" and rows.shape[1] <= 256
                 and w1.shape[-1] % 16 == 0)
     if not fused_ok:
-        return grouped_ffn(rows, sizes, w1, w2)
+        return head_grouped_ffn(rows, sizes, w1, w2, heads)
     from kernels.fused_expert import CANDIDATES, fused_expert
 
     offsets = torch.zeros(sizes.numel() + 1, device=rows.device, dtype=torch.int32)
@@ -226,12 +248,13 @@ def head_expert_ffn(rows: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor,
     key = ("experts", _bucket(rows.shape[0]), w1.shape[0], rows.shape[1], w1.shape[-1],
            str(rows.dtype))
     if key not in CHOICES:
-        cands = {"grouped": _fwd_bwd(lambda x, a, b: grouped_ffn(x, sizes, a, b), rows, w1, w2)}
+        cands = {"grouped": _fwd_bwd(lambda x, a, b: head_grouped_ffn(x, sizes, a, b, heads),
+                                     rows, w1, w2)}
         for i, cfg in enumerate(CANDIDATES):
             cands[f"fused{i}"] = _fwd_bwd(lambda x, a, b, cfg=cfg: fused_expert(
                 x, a, b, offsets, cfg), rows, w1, w2)
         _choose(key, cands)
     choice = CHOICES[key]["choice"]
     if choice == "grouped":
-        return grouped_ffn(rows, sizes, w1, w2)
+        return head_grouped_ffn(rows, sizes, w1, w2, heads)
     return fused_expert(rows, w1, w2, offsets, CANDIDATES[int(choice[len("fused"):])])

@@ -105,8 +105,8 @@ class HPMoE(MoELayerBase):
             rec.tokens = rec.bwd["tokens"] = flat.numel()
         with tm.fwd(lay, "expert") as rec:
             rows = tm.bwd_in(rows, lay, "expert")
-            out = tm.bwd_out(head_expert_ffn(rows, sizes, self.w1, self.w2, self.kernels), lay,
-                             "expert")
+            out = tm.bwd_out(head_expert_ffn(rows, sizes, self.w1, self.w2, self.kernels,
+                                             heads=nh), lay, "expert")
             rec.tokens = rec.bwd["tokens"] = flat.numel()
             rec.flops = m.expert_flops(flat.numel())
             rec.bwd["flops"] = 2 * rec.flops
