@@ -41,10 +41,12 @@ def load_all(folder: Path = STUDIES, names: list[str] | None = None, root: Path 
 
 def render(studies, doc: Path, headline_csv: Path) -> None:
     from analysis.reproduction_doc import headline, render_doc
+    from analysis.study_report import Fields
 
+    fields = {s.name: Fields(s) for s in studies}
     with atomic_path(headline_csv) as tmp:
-        headline(studies).to_csv(tmp, index=False, float_format="%.6g")
-    write_text_atomic(doc, render_doc(studies, doc))
+        headline(studies, fields).to_csv(tmp, index=False, float_format="%.6g")
+    write_text_atomic(doc, render_doc(studies, doc, fields))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,11 @@ COMMAND = ("python -m analysis.reproduce               # run every study, then r
            "moesim study run configs/studies/NAME.toml # one study")
 
 
-def render_doc(studies: list[Study], doc: Path) -> str:
+def render_doc(studies: list[Study], doc: Path,
+               fields: dict[str, Fields] | None = None) -> str:
+    """The page; `fields` (study name -> Fields) saves reading the result files again."""
     studies = sorted(studies, key=lambda s: (s.order, s.name))
-    fields = {s.name: Fields(s) for s in studies}
+    fields = fields or {s.name: Fields(s) for s in studies}
     out: list[str] = []
     w = out.append
     w("# Reproducing the papers' results in simulation\n")
@@ -90,11 +92,11 @@ def render_doc(studies: list[Study], doc: Path) -> str:
     return "\n".join(out)
 
 
-def headline(studies: list[Study]) -> pd.DataFrame:
+def headline(studies: list[Study], fields: dict[str, Fields] | None = None) -> pd.DataFrame:
     """Every study's claims, one row each (docs/reproduction/headline.csv)."""
     frames = []
     for s in sorted(studies, key=lambda s: (s.order, s.name)):
-        f = Fields(s)
+        f = (fields or {}).get(s.name) or Fields(s)
         frames.append(claims(f, values(f)))
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
