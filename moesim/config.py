@@ -341,6 +341,13 @@ class ParallelConfig:
                      "--expert-model-parallel-size); 0 means every GPU of a pipeline stage "
                      "over etp (the cluster, without PP)")
     ep_dedup: bool = _f(False, doc="EP: send a token once per node (DeepEP-style dispatch)")
+    ep_variant: str = _f("moesim", choices=("moesim", "paper"),
+                         doc="EP: 'moesim' (fused permute and combine kernels, one size "
+                         "exchange and host sync); 'paper' the EP baseline of "
+                         "kerner-lab/Sparse-GPT-Pretraining moe_ep.py (tokens duplicated before "
+                         "the permute, a bincount, a metadata all-to-all and host reads of its "
+                         "splits before the token all-to-all, the activation and the weighted "
+                         "sum as separate torch ops)")
     fsep_chunks: int = _f(4, lo=1, doc="FSEP: chunks that overlap shard gathers with compute")
     fsep_backward_gather: bool = _f(True, doc="FSEP: gather the experts' weights again for the "
                                     "backward (FSDP-style: freed in between); false keeps the "

@@ -10,8 +10,10 @@ from runtime.moe_layer import MoELayerBase
 
 
 def build_layer(strategy: str, m: ModelConfig, weights: dict[str, torch.Tensor], layer: int,
-                env: DistEnv, kernels: str = "auto", **kw) -> MoELayerBase:
-    """`kernels`: run.kernels ("auto" or "baseline", MoELayerBase.kernels)."""
+                env: DistEnv, kernels: str = "auto", ep_variant: str = "moesim",
+                **kw) -> MoELayerBase:
+    """`kernels`: run.kernels ("auto" or "baseline", MoELayerBase.kernels); `ep_variant`:
+    parallel.ep_variant (EP only: "paper" runs the paper's EP baseline, MoELayerBase.paper_ep)."""
     if strategy == "ep":
         from runtime.layers_ep import EPMoE
         out = EPMoE(m, weights, layer, env)
@@ -24,4 +26,5 @@ def build_layer(strategy: str, m: ModelConfig, weights: dict[str, torch.Tensor],
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     out.kernels = kernels
+    out.paper_ep = strategy == "ep" and ep_variant == "paper"
     return out

@@ -133,6 +133,9 @@ class MoELayerBase(nn.Module):
         # run.kernels: "auto" takes the streaming router / fused experts where they measure
         # faster (runtime.kernels_bridge), "baseline" never (build_layer sets it).
         self.kernels = "auto"
+        # parallel.ep_variant "paper": the EP baseline of kerner-lab/Sparse-GPT-Pretraining
+        # (src/model/modules/ffwd/moe_ep.py) in `exchange` (build_layer sets it).
+        self.paper_ep = False
         if self.latent:
             self.down = nn.Parameter(weights["down"].clone())
             self.up = nn.Parameter(weights["up"].clone())
@@ -195,7 +198,15 @@ class MoELayerBase(nn.Module):
             flat = assign.reshape(-1) if slots is None else slots[1]
             route = build_route(placement, traffic.tokens, self.rank, flat, items.device)
             items = tm.bwd_in(items, lay, "permute")
-            if slots is None:
+            if self.paper_ep:
+                # The paper's EP: tokens duplicated k times (a copy), permuted by expert, the
+                # counts by a bincount (a host sync), a metadata all-to-all of the per-expert
+                # counts and two host reads of its splits before the token all-to-all. The
+                # splits used are still the planner's (the metadata carries the same numbers).
+                send = take_rows(items.unsqueeze(1).expand(n, k, dim).reshape(n * k, dim),
+                                 route.send_order, 1)
+                _paper_metadata_exchange(flat, m.total_experts, self.world)
+            elif slots is None:
                 send = take_rows(items, route.send_order, k)
             else:  # rows kept (and padding) under capacity: any number per item
                 send = items.index_select(0, slots[0][route.send_order])
@@ -213,7 +224,7 @@ class MoELayerBase(nn.Module):
         with tm.fwd(lay, "expert") as rec:
             recv = tm.bwd_in(recv, lay, "expert")
             grouped = take_rows(recv, route.recv_to_group)
-            out = expert_ffn(grouped, route.group_sizes, w1, w2)
+            out = expert_ffn(grouped, route.group_sizes, w1, w2, unfused=self.paper_ep)
             out = take_rows(out, inverse_perm(route.recv_to_group))
             out = tm.bwd_out(out, lay, "expert")
             rows = int(sum(route.group_sizes))
@@ -224,7 +235,11 @@ class MoELayerBase(nn.Module):
             out = tm.bwd_in(out, lay, "combine")
             back = all_to_all(out, route.recv_splits, route.send_splits, layer=lay,
                               phase="combine")
-            if slots is None:
+            if self.paper_ep:
+                # Unpermuted rows, then the weighted sum as separate fp32 torch ops.
+                picked = back.index_select(0, inverse_perm(route.send_order)).view(n, k, dim)
+                y = (picked.float() * gates.float()[..., None]).sum(1).to(back.dtype)
+            elif slots is None:
                 row_map = inverse_perm(route.send_order).view(n, k)
                 y = weighted_sum(back, row_map, gates)
             else:
@@ -256,6 +271,23 @@ class MoELayerBase(nn.Module):
         if c.dim() == 2:
             c = all_gather_counts(c)
         return c.cpu().numpy()
+
+
+def _paper_metadata_exchange(flat: torch.Tensor, experts: int, world: int) -> list[int]:
+    """What moe_ep.py runs before its token all-to-all: per-expert counts by `torch.bincount`
+    (reads the largest id back: a sync on CUDA), an all_to_all_single of each destination's
+    [experts / world] counts, and the input and output splits read to the host (two syncs).
+    Returns the received counts per source (equal to the planner's receive splits)."""
+    counts = torch.bincount(flat, minlength=experts)
+    if experts % world:
+        return [int(counts.sum())]
+    out = torch.empty_like(counts)
+    if world > 1:
+        dist.all_to_all_single(out, counts)
+    else:
+        out.copy_(counts)
+    counts.view(world, -1).sum(1).tolist()
+    return out.view(world, -1).sum(1).tolist()
 
 
 def _sent(splits: list[int], rank: int) -> int:

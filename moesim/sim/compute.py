@@ -487,6 +487,29 @@ class ComputeModel:
             return self._kernels(a, 2, (2 * a + n) * row_bytes)
         return self._kernels(a, 3, 40.0 * a) + self._kernels(a, 1, (a + n) * row_bytes)
 
+    def duplicate(self, tokens: np.ndarray, row_bytes: int, top_k: int,
+                  backward: bool = False) -> np.ndarray:
+        """The paper EP's token duplication before its permute (moe_ep.py: expand + contiguous):
+        read each of `tokens` rows once, write it k times, one launch; backward the sum of the
+        k copies' gradients (read k rows, write one)."""
+        t = np.asarray(tokens, dtype=np.float64)
+        return self._kernels(t, 1, t * row_bytes * (1 + top_k))
+
+    def combine_unfused(self, assignments: np.ndarray, row_bytes: int, top_k: int,
+                        backward: bool = False) -> np.ndarray:
+        """The paper EP's combine as separate torch ops (moe_ep.py: unpermute, then the weighted
+        sum in fp32): the inverse permutation (2 launches over int64), the rows gathered back
+        (read and write a row), cast to fp32 (read a row, write two row-widths), times the gates
+        (read two, write two), summed over k (read two, write 2/k), cast back (3/k): 11 + 5/k
+        row-widths per assignment in 5 launches. Backward, their gradients, taken as the same
+        traffic in 7 launches (cast, broadcast-multiply, the gates' reduction, cast, the
+        gather's scatter and its zero fill)."""
+        a = np.asarray(assignments, dtype=np.float64)
+        widths = 11.0 + 5.0 / top_k
+        if backward:
+            return self._kernels(a, 7, a * widths * row_bytes)
+        return self._kernels(a, 2, 24.0 * a) + self._kernels(a, 5, a * widths * row_bytes)
+
     def regroup(self, rows: np.ndarray, row_bytes: int) -> np.ndarray:
         """EP/FSEP: received rows arrive source-major; the grouped GEMM wants them expert-major
         and the combine wants them back: two row gathers and the inverse permutation between

@@ -81,6 +81,7 @@ from moesim.sim.programs import (
 )
 from moesim.sim.simulate import Simulator, StepOutcome
 from moesim.sim.topology import LINK_KINDS, Topology
+from moesim.sim.variants import table_for
 from planner import parallel
 from planner.parallel import Bucket, Layout, UnitParams
 from traces.schema import Trace
@@ -309,13 +310,14 @@ def _recompute_rows(table: Table) -> tuple[Row, ...]:
     return tuple(fwd + rc + bwd)
 
 
-def layer_table(strategy: str) -> Table:
-    """The decoder layer of a whole iteration for one MoE strategy."""
+def layer_table(strategy: str, cfg: Config | None = None) -> Table:
+    """The decoder layer of a whole iteration for one MoE strategy (its table under `cfg`:
+    moesim.sim.variants.table_for)."""
     t = compose(f"layer-{strategy}", [
         ("attn", ATTENTION, _same, None),
         ("mlp", DENSE_MLP, _same, is_dense),
         ("norm", MLP_NORM, _same, is_moe),
-        ("moe", TABLES[strategy], _moe_of, is_moe),
+        ("moe", TABLES[strategy] if cfg is None else table_for(cfg, strategy), _moe_of, is_moe),
         ("shared", SHARED, _same, has_shared),
         ("res", RESIDUAL, _same, None),
     ])
@@ -520,7 +522,7 @@ class IterationSimulator(Simulator):
         cfg, lay = self.cfg, self.layout
         m, p, tr = cfg.model, cfg.parallel, cfg.train
         mbs = tr.micro_batches
-        table = layer_table(strategy)
+        table = layer_table(strategy, cfg)
         prog = Program(lay.stage_size)
         ctxs = [self._stage_context(strategy, s, account) for s in range(lay.pp)]
         send = parallel.pp_send_bytes(m, self.tokens, p.tp, p.sequence_parallel)

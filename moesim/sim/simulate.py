@@ -25,8 +25,9 @@ from moesim.sim.collectives import CollectiveResult, Collectives, Traffic
 from moesim.sim.compute import ComputeModel
 from moesim.sim.executor import Program, execute
 from moesim.sim.network import FlowNetwork
-from moesim.sim.programs import TABLES, LayerInputs, StrategyContext, build_step
+from moesim.sim.programs import LayerInputs, StrategyContext, build_step
 from moesim.sim.topology import LINK_KINDS, Topology, build_topology
+from moesim.sim.variants import table_for
 from planner.capacity import Capacity
 from planner.placement import ep_hot_replicas, ep_placement, hp_placement
 from planner.traffic import layer_traffic
@@ -210,7 +211,7 @@ class Simulator:
             moe_groups=self.moe_groups,
         )
         prog = Program(self.n)
-        build_step(prog, ctx, TABLES[strategy], layers)
+        build_step(prog, ctx, table_for(self.cfg, strategy), layers)
         step_time = execute(prog)
         frame, phase_time = self._frame(prog, strategy, step)
         loads = np.stack([lin.expert_tokens.sum(axis=1) for lin in layers]).astype(float)

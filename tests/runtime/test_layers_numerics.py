@@ -60,14 +60,14 @@ def reference(m: ModelConfig, world: int, forced: np.ndarray | None):
     return w, x, y, wgt, ref
 
 
-def _check(rank, world, strategy, latent, top_k, use_forced, kind="swiglu"):
+def _check(rank, world, strategy, latent, top_k, use_forced, kind="swiglu", variant="moesim"):
     from runtime.layers import build_layer
     m = model(strategy, latent, top_k, kind)
     forced = forced_counts(m, world, seed=5) if use_forced else None
     w, x, y_ref, wgt, ref = reference(m, world, forced)
     env = DistEnv(rank, world, 0, torch.device("cpu"), "gloo")
     kw = {"layout": replicated_layout} if strategy == "fsep" and use_forced else {}
-    layer = build_layer(strategy, m, w, layer=0, env=env, **kw)
+    layer = build_layer(strategy, m, w, layer=0, env=env, ep_variant=variant, **kw)
     sl = slice(rank * T, (rank + 1) * T)
     xr = x.detach()[sl].clone().requires_grad_(True)
     y = layer(xr, forced=forced)
@@ -93,7 +93,7 @@ def _check_all(rank, world, cases):
         try:
             _check(rank, world, *case)
         except AssertionError as e:
-            raise AssertionError(f"case (strategy, latent, top_k, forced, kind) = {case}: "
+            raise AssertionError(f"case (strategy, latent, top_k, forced, kind, variant) = {case}: "
                                  f"{e}") from e
 
 
@@ -103,10 +103,12 @@ CASES_2 = [(s, lat, 2, f) for s, lat in [("ep", False), ("ep", True), ("hp", Tru
            for f in (False, True)]
 # The 2-matrix GELU expert (model.expert_kind = "gelu") on every strategy.
 CASES_2 += [("ep", True, 2, False, "gelu"), ("hp", True, 2, True, "gelu"),
-            ("fsep", False, 2, True, "gelu")]
+            ("fsep", False, 2, True, "gelu"),
+            # The paper's EP baseline (parallel.ep_variant = "paper"): the same function.
+            ("ep", False, 2, True, "gelu", "paper"), ("ep", True, 2, False, "swiglu", "paper")]
 CASES_4 = [("ep", False, 3, True), ("ep", True, 3, False), ("hp", True, 3, True),
            ("fsep", False, 3, True), ("fsep", True, 1, False), ("hp", True, 3, False, "gelu"),
-           ("fsep", True, 2, False, "gelu")]
+           ("fsep", True, 2, False, "gelu"), ("ep", False, 3, True, "gelu", "paper")]
 
 
 def test_layers_match_reference_2_ranks():
