@@ -239,12 +239,15 @@ def load_sets(path: Path, root: Path | None = None) -> Sets:
             raise InputError(path, k, "unknown key; allowed: primary, runs, calibration")
     sets, cals = [], []
     for i, r in enumerate(raw.get("runs", [])):
-        for k in ("name", "dirs", "call", "command", "machine"):
+        for k in ("name", "call", "command", "machine"):
             if not isinstance(r.get(k), str):
                 raise InputError(path, f"runs[{i}].{k}", "required (a string)")
-        dirs = sorted(p for p in root.glob(r["dirs"]) if p.is_dir())
+        globs = [r.get("dirs")] if isinstance(r.get("dirs"), str) else r.get("dirs")
+        if not (isinstance(globs, list) and globs and all(isinstance(g, str) for g in globs)):
+            raise InputError(path, f"runs[{i}].dirs", "a glob or a list of globs")
+        dirs = sorted({p for g in globs for p in root.glob(g) if p.is_dir()})
         if not dirs:
-            raise InputError(path, f"runs[{i}].dirs", f"{r['dirs']!r} matches no run directory")
+            raise InputError(path, f"runs[{i}].dirs", f"{globs!r} match no run directory")
         sets.append(RunSet(r["name"], dirs, r["call"], r["command"], r["machine"],
                            r.get("note", "")))
     for i, c in enumerate(raw.get("calibration", [])):
@@ -256,6 +259,12 @@ def load_sets(path: Path, root: Path | None = None) -> Sets:
             raise InputError(path, f"calibration[{i}].file", f"{c['file']}: missing, or not "
                              f"named {c['name']}.csv (cluster.gpu selects it by name)")
         cals.append(Calibration(c["name"], f, c["call"], c.get("note", "")))
+    owner: dict[Path, str] = {}
+    for rs in sets:
+        for d in rs.dirs:
+            if d in owner:
+                raise InputError(path, "runs", f"{d.name} is in both {owner[d]} and {rs.name}")
+            owner[d] = rs.name
     if not sets or not cals:
         raise InputError(path, "runs" if not sets else "calibration", "at least one needed")
     primary = raw.get("primary", cals[0].name)

@@ -52,21 +52,27 @@ def _primary(root: Path) -> pd.DataFrame:
 
 def status(root: Path) -> str:
     sets = _sets(root)
-    d = _primary(root)
+    oos = _csv(root, "out_of_sample.csv")
     cal = next(c for c in sets.calibrations if c.name == sets.primary)
-    e = strategy_errors(d)
-    meta = json.loads((sets.runs[0].dirs[0] / "meta.json").read_text())
-    per = ", ".join(f"{STRATEGY.get(r.strategy, r.strategy)} {r.median_abs_error:.1%} "
-                    f"(worst {r.worst_error:+.0%}, {_short(r.worst_run)})" for r in e.itertuples())
-    ok = all(abs(r.median_abs_error) <= TARGET for r in e.itertuples())
-    sample = ("out of sample: a calibration from another device call than the runs"
-              if not cal.scores_in_sample(sets.runs[0]) else "in sample")
-    return (f"**Validated:** the compute, the local copies and the host overheads of one GPU. "
-            f"{len(d)} runs of the runtime's EP, HP and FSEP layers on one {meta['gpu']} "
-            f"({meta['date'][:10]}), each step simulated and compared with the benchmark's own "
-            f"step time: median |step error| {per}, with the shipped calibration "
-            f"`{cal.name}` ({sample}). The median of every strategy is "
-            f"{'within' if ok else 'not within'} the {TARGET:.0%} target.\n\n"
+    lines = []
+    for rs in sets.runs:
+        d = oos[(oos["set"] == rs.name) & (oos["calibration"] == cal.name)]
+        e = strategy_errors(d)
+        meta = json.loads((rs.dirs[0] / "meta.json").read_text())
+        per = ", ".join(f"{STRATEGY.get(r.strategy, r.strategy)} {r.median_abs_error:.1%} "
+                        f"(worst {r.worst_error:+.0%}, {_short(r.worst_run)})"
+                        for r in e.itertuples())
+        ok = all(abs(r.median_abs_error) <= TARGET for r in e.itertuples())
+        sample = "in sample" if cal.scores_in_sample(rs) else "out of sample"
+        names = ", ".join(STRATEGY.get(x, x) for x in e["strategy"])
+        lines.append(f"run set `{rs.name}`: {len(d)} runs of the runtime's {names} layers on "
+                     f"one {meta['gpu']} ({meta['date'][:10]}), median |step error| {per} "
+                     f"({sample}; {'every' if ok else 'not every'} median within the "
+                     f"{TARGET:.0%} target)")
+    return ("**Validated:** the compute, the local copies and the host overheads of one GPU. "
+            "Each step of each run is simulated and compared with the benchmark's own step "
+            f"time; with the shipped calibration `{cal.name}`, "
+            + "; ".join(lines) + ".\n\n"
             "**Not validated:** any network. No multi-GPU machine has been lent to the "
             "project, so every all-to-all in these runs is a local copy on one GPU; the "
             "network model (links, NICs, fabric, collectives) has not been checked against a "
@@ -82,14 +88,16 @@ def measured(root: Path) -> str:
         ks = sorted({c["model"]["top_k"] for c in cfgs})
         kinds = sorted({c["run"]["routing_kind"] for c in cfgs})
         strategies = sorted({c["parallel"]["strategy"] for c in cfgs})
-        m0 = next(c["model"] for c in cfgs if c["parallel"]["strategy"] == "ep")
+        m0 = cfgs[0]["model"]
         steps = cfgs[0]["run"]["steps"]
         out.append(
             f"- Run set `{rs.name}`: `{rs.command}` at {rs.call} on {rs.machine}; "
-            f"{len(rs.dirs)} run directories `{Path(rs.dirs[0]).parent.name}/"
-            f"{rs.dirs[0].name.rsplit('-', 3)[0]}-*` ({', '.join(strategies)}; top-k "
+            f"{len(rs.dirs)} run directories ({', '.join(strategies)}; top-k "
             f"{', '.join(map(str, ks))}; routing {', '.join(kinds)}; d_model "
-            f"{m0['d_model']}, d_ffn {m0['d_ffn']}, {m0['num_experts']} experts; "
+            f"{m0['d_model']}, d_ffn {m0['d_ffn']}, {m0['num_experts']} experts"
+            + (f", {m0['num_heads']} heads of {m0['head_dim']}" if m0["num_heads"] > 1 else "")
+            + (" in the first run" if len({json.dumps(c["model"]) for c in cfgs}) > 1 else "")
+            + "; "
             f"{cfgs[0]['run']['tokens_per_rank']} tokens; {steps} timed steps after "
             f"{meta.get('warmup_steps', 0)} warm-up; torch {meta['torch']}, triton "
             f"{meta['triton']}, NCCL {meta['nccl']}). {rs.note}.")
@@ -116,28 +124,41 @@ def out_of_sample(root: Path) -> str:
         rows.append([f"`{set_}` ({rs.call})", f"`{cal}` ({c.call or 'none'})", rel, *cells])
     head = ["runs", "scored with calibration", "relation",
             *[f"{STRATEGY.get(s, s)} median / worst" for s in strategies]]
-    one_way = len(sets.runs) == 1
-    note = ("\nEvery calibration here was taken in a device call other than the runs' (none "
-            "in sample), so each row is out of sample in one direction: calibration after runs. "
-            "The other direction, these calibrations scoring runs of a later call, needs a "
-            "second run set; `sets.toml` says how to add one, and this table then scores each "
-            "set with the other's calibration.\n" if one_way and not any(
-                c.scores_in_sample(sets.runs[0]) for c in sets.calibrations) else "")
+    notes = []
+    for rs in sets.runs:
+        own = [c.name for c in sets.calibrations if c.scores_in_sample(rs)]
+        later = [c.name for c in sets.calibrations if c.call and c.call > rs.call
+                 and not c.scores_in_sample(rs)]
+        earlier = [c.name for c in sets.calibrations if c.call and c.call < rs.call]
+        parts = [f"in sample with {', '.join(f'`{n}`' for n in own)}" if own
+                 else "no calibration from its own call"]
+        if earlier:
+            parts.append("out of sample with calibrations taken before it ("
+                         + ", ".join(f"`{n}`" for n in earlier) + ")")
+        if later:
+            parts.append("out of sample with calibrations taken after it ("
+                         + ", ".join(f"`{n}`" for n in later) + ")")
+        notes.append(f"`{rs.name}`: " + "; ".join(parts))
+    note = ("\nBoth directions, per run set: " + ". ".join(notes) + ".\n"
+            if len(sets.runs) > 1 else "\nOne run set: " + ". ".join(notes) + "; the other "
+            "direction needs a second run set (`--add-set`, above).\n")
     return _md(head, rows) + note
 
 
 def runs(root: Path) -> str:
     s = _csv(root, "summary.csv")
-    rows = [[_short(r.run), _ms(r.measured_step_s), _ms(r.phase_span_s), _ms(r.simulated_step_s),
-             _pct(r.step_error), f"{r.worst_phase} ({_pct(r.worst_phase_error)})"]
-            for r in s.itertuples()]
-    return _md(["run", "measured step (benchmark)", "span of timed phases", "simulated step",
-                "step error", "worst phase (error)"], rows)
+    rows = [[f"`{r.set}`", _short(r.run), _ms(r.measured_step_s), _ms(r.phase_span_s),
+             _ms(r.simulated_step_s), _pct(r.step_error),
+             f"{r.worst_phase} ({_pct(r.worst_phase_error)})"] for r in s.itertuples()]
+    return _md(["set", "run", "measured step (benchmark)", "span of timed phases",
+                "simulated step", "step error", "worst phase (error)"], rows)
 
 
 def _phase_table(root: Path) -> pd.DataFrame:
+    """Per (strategy, phase) of the first run set: the median measured time and error."""
     c = _csv(root, "comparison.csv")
-    c = c[(c["step"] == "mean") & (c["phase"] != "step") & (c["measured_s"] > 0)]
+    c = c[(c["step"] == "mean") & (c["phase"] != "step") & (c["measured_s"] > 0)
+          & (c["set"] == _sets(root).runs[0].name)]
     g = c.groupby(["strategy", "phase"])
     return pd.DataFrame({"measured": g["measured_s"].median(), "median": g["rel_error"].median(),
                          "lo": g["rel_error"].min(), "hi": g["rel_error"].max()}).reset_index()
@@ -147,8 +168,9 @@ def phases(root: Path) -> str:
     t = _phase_table(root)
     rows = [[r.strategy, r.phase, _ms(r.measured), _pct(r.median),
              f"{_pct(r.lo)}..{_pct(r.hi)}"] for r in t.itertuples()]
-    return _md(["strategy", "phase (fwd + bwd)", "measured (median)", "median error", "range"],
-               rows)
+    return (f"Run set `{_sets(root).runs[0].name}`:\n\n"
+            + _md(["strategy", "phase (fwd + bwd)", "measured (median)", "median error",
+                   "range"], rows))
 
 
 def _cal_rows(path: Path) -> dict[tuple[str, str], float]:
@@ -161,8 +183,11 @@ def _cal_rows(path: Path) -> dict[tuple[str, str], float]:
 def why(root: Path) -> str:
     sets = _sets(root)
     t = _phase_table(root).set_index(["strategy", "phase"])
+    first = sets.runs[0].name
     s = _csv(root, "summary.csv")
+    s = s[s["set"] == first]
     oos = _csv(root, "out_of_sample.csv")
+    oos = oos[oos["set"] == first]
     cal = {c.name: _cal_rows(c.file) for c in sets.calibrations}
     p = cal[sets.primary]
 
@@ -184,6 +209,7 @@ def why(root: Path) -> str:
     expert_words = ("each median within" if worst_expert <= TARGET else
                     "not every median within") + f" {TARGET:.0%} of measured"
     out = [
+        f"Run set `{first}`, with the shipped calibration unless said otherwise:\n",
         f"- **Top-2 runs** (median step error EP {_pct(k2_err['ep'])}, FSEP "
         f"{_pct(k2_err['fsep'])}, HP {_pct(k2_err['hp'])}): the smallest layers are partly "
         "host-bound, the host's Python and launches taking longer than the GPU's work, and "
@@ -224,6 +250,32 @@ def why(root: Path) -> str:
         f"{expert_words}): grouped GEMMs costed per group on the "
         "calibrated curves, measured with a copy queued before each run as in a step.",
     ]
+    curves = {c.name: {ln.split(",")[1] for ln in c.file.read_text().splitlines()
+                       if ln.startswith("curve,")} for c in sets.calibrations}
+    for rs in sets.runs:
+        shapes = set()
+        for d in rs.dirs:
+            m = tomllib.loads((d / "config.toml").read_text())["model"]
+            dim = m["head_dim"] if m["num_heads"] > 1 else m["d_model"]
+            shapes.add((m.get("expert_kind", "swiglu"), f"{dim}x{m['d_ffn']}"))
+        for kind, shape in sorted(shapes):
+            have = [n for n, cs in curves.items() if any(op.endswith(f"@{shape}") and
+                    (kind != "gelu" or "gelu" in op or "fused_expert" in op) for op in cs)]
+            out.append(f"- Run set `{rs.name}`: its {kind} experts of {shape} have measured "
+                       "curves in " + (", ".join(f"`{n}`" for n in have) if have else "no "
+                                       "calibration") + "; every other calibration costs them "
+                       "on the nearest measured shape.")
+    comp = _csv(root, "comparison.csv")
+    comp = comp[(comp["step"] == "mean") & (comp["phase"] != "step")]
+    for rs in sets.runs:
+        c = comp[comp["set"] == rs.name].assign(
+            miss=lambda d: d["simulated_s"] - d["measured_s"])
+        for strategy, d in c.groupby("strategy"):
+            m = d.groupby("phase")["miss"].median()
+            m = m.reindex(m.abs().sort_values(ascending=False).index)
+            out.append(f"- Run set `{rs.name}`, {STRATEGY.get(strategy, strategy)}: the step's "
+                       "miss phase by phase (simulated - measured, median over its runs): "
+                       + ", ".join(f"{ph} {v * 1e3:+.2f} ms" for ph, v in m.items()) + ".")
     return "\n".join(out) + "\n"
 
 

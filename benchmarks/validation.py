@@ -56,15 +56,16 @@ def detailed(runs: list[Path], overrides: dict, set_of: dict[str, str] | None = 
     for run in runs:
         measured, simulated = simulate_run(run, overrides)
         steps, _ = measured_steps(run)
-        comp = compare(measured, simulated, run, steps).assign(run=run.name)
+        set_ = (set_of or {}).get(run.name, "")
+        comp = compare(measured, simulated, run, steps).assign(run=run.name, set=set_)
         comps.append(comp)
-        passes.append(compare_passes(measured, simulated).assign(run=run.name))
+        passes.append(compare_passes(measured, simulated).assign(run=run.name, set=set_))
         mean = comp[comp["step"] == "mean"]
         step = mean[mean["phase"] == "step"].iloc[0]
         phases = mean[(mean["phase"] != "step") & (mean["measured_s"] > 0)]
         worst = phases.loc[phases["rel_error"].abs().idxmax()]
         span = comparison_span(measured)
-        rows.append({"set": (set_of or {}).get(run.name, ""), "run": run.name,
+        rows.append({"set": set_, "run": run.name,
                      "strategy": step["strategy"], "measured_step_s": step["measured_s"],
                      "phase_span_s": span, "simulated_step_s": step["simulated_s"],
                      "step_error": step["rel_error"], "worst_phase": worst["phase"],
