@@ -36,6 +36,10 @@ REGIONS: dict[str, str] = {
     "validation.phases": "analysis.validation_doc:phases",
     "validation.why": "analysis.validation_doc:why",
     "validation.calibrations": "analysis.validation_doc:calibrations",
+    # Sections of docs/validation.md other areas own: each module provides region(root), the
+    # section's markdown rendered from its committed CSVs alone (no date of the rendering).
+    "validation.published": "benchmarks.published:region",
+    "validation.network": "benchmarks.network:region",
 }
 
 _REGION = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)"
