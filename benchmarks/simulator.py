@@ -1,7 +1,10 @@
 """Simulator wall time: one training step (MoE part, forward + backward) of a 32-layer model on
-DGX-H200 clusters of 64, 256 and 1024 GPUs, for EP, HP and FSEP.
+DGX-H200 clusters of 64, 256 and 1024 GPUs, for EP, HP and FSEP; with --iteration, one whole
+training iteration of Mixtral-8x7B instead (configs/mixtral-8x7b-*.toml: Megatron's EP 8 x TP 8
+with ZeRO-1, and FSEP over groups of 32 GPUs with ZeRO-3, 2 micro-batches, full recompute).
 
     python -m benchmarks.simulator [--nodes 8,32,128 --layers 32 --repeat 3]
+    python -m benchmarks.simulator --iteration [--nodes 4,32,128 --repeat 1]
 
 The models are those of configs/dgx-h200-4node*.toml (standard: 64 experts, top-8; HP:
 Multi-Head LatentMoE, 32 heads x 16 experts, top-2) with 32 layers, MoE groups of 32 GPUs
@@ -47,15 +50,58 @@ def _bound(sim: Simulator, strategy: str) -> tuple[float, float]:
     return sim.coll.all_to_all(t).duration - sim.coll.alpha, lb
 
 
+def _iterations(nodes_list: list[int], repeat: int) -> None:
+    """Whole Mixtral-8x7B iterations: setup and simulate wall time, median of `repeat`."""
+    from pathlib import Path
+
+    from moesim.config import load_config, with_overrides
+    from moesim.sim.iteration import IterationSimulator
+    from traces.io import read_trace
+
+    root = Path(__file__).resolve().parents[1]
+    trace = read_trace(root / "traces" / "data" / "mixtral-8x7b-c4.parquet")
+    arms = {"ep": root / "configs" / "mixtral-8x7b-megatron-ep8tp8-4node.toml",
+            "fsep": root / "configs" / "mixtral-8x7b-fsep-4node.toml"}
+    print("| GPUs | strategy | layout | setup s | iteration s (median) | CPU s | ops | flows "
+          "(solved) | simulated iteration ms | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for nodes in nodes_list:
+        for strategy, path in arms.items():
+            cfg = with_overrides(load_config(path), {"cluster.nodes": nodes})
+            setups, steps, cpus = [], [], []
+            for _ in range(repeat):
+                t0, c0 = time.perf_counter(), time.process_time()
+                sim = IterationSimulator(cfg, trace, "bench")
+                t1 = time.perf_counter()
+                out = sim.simulate_iteration(strategy, 0)
+                steps.append(time.perf_counter() - t1)
+                setups.append(t1 - t0)
+                cpus.append(time.process_time() - c0)
+            lay = out.layout
+            mfu = out.model_flops / (out.step_time * lay.gpus * out.peak_flops)
+            print(f"| {nodes * 8} | {strategy} | tp{lay.tp} dp{lay.dp} ep{lay.ep} | "
+                  f"{statistics.median(setups):.2f} | {statistics.median(steps):.2f} | "
+                  f"{statistics.median(cpus):.2f} | {len(out.ops)} | {out.flows} "
+                  f"({sim.net.flows}) | {out.step_time * 1e3:.1f} | {100 * mfu:.1f}% |",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--nodes", default="8,32,128")
+    ap.add_argument("--nodes", default=None, help="node counts (default 8,32,128; "
+                    "--iteration: 4,32,128)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--iteration", action="store_true",
+                    help="whole Mixtral-8x7B training iterations instead of MoE steps")
     ap.add_argument("--trace-steps", type=int, default=32,
                     help="trace steps: group g replays step g mod this, so 32 gives every "
                     "group of a 1024-GPU cluster its own routing")
     args = ap.parse_args()
+    if args.iteration:
+        _iterations([int(x) for x in (args.nodes or "4,32,128").split(",")], args.repeat)
+        return
+    args.nodes = args.nodes or "8,32,128"
     common = {"kind": "zipf", "steps": args.trace_steps, "layers": args.layers, "shards": 32,
               "tokens_per_shard": 4096, "seed": 7, "params": {"exponent": 1.2}}
     std_tr = generate(TraceSpec(experts=64, top_k=8, **common))

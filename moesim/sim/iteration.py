@@ -414,6 +414,8 @@ class IterationSimulator(Simulator):
         self._check(cfg)
         super().__init__(cfg, trace, trace_source, topo)
         p = cfg.parallel
+        if self.layout.etp > 1:
+            self.etp_groups = self.layout.stage_groups("etp", 0)
         m = cfg.model
         self.tokens = cfg.train.micro_batch_size * m.seq_len  # per micro-batch and TP group
         self.rows = self.tokens // p.tp if (p.sequence_parallel and p.tp > 1) else self.tokens
@@ -427,9 +429,6 @@ class IterationSimulator(Simulator):
         if p.tp > 1 and not p.sequence_parallel and m.num_moe_layers:
             raise InputError(cfg.source, "parallel.sequence_parallel", "MoE layers with tp > 1 "
                              "need sequence parallel (as Megatron-Core requires)")
-        if p.etp > 1:
-            raise InputError(cfg.source, "parallel.etp", "expert tensor parallel > 1 is not "
-                             "simulated yet (the MoE layers need etp = 1)")
         if p.tp > 1 and m.seq_len * cfg.train.micro_batch_size % p.tp:
             raise InputError(cfg.source, "parallel.tp", f"{p.tp} does not divide the "
                              f"micro-batch's {m.seq_len * cfg.train.micro_batch_size} tokens")
@@ -645,6 +644,9 @@ class IterationSimulator(Simulator):
         """One whole iteration; a configuration that does not fit in GPU memory is not timed
         (its outcome has no rows and `memory.fits` is False)."""
         cfg = self.cfg
+        if self.layout.etp > 1 and strategy != "ep":
+            raise InputError(cfg.source, "parallel.etp", f"expert tensor parallel splits EP's "
+                             f"experts; {strategy.upper()} needs etp = 1")
         mem = self.memory(strategy, step)
         lay = self.layout
         tokens = cfg.train.micro_batch_size * cfg.model.seq_len * cfg.train.micro_batches \

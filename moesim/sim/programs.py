@@ -66,6 +66,11 @@ class LayerInputs:
     # (pass, phase) -> float64[N]: bytes of the phase's all-to-all a rank sends itself (the
     # diagonal the network never sees; a local copy, `ComputeModel.local_copy`)
     local: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    # Expert tensor parallel (whole iterations, etp > 1): the rows each rank's experts compute
+    # once its ETP group has all-gathered what its members received (int64[N, E_total]), and
+    # the gathered buffer of the largest group (bytes).
+    etp_expert_tokens: np.ndarray | None = None
+    etp_gather_bytes: float = 0.0
     copies: dict[str, np.ndarray] = field(default_factory=dict)  # LayerTraffic.copies
     owned: np.ndarray | None = None            # int64[N]: LayerTraffic.owned_param_bytes
     replicated: float = 0.0                    # LayerTraffic.replicated_param_bytes
@@ -492,14 +497,19 @@ def unpermute(ctx: StrategyContext, lin: LayerInputs, pass_: str) -> Work:
 
 
 def _expert(ctx: StrategyContext, lin: LayerInputs, pass_: str, regroup: bool) -> Work:
+    """The experts' grouped FFN on the rank's rows; with expert tensor parallel on the rows
+    its ETP group gathered, each rank holding 1/etp of every expert's hidden units."""
     m = ctx.cfg.model
-    t, f = ctx.compute.expert_ffn(lin.expert_tokens, m.expert_dim, m.d_ffn, m.dtype_bytes,
+    rows, ffn = lin.expert_tokens, m.d_ffn
+    if lin.etp_expert_tokens is not None:
+        rows, ffn = lin.etp_expert_tokens, -(-m.d_ffn // ctx.layout.etp)
+    t, f = ctx.compute.expert_ffn(rows, m.expert_dim, ffn, m.dtype_bytes,
                                   backward=pass_ == "bwd", activation=m.activation,
                                   kind=m.expert_kind,
                                   fused_ok=not regroup and ctx.cfg.run.kernels == "auto")
     if regroup:
-        t = t + ctx.compute.regroup(lin.expert_tokens.sum(axis=1), _row_bytes(ctx))
-    return t, f, lin.expert_tokens.sum(1)
+        t = t + ctx.compute.regroup(rows.sum(axis=1), _row_bytes(ctx))
+    return t, f, rows.sum(1)
 
 
 def experts_regrouped(ctx, lin, pass_) -> Work:
@@ -524,9 +534,29 @@ def head_pack(ctx: StrategyContext, lin: LayerInputs, pass_: str) -> Work:
     return t, None, None
 
 
+def etp_collective(kind: str) -> CommCost:
+    """Expert tensor parallel: the rows an EP rank received all-gathered over its ETP group
+    before the experts (forward; its reduce-scatter after them), as Megatron-Core's all-to-all
+    dispatcher does with expert_tensor_parallel_size > 1. The ring moves the largest group's
+    gathered rows (groups are timed together with one buffer size: an upper bound for the
+    others)."""
+    def cost(ctx: StrategyContext, lin: LayerInputs, pass_: str, phase: str, share: float):
+        from planner.parallel import ring_sent
+        buf = lin.etp_gather_bytes
+        sent = np.full(ctx.n, int(ring_sent(kind, ctx.layout.etp, buf)), dtype=np.int64)
+        return ((lambda: ctx.collective(kind, "etp", buf)), sent,
+                ctx.layout.stage_groups("etp", ctx.stage))
+    cost.__name__ = f"etp_{kind}"
+    return cost
+
+
 # --- conditions -----------------------------------------------------------------------------
 def has_latent(ctx: StrategyContext, lin: LayerInputs) -> bool:
     return ctx.cfg.model.num_heads > 1
+
+
+def has_etp(ctx: StrategyContext, lin: LayerInputs) -> bool:
+    return lin.etp_expert_tokens is not None
 
 
 def _has_traffic(key: tuple[str, str]) -> Callable[[StrategyContext, LayerInputs], bool]:
@@ -578,15 +608,23 @@ EP = Table("ep", (
     Row("router", F, COMPUTE, router, ("latent_down",)),
     Row("permute", F, COMPUTE, ep_permute, ("router",)),
     Row("dispatch", F, COMM, a2a, ("permute",), key="dispatch_a2a"),
-    Row("expert", F, COMPUTE, experts_regrouped, ("dispatch_a2a",)),
-    Row("combine", F, COMM, a2a, ("expert",), key="combine_a2a"),
+    Row("tp_all_gather", F, COMM, etp_collective("all_gather"), ("dispatch_a2a",),
+        key="etp_ag", when=has_etp),
+    Row("expert", F, COMPUTE, experts_regrouped, ("etp_ag",)),
+    Row("tp_reduce_scatter", F, COMM, etp_collective("reduce_scatter"), ("expert",),
+        key="etp_rs", when=has_etp),
+    Row("combine", F, COMM, a2a, ("etp_rs",), key="combine_a2a"),
     Row("combine", F, COMPUTE, unpermute, ("combine_a2a",)),
     Row("latent_up", F, COMPUTE, latent_up, ("combine",), when=has_latent),
     Row("latent_up", B, COMPUTE, latent_up, (IN,), when=has_latent),
     Row("combine", B, COMPUTE, unpermute, ("latent_up",)),
     Row("combine", B, COMM, a2a, ("combine",), key="combine_a2a"),
-    Row("expert", B, COMPUTE, experts_regrouped, ("combine_a2a",)),
-    Row("dispatch", B, COMM, a2a, ("expert",), key="dispatch_a2a"),
+    Row("tp_all_gather", B, COMM, etp_collective("all_gather"), ("combine_a2a",),
+        key="etp_ag", when=has_etp),
+    Row("expert", B, COMPUTE, experts_regrouped, ("etp_ag",)),
+    Row("tp_reduce_scatter", B, COMM, etp_collective("reduce_scatter"), ("expert",),
+        key="etp_rs", when=has_etp),
+    Row("dispatch", B, COMM, a2a, ("etp_rs",), key="dispatch_a2a"),
     Row("permute", B, COMPUTE, ep_permute, ("dispatch_a2a",)),
     Row("router", B, COMPUTE, router, ("permute",)),
     Row("grad_sync", B, COMM, a2a, ("expert",), key="replica_sync", when=replica_synced),

@@ -84,6 +84,7 @@ class Simulator:
         self.cfg = cfg
         self.n = cfg.cluster.num_gpus
         self.g, self.width, self.moe_groups = self._moe_layout()
+        self.etp_groups: np.ndarray | None = None  # int64[groups, etp] positions, etp > 1
         _check_trace(cfg, trace, trace_source, self.g)
         self.trace = trace.aggregate(self.g)
         # The trace's layers are the model's MoE layers.
@@ -174,8 +175,17 @@ class Simulator:
         # gradients all-reduce over the ranks of the same local index.
         dp = float(owned.mean()) if groups > 1 else 0.0
         phases = {k: Traffic.concat(v) for k, v in parts.items()}
+        etp_et, etp_bytes = None, 0.0
+        if self.etp_groups is not None:
+            # Expert tensor parallel: each member computes (1/etp of) every row its ETP
+            # group received.
+            total = et[self.etp_groups].sum(axis=1)            # [groups, E_total]
+            etp_et = np.zeros_like(et)
+            etp_et[self.etp_groups] = total[:, None, :]
+            etp_bytes = float(total.sum(axis=1).max()) * m.expert_dim * m.dtype_bytes
         return LayerInputs(phases, et, tokens, routed, dp, local, copies=copies, owned=owned,
-                           replicated=float(replicated))
+                           replicated=float(replicated), etp_expert_tokens=etp_et,
+                           etp_gather_bytes=etp_bytes)
 
     # --- collectives -------------------------------------------------------------------
     def _dp_rings(self) -> np.ndarray:
@@ -183,7 +193,8 @@ class Simulator:
 
     def simulate_step(self, strategy: str, step: int) -> StepOutcome:
         cfg = self.cfg
-        layers = [self.layer_inputs(strategy, step, li) for li in range(cfg.model.num_layers)]
+        layers = [self.layer_inputs(strategy, step, li)
+                  for li in range(cfg.model.num_moe_layers)]
         stats = {"link": np.zeros(len(LINK_KINDS)), "bytes": 0.0, "time": 0.0, "flows": 0,
                  "events": 0}
 

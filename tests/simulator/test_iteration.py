@@ -310,3 +310,29 @@ def test_collective_result_layout_is_per_stage():
         assert len(op.start) == 4 and len(op.end) == 4
         if op.result is not None:
             assert isinstance(op.result, CollectiveResult)
+
+
+def test_expert_tensor_parallel_gathers_and_splits_the_experts():
+    # 8 GPUs, tp 2 and etp 2: two EP groups of 4 (one per etp coordinate); each rank computes
+    # half of every expert's hidden units over the rows both members of its ETP group received.
+    cfg = _cfg(gpus=8, tp=2, etp=2, degree=4)
+    sim = IterationSimulator(cfg, _trace(shards=4), "z")
+    lay = sim.layout
+    assert (lay.ep, lay.etp, lay.edp) == (4, 2, 1)
+    assert lay.groups("etp").tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert lay.groups("ep").tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    out = sim.simulate_iteration("ep", 0)
+    f = out.frame
+    lin = sim.layer_inputs("ep", 0, 0)
+    rows = lin.expert_tokens.sum(axis=1)
+    want = rows[[0, 1]].sum()
+    ex = f[(f["phase"] == "expert") & (f["pass"] == "fwd") & (f["layer"] == 0)]
+    assert ex.set_index("rank")["tokens"][[0, 1]].tolist() == [want, want]
+    # The all-gather before the experts moves (etp-1)/etp of the largest group's rows.
+    ag = f[(f["phase"] == "tp_all_gather") & (f["layer"] == 0) & (f["pass"] == "fwd")]
+    width = cfg.model.d_model * 2
+    big = max(rows[g].sum() for g in lay.groups("etp"))
+    assert (ag.groupby("rank")["bytes"].sum() == 512 * 512 * 2 // 2 + big * width // 2).all()
+    with pytest.raises(Exception, match="etp"):
+        IterationSimulator(dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, strategy="fsep")), _trace(shards=4), "z").simulate_iteration("fsep", 0)
