@@ -5,7 +5,10 @@ A run directory (written by `runtime.train`, docs/interfaces.md) holds `config.t
 saw) and, for FSEP, `plan.json` (the placements it used). The simulator replays the same steps
 with the same config, routing and placements; the comparison pairs per-phase times (summed over
 layers and passes, mean over ranks and steps) and the step time (analysis.validation), and
-adds one row per step. Relative error = (simulated - measured) / measured.
+adds one row per step. Relative error = (simulated - measured) / measured. A run that also timed
+the non-MoE phases (attention, norms, embedding, LM head, loss, optimizer) is replayed as whole
+iterations (moesim.sim.iteration) with the run's model and its training precision, so the
+comparison covers the whole step phase by phase.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pandas as pd
 from moesim.config import load_config, with_overrides
 from moesim.errors import InputError
 from moesim.results import read_results
+from moesim.sim.iteration import IterationSimulator
 from moesim.sim.simulate import Simulator
 from planner.plan import read_plan
 from traces.io import read_trace
@@ -75,10 +79,45 @@ def simulate_run(run: Path, overrides: dict | None = None) -> tuple[pd.DataFrame
     if (run / "plan.json").exists():
         plan = read_plan(run / "plan.json")
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, strategy=strategy))
-    sim = PlannedSimulator(cfg, trace, str(files["trace.parquet"]), plan=plan)
     steps = sorted(int(s) for s in measured["step"].unique())
     if steps[-1] >= trace.num_steps:
         raise InputError(files["trace.parquet"], "steps", f"the results have step {steps[-1]}, "
                          f"the trace {trace.num_steps} steps")
-    frames = [sim.simulate_step(strategy, s).frame for s in steps]
+    if not set(measured["phase"]) & WHOLE_STEP_PHASES:
+        sim = PlannedSimulator(cfg, trace, str(files["trace.parquet"]), plan=plan)
+        frames = [sim.simulate_step(strategy, s).frame for s in steps]
+        return measured.reset_index(drop=True), pd.concat(frames, ignore_index=True)
+    # The run timed the rest of its step too: replay whole iterations as runtime/train.py
+    # trains (one micro-batch of run.tokens_per_rank tokens a rank, every tensor in the
+    # model's dtype, torch's AdamW).
+    cfg = _as_trained(cfg, files["config.toml"])
+    sim = PlannedIterationSimulator(cfg, trace, str(files["trace.parquet"]), plan=plan)
+    frames = []
+    for s in steps:
+        out = sim.simulate_iteration(strategy, s)
+        if not len(out.frame):
+            raise InputError(files["config.toml"], "model", f"the run does not fit in the "
+                             f"simulator's memory estimate ({out.memory.verdict()})")
+        frames.append(out.frame)
     return measured.reset_index(drop=True), pd.concat(frames, ignore_index=True)
+
+
+# Phases only a whole step has: a run that times any of them is replayed as an iteration.
+WHOLE_STEP_PHASES = {"embed", "attn_norm", "qkv", "attention", "attn_out", "residual",
+                     "mlp_norm", "dense_mlp", "shared_expert", "final_norm", "lm_head", "loss",
+                     "optimizer"}
+
+
+def _as_trained(cfg, source) -> object:
+    m, r = cfg.model, cfg.run
+    if r.tokens_per_rank % m.seq_len:
+        raise InputError(source, "run.tokens_per_rank", f"{r.tokens_per_rank} is not a "
+                         f"multiple of model.seq_len = {m.seq_len}")
+    return with_overrides(cfg, {"train.scope": "iteration",
+                                "train.micro_batch_size": r.tokens_per_rank // m.seq_len,
+                                "train.micro_batches": 1, "train.precision": "pure",
+                                "train.optimizer_impl": "foreach"})
+
+
+class PlannedIterationSimulator(PlannedSimulator, IterationSimulator):
+    """Whole iterations with the run's own placements."""
