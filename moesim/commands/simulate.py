@@ -332,10 +332,16 @@ def _sweep_point(point: dict) -> dict:
 
     cfg = config_from_dict(point["config"], point["config_source"])
     trace = read_trace(point["trace"])
-    sim = Simulator(cfg, trace, point["trace"])
     t0 = time.perf_counter()
-    outs = run_strategies({point["strategy"]: sim}, list(range(cfg.run.steps)))
-    row = summarize(outs, {point["strategy"]: sim.n}).iloc[0].to_dict()
+    if cfg.train.scope == "iteration":
+        from moesim.sim.iteration import IterationSimulator, summarize_iterations
+        sim = IterationSimulator(cfg, trace, point["trace"])
+        outs = [sim.simulate_iteration(point["strategy"], st) for st in range(cfg.run.steps)]
+        row = summarize_iterations(outs).iloc[0].to_dict()
+    else:
+        sim = Simulator(cfg, trace, point["trace"])
+        outs = run_strategies({point["strategy"]: sim}, list(range(cfg.run.steps)))
+        row = summarize(outs, {point["strategy"]: sim.n}).iloc[0].to_dict()
     row.update(nodes=cfg.cluster.nodes, degree=sim.g, trace=point["trace"],
                top_k=cfg.model.top_k, num_heads=cfg.model.num_heads,
                wall_s=time.perf_counter() - t0, point=point["key"])
@@ -377,8 +383,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 raw = config_to_dict(c)
                 raw["cluster"]["nodes"] = n
                 gpus = n * raw["cluster"]["gpus_per_node"]
-                # A group larger than the cluster shrinks to it.
-                raw["parallel"]["degree"] = min(raw["parallel"]["degree"] or gpus, gpus)
+                # A group larger than the cluster shrinks to it (a whole iteration's 0 means
+                # the whole pipeline stage, which planner.parallel resolves).
+                if raw["parallel"]["degree"] or raw["train"]["scope"] != "iteration":
+                    raw["parallel"]["degree"] = min(raw["parallel"]["degree"] or gpus, gpus)
                 raw["model"]["top_k"] = meta.top_k
                 raw["parallel"]["strategy"] = s
                 checked = config_from_dict(raw, c.source)  # validate before spawning

@@ -336,3 +336,22 @@ def test_expert_tensor_parallel_gathers_and_splits_the_experts():
     with pytest.raises(Exception, match="etp"):
         IterationSimulator(dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, strategy="fsep")), _trace(shards=4), "z").simulate_iteration("fsep", 0)
+
+
+def test_sweep_runs_whole_iterations(tmp_path):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from moesim.cli import main
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sweep.csv"
+    rc = main(["sweep", "--config",
+               str(root / "configs/mixtral-8x7b-megatron-ep8tp8-4node.toml"), "--trace",
+               str(root / "traces/data/mixtral-8x7b-c4.parquet"), "--strategies", "ep",
+               "--nodes", "1,2", "--set", "model.num_layers=2", "--set",
+               "train.micro_batch_size=2", "--jobs", "1", "--out", str(out)])
+    assert rc == 0
+    d = pd.read_csv(out)
+    assert d["layout"].tolist() == ["tp8 pp1 dp1 ep8 etp1 edp1", "tp8 pp1 dp2 ep8 etp1 edp2"]
+    assert (d["mfu"] > 0).all() and (d["iteration_ms"] > 0).all()
