@@ -312,7 +312,8 @@ def _plot(frame: pd.DataFrame, meta: dict, path: Path, cfg: Config) -> None:
     from analysis.inputs import ResultFile
 
     c = cfg.cluster
-    title = f"MoE step on {c.nodes}x{c.gpus_per_node} {c.gpu.upper()} (simulated)"
+    what = "Training iteration" if cfg.train.scope == "iteration" else "MoE step"
+    title = f"{what} on {c.nodes}x{c.gpus_per_node} {c.gpu.upper()} (simulated)"
     fig = plot_breakdown([ResultFile(Path("sim"), frame, meta)], title=title)
     save_figure(fig, path.parent, path.stem, formats=("png",))
 

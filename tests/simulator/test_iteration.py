@@ -286,20 +286,31 @@ def test_config_that_does_not_fit_is_not_timed(capsys, tmp_path):
     assert not (tmp_path / "r.parquet").exists()
 
 
-def test_mixtral_cli_prints_the_iteration_summary(capsys):
+def test_mixtral_cli_prints_the_iteration_summary(capsys, tmp_path):
+    import json
     from pathlib import Path
 
     from moesim.cli import main
+    from moesim.results import read_results
     root = Path(__file__).resolve().parents[2]
     rc = main(["simulate", "--config",
                str(root / "configs/mixtral-8x7b-megatron-ep8tp8-4node.toml"), "--trace",
                str(root / "traces/data/mixtral-8x7b-c4.parquet"), "--set",
-               "model.num_layers=2", "--set", "train.micro_batch_size=2"])
+               "model.num_layers=2", "--set", "train.micro_batch_size=2", "--set",
+               "parallel.pp=2", "--set", "train.micro_batches=4",
+               "--out", str(tmp_path / "r.parquet"), "--timeline", str(tmp_path / "t.json"),
+               "--timeline-ranks", "32"])
     assert rc == 0
     text = capsys.readouterr().out
-    for want in ("iteration time (ms)", "MFU", "exposed tp_all_gather",
-                 "exposed dispatch", "peak memory per GPU", "tp8 pp1 dp4 ep8 etp1 edp4"):
+    for want in ("iteration time (ms)", "MFU", "exposed tp_all_gather", "exposed pp_send",
+                 "exposed dispatch", "peak memory per GPU", "tp8 pp2 dp2 ep8 etp1 edp2"):
         assert want in text
+    df, meta = read_results(tmp_path / "r.parquet")
+    assert meta["scope"] == "iteration" and sorted(set(df["rank"])) == list(range(32))
+    assert set(df["stream"]) == {"compute", "comm", "dp", "pp"}
+    tl = json.loads((tmp_path / "t.json").read_text())
+    tracks = {(e["pid"], e["tid"]) for e in tl["traceEvents"] if e["ph"] == "X"}
+    assert len({p for p, _ in tracks}) == 32 and {t for _, t in tracks} == {0, 1, 2, 3}
 
 
 def test_collective_result_layout_is_per_stage():
