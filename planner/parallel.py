@@ -20,15 +20,17 @@ all-reduce sends 2(k-1)/k of its buffer, an all-gather or reduce-scatter (k-1)/k
   block forward and one before it backward.
 - Pipeline (`pp_send_bytes`): one micro-batch's activation to the next stage (its gradient
   back), the rank's sequence shard with sequence parallel (tokens / tp), else all of it.
-- Data parallel (`grad_buckets`, `bucket_bytes`): per-rank gradients of the stage's weights
-  in buckets of `dp_bucket_params` parameters (Megatron-Core DDP: max(40M, 1M x dp)), filled
-  in backward order, dense weights and expert weights in separate buffers over their own
-  groups (dp, edp). ZeRO 0 all-reduces a bucket; ZeRO 1/2 reduce-scatter it and all-gather
-  the updated weights; ZeRO 3 all-gathers each layer's weights before its forward and again
-  before its backward and reduce-scatters its gradients after the backward, every
-  micro-batch (torch FSDP without no_sync): 3 x the weights per micro-batch. Gradients move
-  in fp32 with mixed precision (Megatron's bf16 runs accumulate and reduce in fp32), else in
-  the model dtype; weights in the model dtype.
+- Expert tensor parallel (`etp_gather_bytes`): the rows an ETP group's members received from
+  their EP all-to-alls, all-gathered before the experts and reduce-scattered after them.
+- Data parallel (`grad_buckets`, `weight_collective_bytes`): per-rank gradients of the
+  stage's weights in buckets of `dp_bucket_params` parameters (Megatron-Core DDP: max(40M,
+  1M x dp)), filled in backward order, dense weights and expert weights in separate buffers
+  over their own groups (dp, edp). ZeRO 0 all-reduces a bucket; ZeRO 1/2 reduce-scatter it
+  and all-gather the updated weights; ZeRO 3 all-gathers each layer's weights before its
+  forward and again before its backward and reduce-scatters its gradients after the
+  backward, every micro-batch (torch FSDP without no_sync): 3 x the weights per micro-batch.
+  Gradients move in fp32 with mixed precision (Megatron's bf16 runs accumulate and reduce in
+  fp32), else in the model dtype; weights in the model dtype.
 Ignored: bucket padding to multiples of dp, NCCL's own chunking, the vocab-parallel loss's
 small all-reduces beyond their bytes (tokens x 4 bytes, two of them).
 """
@@ -236,6 +238,20 @@ def grad_buckets(units: list[UnitParams], size: int) -> list[Bucket]:
     # Ready order: by the position in backward order of each bucket's last unit.
     rank = {u.unit: i for i, u in enumerate(reversed(units))}
     return sorted(out, key=lambda b: (rank[b.units[-1]], b.group))
+
+
+def weight_collective_bytes(cfg: Config, kind: str, params: float) -> float:
+    """The buffer of a data-parallel collective over `params` parameters: weights (an
+    all-gather) in the model dtype, gradients (all-reduce, reduce-scatter) in
+    `grad_bytes_per_param`."""
+    width = cfg.model.dtype_bytes if kind == "all_gather" else grad_bytes_per_param(cfg)
+    return float(params) * width
+
+
+def etp_gather_bytes(model: ModelConfig, rows: float) -> float:
+    """Expert tensor parallel: the buffer an ETP group all-gathers before its experts, the
+    (token, expert) rows its members received x the expert input width x dtype."""
+    return float(rows) * model.expert_dim * model.dtype_bytes
 
 
 def grad_bytes_per_param(cfg: Config) -> int:

@@ -141,9 +141,7 @@ def zero3(kind: str, group: str):
     the dense (dp) or expert (edp) data-parallel group."""
     def cost(ctx: StrategyContext, u: LayerIn, pass_: str, phase: str, share: float):
         params = u.params.dense if group == "dp" else u.params.expert
-        width = (ctx.cfg.model.dtype_bytes if kind == "all_gather"
-                 else parallel.grad_bytes_per_param(ctx.cfg))
-        buf = params * width
+        buf = parallel.weight_collective_bytes(ctx.cfg, kind, params)
         members = ctx.layout.dp if group == "dp" else ctx.layout.edp
         sent = parallel.ring_sent(kind, members, buf)
         return ((lambda: ctx.collective(kind, group, buf)), np.full(ctx.n, int(sent), np.int64),
@@ -580,9 +578,7 @@ class IterationSimulator(Simulator):
         members = parallel.group_size(self.layout, b.group)
         if members < 2:
             return None
-        width = (self.cfg.model.dtype_bytes if kind == "all_gather"
-                 else parallel.grad_bytes_per_param(self.cfg))
-        buf = b.params * width
+        buf = parallel.weight_collective_bytes(self.cfg, kind, b.params)
         sent = np.full(prog.n, int(parallel.ring_sent(kind, members, buf)), dtype=np.int64)
         phase = {"all_reduce": "dp_all_reduce", "reduce_scatter": "dp_reduce_scatter",
                  "all_gather": "dp_all_gather"}[kind]

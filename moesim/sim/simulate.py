@@ -29,6 +29,7 @@ from moesim.sim.programs import LayerInputs, StrategyContext, build_step
 from moesim.sim.topology import LINK_KINDS, Topology, build_topology
 from moesim.sim.variants import table_for
 from planner.capacity import Capacity
+from planner.parallel import etp_gather_bytes
 from planner.placement import ep_hot_replicas, ep_placement, hp_placement
 from planner.traffic import layer_traffic
 from traces.schema import Trace
@@ -182,7 +183,7 @@ class Simulator:
             total = et[self.etp_groups].sum(axis=1)            # [groups, E_total]
             etp_et = np.zeros_like(et)
             etp_et[self.etp_groups] = total[:, None, :]
-            etp_bytes = float(total.sum(axis=1).max()) * m.expert_dim * m.dtype_bytes
+            etp_bytes = etp_gather_bytes(m, float(total.sum(axis=1).max()))
         return LayerInputs(phases, et, tokens, routed, dp, local, copies=copies, owned=owned,
                            replicated=float(replicated), etp_expert_tokens=etp_et,
                            etp_gather_bytes=etp_bytes)
