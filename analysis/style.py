@@ -22,10 +22,10 @@ SINGLE_COLUMN_IN = 3.4
 DOUBLE_COLUMN_IN = 7.0
 PNG_DPI = 200
 
-STRATEGY_ORDER = ("ep", "hp", "fsep")
-STRATEGY_LABEL = {"ep": "EP", "hp": "HP", "fsep": "FSEP"}
-STRATEGY_COLOR = {"ep": "#0072B2", "hp": "#009E73", "fsep": "#D55E00"}
-STRATEGY_MARKER = {"ep": "o", "hp": "s", "fsep": "^"}
+STRATEGY_ORDER = ("ep", "hp", "fsep", "hpxep")
+STRATEGY_LABEL = {"ep": "EP", "hp": "HP", "fsep": "FSEP", "hpxep": "HP x EP"}
+STRATEGY_COLOR = {"ep": "#0072B2", "hp": "#009E73", "fsep": "#D55E00", "hpxep": "#CC79A7"}
+STRATEGY_MARKER = {"ep": "o", "hp": "s", "fsep": "^", "hpxep": "D"}
 
 # Phases: compute phases in cool/neutral tones, communication phases in warm tones, so that a
 # stacked bar reads as "how much of the step is the network" without consulting the legend.

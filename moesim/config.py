@@ -19,7 +19,7 @@ from typing import Any
 from moesim.errors import InputError
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
-STRATEGIES = ("ep", "hp", "fsep")
+STRATEGIES = ("ep", "hp", "fsep", "hpxep")
 EXPERT_KINDS = ("swiglu", "gelu")
 # Weight matrices of one expert, each dim x d_ffn: SwiGLU's gate, up and down; GELU's up and down.
 EXPERT_MATRICES = {"swiglu": 3, "gelu": 2}
@@ -341,6 +341,8 @@ class ParallelConfig:
                      "--expert-model-parallel-size); 0 means every GPU of a pipeline stage "
                      "over etp (the cluster, without PP)")
     ep_dedup: bool = _f(False, doc="EP: send a token once per node (DeepEP-style dispatch)")
+    hpxep_groups: int = _f(0, lo=0, doc="HP x EP (strategy 'hpxep', planner/hpxep.py): head "
+                           "groups, HP across them and EP inside each; 0: one per node")
     ep_variant: str = _f("moesim", choices=("moesim", "paper"),
                          doc="EP: 'moesim' (fused permute and combine kernels, one size "
                          "exchange and host sync); 'paper' the EP baseline of "

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim.atomic import atomic_path, write_text_atomic
+from moesim.config import STRATEGIES
 from moesim.errors import InputError
 
 SCHEMA_VERSION = 1
@@ -66,7 +67,7 @@ COMM_STREAMS = ("comm", "dp", "pp")
 
 COLUMNS = {
     "source": "string",      # "sim" or "real"
-    "strategy": "string",    # "ep", "hp", "fsep"
+    "strategy": "string",    # moesim.config.STRATEGIES: "ep", "hp", "fsep", "hpxep"
     "step": "int64",
     "layer": "int64",
     "rank": "int64",
@@ -95,7 +96,7 @@ def check_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
     except (ValueError, TypeError) as e:
         raise InputError(source, "columns", f"wrong column type: {e}") from None
     for col, allowed in (("phase", PHASES), ("pass", PASSES), ("stream", STREAMS),
-                         ("source", ("sim", "real")), ("strategy", ("ep", "hp", "fsep"))):
+                         ("source", ("sim", "real")), ("strategy", STRATEGIES)):
         bad = ~df[col].isin(allowed)
         if bad.any():
             raise InputError(source, col, f"{df[col][bad].iloc[0]!r} is not one of "

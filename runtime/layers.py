@@ -11,9 +11,10 @@ from runtime.moe_layer import MoELayerBase
 
 def build_layer(strategy: str, m: ModelConfig, weights: dict[str, torch.Tensor], layer: int,
                 env: DistEnv, kernels: str = "auto", ep_variant: str = "moesim",
-                **kw) -> MoELayerBase:
+                hpxep_groups: int = 1, **kw) -> MoELayerBase:
     """`kernels`: run.kernels ("auto" or "baseline", MoELayerBase.kernels); `ep_variant`:
-    parallel.ep_variant (EP only: "paper" runs the paper's EP baseline, MoELayerBase.paper_ep)."""
+    parallel.ep_variant (EP only: "paper" runs the paper's EP baseline, MoELayerBase.paper_ep);
+    `hpxep_groups`: HP x EP's head groups (runtime.layers_hpxep)."""
     if strategy == "ep":
         from runtime.layers_ep import EPMoE
         out = EPMoE(m, weights, layer, env)
@@ -23,6 +24,9 @@ def build_layer(strategy: str, m: ModelConfig, weights: dict[str, torch.Tensor],
     elif strategy == "fsep":
         from runtime.layers_fsep import FSEPMoE
         out = FSEPMoE(m, weights, layer, env, **kw)
+    elif strategy == "hpxep":
+        from runtime.layers_hpxep import HPxEPMoE
+        out = HPxEPMoE(m, weights, layer, env, groups=hpxep_groups)
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     out.kernels = kernels

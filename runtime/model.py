@@ -64,7 +64,9 @@ class MoETransformer(nn.Module):
             w = init_moe_weights(m, seed=cfg.run.seed * 1000 + i)
             layers.append(Block(cfg, build_layer(cfg.parallel.strategy, m, w, i, env,
                                                       kernels=cfg.run.kernels,
-                                                      ep_variant=cfg.parallel.ep_variant, **kw)))
+                                                      ep_variant=cfg.parallel.ep_variant,
+                                                      hpxep_groups=cfg.parallel.hpxep_groups
+                                                      or cfg.cluster.nodes, **kw)))
         self.blocks = nn.ModuleList(layers)
         attach_balancing(cfg, env, self.moe_layers)
         self.norm = nn.RMSNorm(m.d_model)

@@ -136,6 +136,8 @@ class MoELayerBase(nn.Module):
         # parallel.ep_variant "paper": the EP baseline of kerner-lab/Sparse-GPT-Pretraining
         # (src/model/modules/ffwd/moe_ep.py) in `exchange` (build_layer sets it).
         self.paper_ep = False
+        # Planner phases of `exchange`'s two all-to-alls (runtime.comm.record_bytes names).
+        self.exchange_phases = ("dispatch", "combine")
         if self.latent:
             self.down = nn.Parameter(weights["down"].clone())
             self.up = nn.Parameter(weights["up"].clone())
@@ -191,8 +193,7 @@ class MoELayerBase(nn.Module):
             self.last_counts = torch.from_numpy(counts)
             if callable(placement):  # FSEP: the layout may depend on this step's counts
                 placement = placement(counts)
-            traffic = layer_traffic(self.m, placement, counts, capacity=self.capacity,
-                                    **self.traffic_options)
+            traffic = self.plan_traffic(placement, counts)
             self.last_traffic = traffic
             slots = None if self.capacity is None else self._capacity_slots(assign, gates)
             flat = assign.reshape(-1) if slots is None else slots[1]
@@ -216,7 +217,8 @@ class MoELayerBase(nn.Module):
         with tm.fwd(lay, "dispatch") as rec:
             send = tm.bwd_in(send, lay, "dispatch")
             recv = tm.bwd_out(all_to_all(send, route.send_splits, route.recv_splits,
-                                         layer=lay, phase="dispatch"), lay, "dispatch")
+                                         layer=lay, phase=self.exchange_phases[0]), lay,
+                              "dispatch")
             rec.bytes = _sent(route.send_splits, self.rank) * width
             rec.bwd["bytes"] = _sent(route.recv_splits, self.rank) * width
             rec.tokens = sum(route.send_splits)
@@ -234,7 +236,7 @@ class MoELayerBase(nn.Module):
         with tm.fwd(lay, "combine") as rec:
             out = tm.bwd_in(out, lay, "combine")
             back = all_to_all(out, route.recv_splits, route.send_splits, layer=lay,
-                              phase="combine")
+                              phase=self.exchange_phases[1])
             if self.paper_ep:
                 # Unpermuted rows, then the weighted sum as separate fp32 torch ops.
                 picked = back.index_select(0, inverse_perm(route.send_order)).view(n, k, dim)
@@ -251,6 +253,12 @@ class MoELayerBase(nn.Module):
             rec.bwd["bytes"] = _sent(route.send_splits, self.rank) * width
             rec.tokens = flat.numel()
         return y
+
+    def plan_traffic(self, placement, counts: np.ndarray) -> LayerTraffic:
+        """The planner's traffic for this step's global counts (the EP/FSEP exchange; HP x EP
+        overrides it with its EP stage's)."""
+        return layer_traffic(self.m, placement, counts, capacity=self.capacity,
+                             **self.traffic_options)
 
     def _capacity_slots(self, assign: torch.Tensor, gates: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

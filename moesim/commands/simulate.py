@@ -130,7 +130,7 @@ def _configs(args: argparse.Namespace) -> tuple[Config, Config | None]:
 
 def _strategy_inputs(strategy: str, cfg: Config, hp: Config | None, trace: Path,
                      hp_trace: Path | None) -> tuple[Config, Path]:
-    if strategy == "hp":
+    if strategy in ("hp", "hpxep"):
         return (hp or cfg), (hp_trace or trace)
     return cfg, trace
 

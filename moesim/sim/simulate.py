@@ -120,12 +120,20 @@ class Simulator:
                                  "LatentMoE model (num_heads > 1); give HP its own config "
                                  "and trace (--hp-config, --hp-trace)")
             return hp_placement(m, g)
+        if strategy == "hpxep":
+            from planner.hpxep import hpxep_placement
+            return hpxep_placement(m, g, self._hpxep_groups())
         if strategy == "ep":
             extra = self.cfg.planner.ep_hot_replicas
             if extra:
                 return ep_hot_replicas(counts.sum(axis=0).reshape(-1), g, extra)
             return ep_placement(m.total_experts, g)
         return _fsep_placement(self.cfg, counts, g)
+
+    def _hpxep_groups(self) -> int:
+        """HP x EP head groups of a MoE group: parallel.hpxep_groups, else one per node."""
+        gpn = self.cfg.cluster.gpus_per_node
+        return self.cfg.parallel.hpxep_groups or max(1, self.g // gpn if self.g >= gpn else 1)
 
     def _layer_traffic(self, strategy: str, tstep: int, layer: int):
         key = (strategy, tstep, layer)
@@ -136,9 +144,13 @@ class Simulator:
                                                      self.cfg.parallel.ep_dedup) else 0
             if gpn and self.g % gpn:
                 gpn = 0  # a group inside one node: nothing to deduplicate
-            lt = layer_traffic(self.cfg.model, placement, counts, gpus_per_node=gpn,
-                               fsep_backward_gather=self.cfg.parallel.fsep_backward_gather,
-                               capacity=Capacity.from_config(self.cfg.routing))
+            if strategy == "hpxep":
+                from planner.hpxep import hpxep_traffic
+                lt = hpxep_traffic(self.cfg.model, placement, counts, self._hpxep_groups())
+            else:
+                lt = layer_traffic(self.cfg.model, placement, counts, gpus_per_node=gpn,
+                                   fsep_backward_gather=self.cfg.parallel.fsep_backward_gather,
+                                   capacity=Capacity.from_config(self.cfg.routing))
             self._traffic[key] = (lt, {k: Traffic.dense(v) for k, v in lt.phases.items()})
         return self._traffic[key]
 

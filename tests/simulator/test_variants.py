@@ -74,3 +74,33 @@ def test_paper_combine_and_experts_are_the_unfused_ops(pass_):
     e_want, f_want, _ = P.experts_regrouped(unfused, lin, pass_)
     np.testing.assert_array_equal(e_paper, e_want)
     np.testing.assert_array_equal(f_paper, f_want)
+
+
+def test_hpxep_crosses_nodes_only_in_its_hp_stage():
+    # 2 nodes x 4 GPUs, 4 heads (fewer than the 8 GPUs: HP alone cannot run): HP across the
+    # two head groups (nodes), EP inside. Every NIC byte is the HP stage's, which is HP's
+    # bytes: T x heads_of_group x head_dim to each rank of the other node.
+    from moesim.config import ClusterConfig, RunConfig
+    from moesim.sim.simulate import LINK_KINDS, Simulator
+    from traces.generators import TraceSpec, generate
+
+    m = ModelConfig(num_layers=1, d_model=256, d_ffn=128, num_experts=8, top_k=2, num_heads=4,
+                    head_dim=64, expert_kind="gelu")
+    cfg = Config(model=m, cluster=ClusterConfig(nodes=2, gpus_per_node=4),
+                 parallel=ParallelConfig(strategy="hpxep", dp_grad_sync=False),
+                 run=RunConfig(tokens_per_rank=256))
+    trace = generate(TraceSpec(kind="zipf", steps=1, layers=1, shards=8, experts=8, heads=4,
+                               top_k=2, tokens_per_shard=256, seed=1))
+    sim = Simulator(cfg, trace, "test")
+    out = sim.simulate_step("hpxep", 0)
+    lt, _ = sim._layer_traffic("hpxep", 0, 0)
+    hp = lt.phases[("fwd", "dispatch")]
+    cross = sum(int(hp[s, d]) for s in range(8) for d in range(8) if s // 4 != d // 4)
+    assert cross == 8 * 4 * (256 // 4) * 2 * 64 * 2  # 8 sources x 4 far ranks x part x heads
+    nic = out.link_bytes[LINK_KINDS.index("nic")]
+    # Each crossing byte leaves one NIC and enters another, in the four HP all-to-alls (no
+    # gradient all-reduce here: dp_grad_sync off).
+    assert nic == pytest.approx(4 * 2 * cross, rel=1e-9)
+    ep = lt.phases[("fwd", "ep_dispatch")]
+    assert all(ep[s, d] == 0 for s in range(8) for d in range(8) if s // 4 != d // 4)
+    assert out.step_time > 0
