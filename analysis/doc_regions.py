@@ -40,6 +40,7 @@ REGIONS: dict[str, str] = {
     # section's markdown rendered from its committed CSVs alone (no date of the rendering).
     "validation.published": "benchmarks.published:region",
     "validation.network": "benchmarks.network:region",
+    "runtime.balancing": "analysis.balancing_doc:table",
 }
 
 _REGION = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)"

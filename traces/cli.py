@@ -27,6 +27,7 @@ KIND_PARAMS = {
     "zipf": ["exponent"],
     "drifting": ["exponent", "period"],
     "bursty": ["burst_prob", "burst_experts", "burst_factor"],
+    "wander": ["exponent"],
 }
 
 
@@ -40,14 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--kind", choices=sorted(GENERATORS), default="zipf")
     g.add_argument("--config", type=Path,
                    help="take layers, experts, heads, top-k and model name from this config")
-    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--steps", type=int, help="default 100 (--fit: the fitted trace's)")
     g.add_argument("--layers", type=int)
-    g.add_argument("--shards", type=int, default=16,
-                   help="source shards (data-parallel batches); any N dividing it can use it")
+    g.add_argument("--shards", type=int,
+                   help="default 16 (--fit: the fitted trace's); source shards (data-parallel "
+                   "batches); any N dividing it can use it")
     g.add_argument("--experts", type=int, help="experts per head")
     g.add_argument("--heads", type=int, help="Multi-Head LatentMoE heads (1: standard MoE)")
     g.add_argument("--top-k", type=int)
-    g.add_argument("--tokens-per-shard", type=int, default=4096)
+    g.add_argument("--tokens-per-shard", type=int, help="default 4096 (--fit: the fitted "
+                   "trace's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--exponent", type=float, default=1.2, help="zipf, drifting: skew")
     g.add_argument("--period", type=int, default=10, help="drifting: steps between moves")
@@ -55,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--burst-experts", type=int, default=2, help="bursty: experts per burst")
     g.add_argument("--burst-factor", type=float, default=8.0, help="bursty: weight boost")
     g.add_argument("--sampler", choices=("auto", "multinomial", "normal"), default="auto")
+    g.add_argument("--fit", type=Path, help="wander: the per-layer parameters of a fit JSON "
+                   "(`trace fit --out`); shape defaults to the fitted trace's")
     g.add_argument("--model", help="model label stored in the trace")
     g.add_argument("--out", type=Path, required=True)
     g.set_defaults(func=cmd_gen)
@@ -106,6 +111,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--seed", type=int, default=0, help="histogram: sampling seed")
     i.set_defaults(func=cmd_import)
 
+    f = tsub.add_parser("fit", help="fit a generator to a recorded trace",
+                        description="Estimate the 'wander' generator's parameters per layer "
+                        "(skew, drift half-life and spread, jitter, bursts) from a trace, "
+                        "and report how well a trace generated from them matches it "
+                        "(traces/fit.py).")
+    f.add_argument("trace", type=Path)
+    f.add_argument("--out", type=Path, help="write the fit as JSON (for trace gen --fit)")
+    f.add_argument("--goodness", type=Path, help="write the per-layer goodness of fit (CSV)")
+    f.add_argument("--trace-out", type=Path, help="write the generated trace (.parquet)")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_fit)
+
 
 def _spec_from_args(args: argparse.Namespace) -> TraceSpec:
     fields = {"layers": args.layers, "experts": args.experts, "heads": args.heads,
@@ -118,15 +135,21 @@ def _spec_from_args(args: argparse.Namespace) -> TraceSpec:
     defaults = {"layers": 8, "experts": 64, "heads": 1, "top_k": 8, "model": "synthetic"}
     fields = {k: v if v is not None else defaults[k] for k, v in fields.items()}
     params = {name: getattr(args, name) for name in KIND_PARAMS[args.kind]}
-    return TraceSpec(kind=args.kind, steps=args.steps, shards=args.shards,
-                     tokens_per_shard=args.tokens_per_shard, seed=args.seed, params=params,
+    return TraceSpec(kind=args.kind, steps=args.steps or 100, shards=args.shards or 16,
+                     tokens_per_shard=args.tokens_per_shard or 4096, seed=args.seed,
+                     params=params,
                      sampler=args.sampler, **fields)
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
     if args.out.suffix != ".parquet":
         raise InputError(args.out, "--out", "trace gen writes Parquet: use a .parquet name")
-    spec = _spec_from_args(args)
+    if args.fit:
+        from traces.fit import Fit
+        spec = Fit.read(args.fit).spec(steps=args.steps, shards=args.shards,
+                                       tokens_per_shard=args.tokens_per_shard, seed=args.seed)
+    else:
+        spec = _spec_from_args(args)
     t0 = time.perf_counter()
     trace = generate(spec, progress=sys.stderr.isatty())
     t1 = time.perf_counter()
@@ -208,4 +231,45 @@ def cmd_import(args: argparse.Namespace) -> int:
           f"{trace.num_shards} shards x {trace.num_heads} heads x {trace.num_experts} experts, "
           f"top-{trace.meta.top_k}, {trace.meta.tokens_per_shard} tokens/shard "
           f"(import {t1 - t0:.1f} s, write {time.perf_counter() - t1:.2f} s)")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from traces.fit import PARAMS, STAT_COLUMNS, fit_trace, goodness, summary
+
+    trace = read_trace(args.trace)
+    t0 = time.perf_counter()
+    fit = fit_trace(trace, seed=args.seed)
+    t1 = time.perf_counter()
+    gof = goodness(trace, fit, seed=args.seed)
+    base = goodness(trace, fit, seed=args.seed, zipf_only=True)
+    print(f"{args.trace}: fitted 'wander' per layer in {t1 - t0:.1f} s")
+    table = pd.DataFrame({"layer": range(trace.num_layers), **fit.params})
+    print(table[["layer", *PARAMS]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("\ngoodness of fit (recorded vs generated, per layer):")
+    cols = ["layer"] + [f"{c}_{w}" for c in ("max_over_mean", "tv_lag1", "tv_lag10")
+                        for w in ("real", "fit")] + ["ks_max_over_mean"]
+    print(gof[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    s_full, s_zipf = summary(gof), summary(base)
+    print("\nmedian |relative error| over layers (KS: median distance):")
+    print(pd.DataFrame({"statistic": [*STAT_COLUMNS, "ks_max_over_mean"],
+                        "wander fit": [s_full[c] for c in [*STAT_COLUMNS, "ks_max_over_mean"]],
+                        "zipf part only": [s_zipf[c] for c in [*STAT_COLUMNS,
+                                                                "ks_max_over_mean"]]}
+                       ).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    fit.notes["goodness"] = {"wander": s_full, "zipf_only": s_zipf}
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(fit.to_json())
+        print(f"wrote {args.out}")
+    if args.goodness:
+        with atomic_path(args.goodness) as tmp:
+            gof.to_csv(tmp, index=False, float_format="%.6g")
+        print(f"wrote {args.goodness}")
+    if args.trace_out:
+        from traces.generators import generate
+        write_trace(generate(fit.spec(seed=args.seed)), args.trace_out)
+        print(f"wrote {args.trace_out}")
     return 0

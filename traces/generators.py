@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.signal import lfilter
 from scipy.special import ndtri
 
 from moesim.errors import InputError
@@ -127,11 +128,78 @@ def bursty(spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
     return w / w.sum(axis=-1, keepdims=True)
 
 
+def layer_param(spec: TraceSpec, name: str, default: float) -> np.ndarray:
+    """A parameter as one value per layer: a number (every layer) or a list of `layers`."""
+    v = spec.params.get(name, default)
+    arr = np.asarray(v, dtype=np.float64)
+    if arr.ndim == 0:
+        return np.full(spec.layers, float(arr))
+    if arr.shape != (spec.layers,):
+        raise InputError("trace spec", name, f"a number or a list of {spec.layers} (one per "
+                         f"layer), got {len(arr)} values")
+    return arr
+
+
+def wander(spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
+    """Real-looking routing, the kind `traces.fit` estimates from a recorded trace. Per layer l
+    (every parameter a number or a list with one value per layer) and head, expert e's
+    log-weight at step t is
+
+        theta[t, e] = mu[e] + a[t, e] + j[t, e]   (+ log burst_factor on a burst)
+
+    mu: log Zipf weights of `exponent` over a random order of the experts (the long-run skew);
+    a: a stationary AR(1) (Ornstein-Uhlenbeck) wander of standard deviation `spread` whose
+    correlation halves every `half_life` steps (the drift of the hot set; 0: no memory);
+    j: independent per-step jitter of standard deviation `jitter`. With probability
+    `burst_prob` per (step, layer) `burst_experts` random experts get `burst_factor` times
+    their weight for that step (transient hot spots). p = softmax(theta). Defaults: exponent
+    1.2, half_life 50, spread 0.5, jitter 0.1, no bursts."""
+    steps, layers, heads, experts = spec.steps, spec.layers, spec.heads, spec.experts
+    s = layer_param(spec, "exponent", 1.2)
+    half = layer_param(spec, "half_life", 50.0)
+    spread = layer_param(spec, "spread", 0.5)
+    jitter = layer_param(spec, "jitter", 0.1)
+    q = layer_param(spec, "burst_prob", 0.0)
+    factor = layer_param(spec, "burst_factor", 8.0)
+    n_hot = layer_param(spec, "burst_experts", 2)
+    for name, arr, lo in (("half_life", half, 0), ("spread", spread, 0), ("jitter", jitter, 0),
+                          ("burst_factor", factor, 1e-12), ("exponent", s, 0)):
+        if (arr < lo).any() or not np.isfinite(arr).all():
+            raise InputError("trace spec", name, f"must be finite and >= {lo}")
+    if ((q < 0) | (q > 1)).any():
+        raise InputError("trace spec", "burst_prob", "must be in [0, 1]")
+    if ((n_hot < 1) | (n_hot > experts) | (n_hot != np.round(n_hot))).any():
+        raise InputError("trace spec", "burst_experts", f"whole numbers in [1, {experts}]")
+    logw = -s[:, None] * np.log(np.arange(1, experts + 1))[None, :]  # [L, E], rank order
+    perm = _perms(rng, (layers, heads), experts)
+    mu = np.empty((layers, heads, experts))
+    np.put_along_axis(mu, perm, np.broadcast_to(logw[:, None, :], mu.shape), axis=-1)
+    phi = np.where(half > 0, 0.5 ** (1.0 / np.maximum(half, 1e-300)), 0.0)[:, None, None]
+    innov = np.sqrt(1.0 - phi**2) * spread[:, None, None]
+    # a[0] ~ N(0, spread^2), a[t] = phi a[t-1] + sqrt(1 - phi^2) spread eps[t]: stationary.
+    x = rng.standard_normal((steps, layers, heads, experts))
+    x[0] *= spread[:, None, None]
+    x[1:] *= innov
+    theta = np.empty_like(x)
+    for ly in range(layers):
+        theta[:, ly] = lfilter([1.0], [1.0, -float(phi[ly, 0, 0])], x[:, ly], axis=0)
+    theta += mu
+    theta += rng.standard_normal(theta.shape) * jitter[None, :, None, None]
+    burst = rng.random((steps, layers)) < q[None, :]
+    order = _perms(rng, (steps, layers, heads), experts)
+    hot = order < n_hot[None, :, None, None].astype(np.int64)  # n_hot random experts a head
+    theta += np.where(burst[..., None, None] & hot, np.log(factor)[None, :, None, None], 0.0)
+    theta -= theta.max(axis=-1, keepdims=True)
+    p = np.exp(theta)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
 GENERATORS: dict[str, Callable[[TraceSpec, np.random.Generator], np.ndarray]] = {
     "uniform": uniform,
     "zipf": zipf,
     "drifting": drifting,
     "bursty": bursty,
+    "wander": wander,
 }
 
 
