@@ -166,13 +166,40 @@ def _resolve(raw: dict[str, dict[str, Any]], exprs: list[tuple[str, Expr]],
     return config_from_dict(raw, str(source))
 
 
+# Trace sources beside a generator `kind`: a trace `file`, a recorded trace to `import`
+# (traces.importers: import = FORMAT, src = PATH, read where it lies, never copied), or a
+# `fit` JSON (traces.fit) to generate from. Each may pick evenly spread `steps` and a list
+# of `layers`; an axis point or arm giving only those keys narrows the source it merges into.
+TRACE_SOURCES = ("kind", "file", "import", "fit")
+SOURCE_KEYS = {"file": {"file", "steps", "layers"},
+               "import": {"import", "src", "top_k", "steps", "layers"},
+               "fit": {"fit", "steps", "layers"}}
+SELECT_KEYS = ("steps", "layers")
+
+
 def _trace_table(t: Any, source: object, where: str) -> dict[str, Any]:
     if not isinstance(t, dict):
         raise _err(source, where, "must be a table (kind = ..., or file = ...)")
-    if "file" in t and len(t) > 1:
-        raise _err(source, where, "a trace file takes no other keys")
-    if "file" not in t and "kind" not in t:
-        raise _err(source, where, "needs kind (a generator) or file (a trace)")
+    given = [k for k in TRACE_SOURCES if k in t]
+    if len(given) > 1:
+        raise _err(source, where, f"one source: {' or '.join(given)}")
+    if not given:
+        if set(t) <= set(SELECT_KEYS):
+            return dict(t)  # narrows a source given elsewhere (checked once merged)
+        raise _err(source, where, "needs kind (a generator), file (a trace), import (a "
+                   "recorded trace) or fit (a fit JSON)")
+    if given[0] in SOURCE_KEYS:
+        extra = set(t) - SOURCE_KEYS[given[0]]
+        if extra:
+            raise _err(source, f"{where}.{sorted(extra)[0]}", f"not a key of a "
+                       f"{given[0]} trace; allowed: {', '.join(sorted(SOURCE_KEYS[given[0]]))}")
+        if given[0] == "import" and "src" not in t:
+            raise _err(source, f"{where}.src", "an imported trace needs src (its path)")
+    if "layers" in t and not (isinstance(t["layers"], list) and t["layers"] and all(
+            isinstance(x, int) and x >= 0 for x in t["layers"])):
+        raise _err(source, f"{where}.layers", "a list of layer indices")
+    if "steps" in t and not (isinstance(t["steps"], int) and t["steps"] >= 1):
+        raise _err(source, f"{where}.steps", "a positive number of steps")
     return dict(t)
 
 
@@ -299,7 +326,7 @@ def load_study(path: str | Path, root: str | Path | None = None) -> Study:
             _apply(cfg_raw, arm.get("set", {}), src, f"{where}.set", exprs)
             if "trace" in arm:
                 trace = _merge_trace(trace, arm["trace"], src, f"{where}.trace")
-            if trace is None:
+            if trace is None or not any(k in trace for k in TRACE_SOURCES):
                 raise _err(src, "base.trace", "no routing: give base.trace (or a trace on "
                            "every arm or axis point)")
             key_parts = [str(pt["label"]) for _, pt in combo] + [arm["name"]]
@@ -329,8 +356,15 @@ def _merge_trace(base: dict | None, new: Any, src: object, where: str) -> dict:
     new = dict(new) if isinstance(new, dict) else new
     if not isinstance(new, dict):
         raise _err(src, where, "must be a table")
-    if "file" in new or "kind" in new or base is None:
-        return _trace_table(new, src, where)
+    if base is None or any(k in new for k in TRACE_SOURCES) or set(new) <= set(SELECT_KEYS):
+        new = _trace_table(new, src, where)
+    if base is None:
+        return new
+    if any(k in new for k in TRACE_SOURCES):
+        # A new source; a narrowing given before it (an axis point's layers) still applies.
+        if not any(k in base for k in TRACE_SOURCES):
+            return _trace_table({**base, **new}, src, where)
+        return new
     return {**base, **new}
 
 
@@ -379,8 +413,8 @@ def make_trace(run: Run, cfg: Config, cache: Path, root: Path):
     from traces.generators import TraceSpec, generate
     from traces.io import read_trace, write_trace
 
-    if "file" in run.trace:
-        return read_trace(root / run.trace["file"])
+    if any(k in run.trace for k in ("file", "import", "fit")):
+        return _narrow(_source_trace(run, cfg, cache, root), run.trace, cfg.source)
     m = cfg.model
     params = {k: v for k, v in run.trace.items() if k not in ("kind", "sampler")}
     spec = TraceSpec(kind=run.trace["kind"], steps=cfg.run.steps, layers=m.num_layers,
@@ -393,6 +427,74 @@ def make_trace(run: Run, cfg: Config, cache: Path, root: Path):
     if not path.exists():
         write_trace(generate(spec), path)
     return read_trace(path)
+
+
+def _source_trace(run: Run, cfg: Config, cache: Path, root: Path):
+    """A trace file, an imported recorded trace (cached by the source's path, size and
+    modification time), or a trace generated from a fit JSON (shaped by the fit, seed
+    `run.seed`)."""
+    from traces.io import read_trace, write_trace
+
+    t = run.trace
+    if "file" in t:
+        return read_trace(root / t["file"])
+    if "import" in t:
+        from traces.importers import FORMATS, import_smartmoe
+
+        if t["import"] not in FORMATS or t["import"] != "smartmoe":
+            raise _err(cfg.source, "trace.import", "studies import 'smartmoe' traces; make "
+                       "other formats a file with `moesim trace import` first")
+        path = _find_src(root, t["src"])
+        if path is None:
+            raise _err(cfg.source, "trace.src", f"{t['src']}: no such file or folder from "
+                       f"{root} or the folders above it")
+        st = path.stat()
+        key = hashlib.sha256(json.dumps([str(path), st.st_size, st.st_mtime_ns,
+                                         t.get("top_k", 2)]).encode()).hexdigest()[:16]
+        cached = cache / f"{key}.import.parquet"
+        if not cached.exists():
+            write_trace(import_smartmoe(path, top_k=t.get("top_k", 2)), cached)
+        return read_trace(cached)
+    from traces.fit import Fit
+    from traces.generators import generate
+
+    fit = Fit.read(root / t["fit"])
+    spec = fit.spec(seed=cfg.run.seed)
+    blob = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    path = cache / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.fit.parquet"
+    if not path.exists():
+        write_trace(generate(spec), path)
+    return read_trace(path)
+
+
+def _find_src(root: Path, src: str) -> Path | None:
+    """`src` from the root; one starting with ../ is also looked for from every folder above
+    the root (a git worktree sits deeper than the checkout beside ../shared/)."""
+    path = (root / src).resolve()
+    if path.exists():
+        return path
+    rest = Path(src)
+    while rest.parts and rest.parts[0] == "..":
+        rest = Path(*rest.parts[1:])
+    if rest == Path(src):
+        return None
+    for anc in Path(root).resolve().parents:
+        if (anc / rest).exists():
+            return anc / rest
+    return None
+
+
+def _narrow(trace, t: dict, source: object):
+    """The `steps` (evenly spread) and `layers` (by index) a trace table picks."""
+    if "layers" in t:
+        bad = [x for x in t["layers"] if x >= trace.num_layers]
+        if bad:
+            raise _err(source, "trace.layers", f"layer {bad[0]}: the trace has "
+                       f"{trace.num_layers}")
+        trace = trace.select(layers=np.asarray(t["layers"]))
+    if "steps" in t:
+        trace = trace.resample(num_steps=t["steps"])
+    return trace
 
 
 def simulate_frames(run: Run, cfg: Config, trace, source: str
