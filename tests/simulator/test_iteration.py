@@ -233,10 +233,16 @@ def test_gradient_buckets_overlap_the_backward_only_when_asked():
     assert on.step_time < off.step_time
 
 
-def test_streams_never_overlap_and_dependencies_hold():
+@pytest.mark.parametrize("strategy", ["ep", "hp", "fsep"])
+def test_streams_never_overlap_and_dependencies_hold(strategy):
+    model = {"num_heads": 8, "head_dim": 64} if strategy == "hp" else {}
     cfg = _cfg(gpus=8, tp=2, pp=2, zero=3, train={"micro_batches": 3, "recompute": "full"},
-               strategy="fsep", fsep_chunks=2)
-    out = IterationSimulator(cfg, _trace(shards=4), "z").simulate_iteration("fsep", 0)
+               strategy=strategy, fsep_chunks=2, model=model)
+    trace = (generate(TraceSpec(kind="zipf", steps=2, layers=4, shards=4, experts=8, heads=8,
+                                top_k=2, tokens_per_shard=256, seed=1,
+                                params={"exponent": 1.2}))
+             if strategy == "hp" else _trace(shards=4))
+    out = IterationSimulator(cfg, trace, "z").simulate_iteration(strategy, 0)
     f = out.frame
     for _key, g in f.groupby(["rank", "stream"]):
         g = g.sort_values("start_s")
@@ -245,8 +251,12 @@ def test_streams_never_overlap_and_dependencies_hold():
         for d in op.deps:
             assert (op.start >= out.ops[d].end - 1e-12).all()
     assert set(f["pass"]) == {"fwd", "bwd", "recompute"}
-    assert {"pp_send", "weight_gather", "grad_scatter", "dp_all_gather",
-            "dp_reduce_scatter", "tp_all_gather", "optimizer"} <= set(f["phase"])
+    assert {"pp_send", "dispatch", "combine", "expert", "dp_all_gather", "dp_reduce_scatter",
+            "tp_all_gather", "optimizer", "attention", "lm_head", "embed"} <= set(f["phase"])
+    if strategy == "fsep":
+        assert {"weight_gather", "grad_scatter"} <= set(f["phase"])
+    if strategy == "hp":
+        assert {"latent_down", "latent_up"} <= set(f["phase"])
     assert sorted(set(f["rank"])) == list(range(8))
 
 
