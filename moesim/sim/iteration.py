@@ -430,6 +430,9 @@ class IterationSimulator(Simulator):
         if p.tp > 1 and m.seq_len * cfg.train.micro_batch_size % p.tp:
             raise InputError(cfg.source, "parallel.tp", f"{p.tp} does not divide the "
                              f"micro-batch's {m.seq_len * cfg.train.micro_batch_size} tokens")
+        if m.attn_heads % p.tp:
+            raise InputError(cfg.source, "parallel.tp", f"{p.tp} does not divide the "
+                             f"model's {m.attn_heads} attention heads (model.attn_heads)")
         if p.pp > m.num_layers:
             raise InputError(cfg.source, "parallel.pp", f"{p.pp} stages for "
                              f"{m.num_layers} layers")

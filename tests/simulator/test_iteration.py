@@ -376,3 +376,27 @@ def test_sweep_runs_whole_iterations(tmp_path):
     d = pd.read_csv(out)
     assert d["layout"].tolist() == ["tp8 pp1 dp1 ep8 etp1 edp1", "tp8 pp1 dp2 ep8 etp1 edp2"]
     assert (d["mfu"] > 0).all() and (d["iteration_ms"] > 0).all()
+
+
+@pytest.mark.parametrize("override, where", [
+    ("parallel.tp=3", "parallel.tp"),
+    ("parallel.tp=64", "parallel.tp"),
+    ("parallel.pp=64", "parallel.pp"),
+    ("parallel.degree=5", "parallel.degree"),
+    ("parallel.sequence_parallel=false", "parallel.sequence_parallel"),
+    ("parallel.order=tp-dp-pp", "parallel.order"),
+    ("train.recompute=some", "train.recompute"),
+])
+def test_bad_iteration_input_is_one_line_exit_2(override, where, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "moesim", "simulate", "--config",
+                        str(root / "configs/mixtral-8x7b-megatron-ep8tp8-4node.toml"),
+                        "--trace", str(root / "traces/data/mixtral-8x7b-c4.parquet"),
+                        "--set", override, "--out", str(tmp_path / "r.parquet")],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and where in r.stderr
+    assert not (tmp_path / "r.parquet").exists()
