@@ -241,7 +241,9 @@ def _simulate_iterations(args: argparse.Namespace, cfg: Config, sims: dict, cfg_
           f"recompute {tr.recompute}, ZeRO {cfg.parallel.zero}")
     cols = list(summary["strategy"])
     width = 40
-    print(" " * width + "".join(f"{s.upper():>26}" for s in cols))
+    cw = max([26] + [len(str(v)) + 2 for k in ("layout", "memory") if k in summary.columns
+                     for v in summary[k]])
+    print(" " * width + "".join(f"{s.upper():>{cw}}" for s in cols))
     kinds = sorted({k for k in summary.columns if k.startswith("exposed_")
                     and k != "exposed_comm_ms"})
     for key, label in ITERATION_ROWS:
@@ -253,13 +255,13 @@ def _simulate_iterations(args: argparse.Namespace, cfg: Config, sims: dict, cfg_
             cells = []
             for v in summary[k].to_numpy():
                 if isinstance(v, str):
-                    cells.append(f"{v:>26}")
+                    cells.append(f"{v:>{cw}}")
                 elif v is None or (isinstance(v, float) and np.isnan(v)):
-                    cells.append(f"{'-':>26}")
+                    cells.append(f"{'-':>{cw}}")
                 elif k == "mfu":
-                    cells.append(f"{100 * v:>25.1f}%")
+                    cells.append(f"{100 * v:>{cw - 1}.1f}%")
                 else:
-                    cells.append(f"{v:>26.4g}")
+                    cells.append(f"{v:>{cw}.4g}")
             print(f"{lab:<{width}}{''.join(cells)}")
     print(f"(simulated in {wall:.2f} s)")
     timed = [o for o in outcomes if len(o.frame)]
