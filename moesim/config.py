@@ -317,6 +317,21 @@ class ClusterConfig:
     completion_tolerance: float = _f(0.02, lo=0.0, hi=0.5,
                                      doc="flow-level network: flows finishing within this "
                                      "fraction of the next completion time end in one event")
+    network_model: str = _f("ideal", choices=("ideal", "nccl"),
+                            doc="collective cost model: 'ideal' (max-min flows at line rate x "
+                            "bandwidth_efficiency, one ring, collective_latency_us each) or "
+                            "'nccl' (NCCL's algorithms, protocols and latencies with fitted "
+                            "saturation; collective_latency_us is then the launch cost alone)")
+    network_terms: str = _f("hopper", doc="'nccl' model: the fitted terms, a name in "
+                            "configs/network/ or a path to such a TOML file")
+    nvls: bool = _f(True, doc="'nccl' model: NVLink SHARP all-reduce on NVSwitch machines "
+                    "(NCCL_NVLS_ENABLE)")
+    pxn: bool = _f(True, doc="'nccl' model, rail fabrics: a cross-rail flow goes through the "
+                   "NVLink peer on the destination's rail (NCCL PXN)")
+    incast_coefficient: float = _f(0.0, lo=0.0, doc="optional incast loss: a link carrying k "
+                                   "concurrent senders' flows runs at 1 / (1 + c (k - 1)) of "
+                                   "its capacity (off: no public measurement shows it, "
+                                   "docs/simulator.md)")
 
     def _check(self) -> list[tuple[str, str]]:
         errs = []
@@ -354,9 +369,10 @@ class ParallelConfig:
     fsep_backward_gather: bool = _f(True, doc="FSEP: gather the experts' weights again for the "
                                     "backward (FSDP-style: freed in between); false keeps the "
                                     "forward's materialised weights, as runtime/ does")
-    a2a_algorithm: str = _f("direct", choices=("direct", "hierarchical"),
+    a2a_algorithm: str = _f("direct", choices=("direct", "hierarchical", "pipelined"),
                             doc="simulator: all-to-all as direct pairwise flows, or intra-node "
-                            "then inter-node (same-rail) stages")
+                            "then inter-node (same-rail) stages, one after the other "
+                            "(hierarchical) or at once (pipelined, DeepEP-style)")
     dp_grad_sync: bool = _f(True, doc="simulator: all-reduce gradients of parameters replicated "
                             "across MoE groups (experts when degree < GPUs; router, latent "
                             "projections) after each layer's backward")

@@ -22,7 +22,7 @@ import pyarrow as pa
 from moesim.config import Config
 from moesim.errors import InputError
 from moesim.results import COLUMNS, STREAMS
-from moesim.sim.collectives import CollectiveResult, Collectives, Traffic
+from moesim.sim.collectives import CollectiveResult, Traffic, collectives_for
 from moesim.sim.compute import ComputeModel
 from moesim.sim.executor import Program, execute
 from moesim.sim.network import FlowNetwork
@@ -99,7 +99,7 @@ class Simulator:
                              f"{self.topo.num_gpus} GPUs, nodes x gpus_per_node = {self.n}")
         self.compute = ComputeModel.load(cfg.cluster.gpu)
         self.net = FlowNetwork(self.topo, cfg.cluster.completion_tolerance)
-        self.coll = Collectives(self.net, cfg.cluster.collective_latency_us * 1e-6)
+        self.coll = collectives_for(cfg.cluster, self.net)
         self._traffic: dict = {}
 
     def _moe_layout(self) -> tuple[int, int, np.ndarray]:
@@ -233,7 +233,7 @@ class Simulator:
             return res
 
         algo = cfg.parallel.a2a_algorithm
-        if algo == "hierarchical" and len(set(np.bincount(self.topo.machine))) != 1:
+        if algo != "direct" and len(set(np.bincount(self.topo.machine))) != 1:
             raise InputError(cfg.source, "parallel.a2a_algorithm",
                              "hierarchical all-to-all needs machines of equal size")
         ctx = StrategyContext(

@@ -5,9 +5,13 @@ Every edge is one direction of one link, with `bw` (bytes/s), `latency` (s) and 
 `kind="gpu"`, a `rank` (0..N-1) and a `machine` (the server it sits in); everything else is a
 switch. Routes are computed on demand, vectorised over GPU pairs:
 
-- GPUs are endpoints only: no route passes *through* a GPU (NCCL's PXN forwarding through a peer
-  GPU is not modelled; a rail-optimised fabric therefore crosses the spine for a flow between
-  different rails).
+- GPUs are endpoints, except for PXN: on a rail-optimised fabric with `cluster.pxn` (NCCL's
+  default since 2.12, NCCL_PXN_DISABLE=0), a flow from GPU i of one node to GPU j != i of
+  another first crosses NVLink to GPU j of its own node and leaves through that GPU's NIC, on
+  the destination's rail, so it never crosses a spine (NCCL docs, NCCL_PXN_DISABLE; "Doubling
+  all2all performance with NVIDIA Collective Communication Library 2.12", NVIDIA blog). Without
+  PXN (or on explicit topologies) GPUs are never transit and cross-rail traffic climbs to a
+  spine.
 - Shortest paths by latency (integer nanoseconds, at least 1 per hop, so that equal-latency
   paths tie exactly); all equal-cost paths are used with an even split at every hop (ECMP as
   per-flow fluid spraying; hash collisions are not modelled, so ECMP is ideal load balancing).
@@ -67,6 +71,8 @@ class Topology:
     capacity: np.ndarray            # float64[L], bytes/s
     latency: np.ndarray             # float64[L], s
     link_kind: np.ndarray           # int8[L], index into LINK_KINDS
+    nvswitch: bool = False          # GPUs of a machine share an NVSwitch (NVLS possible)
+    pxn: bool = False               # cross-rail flows go through the peer on the right rail
     _route_state: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -179,8 +185,33 @@ class Topology:
         st["core"][key] = out
         return out
 
+    def local_index(self) -> np.ndarray:
+        """int64[N]: each rank's index inside its machine (ranks are machine-major)."""
+        first = np.searchsorted(self.machine, self.machine)
+        return np.arange(self.num_gpus) - first
+
     def routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
-        """Routes for GPU pairs (src[i] -> dst[i], src != dst), vectorised over the pairs."""
+        """Routes for GPU pairs (src[i] -> dst[i], src != dst), vectorised over the pairs;
+        with PXN, a pair between machines and rails is the route to the source machine's GPU
+        on the destination's rail followed by that GPU's route to the destination."""
+        src = np.asarray(src, dtype=np.int64)
+        dst = np.asarray(dst, dtype=np.int64)
+        if not self.pxn:
+            return self._routes(src, dst)
+        local = self.local_index()
+        first = np.searchsorted(self.machine, self.machine)
+        proxy = first[src] + local[dst]
+        via = (self.machine[src] != self.machine[dst]) & (local[src] != local[dst])
+        if not via.any():
+            return self._routes(src, dst)
+        idx = np.nonzero(via)[0]
+        direct = np.nonzero(~via)[0]
+        parts = [(direct, self._routes(src[direct], dst[direct])),
+                 (idx, self._routes(src[idx], proxy[idx])),
+                 (idx, self._routes(proxy[idx], dst[idx]))]
+        return _merge_routes(len(src), parts, self.num_links)
+
+    def _routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
         st = self._prepare_routes()
         src = np.asarray(src, dtype=np.int64)
         dst = np.asarray(dst, dtype=np.int64)
@@ -267,6 +298,29 @@ class Topology:
     def link_label(self, i: int) -> str:
         u, v = self.link_ends[i]
         return f"{u}->{v}"
+
+
+def _merge_routes(p: int, parts: list[tuple[np.ndarray, Routes]], num_links: int) -> Routes:
+    """Routes of p pairs from pieces (pair indices, their routes): entries of a pair that
+    appears in several pieces add up (a PXN pair is its two legs), latencies too."""
+    pair_e, link_e, w_e = [], [], []
+    lat = np.zeros(p)
+    for pairs, r in parts:
+        if not len(pairs):
+            continue
+        counts = np.diff(r.ptr)
+        pair_e.append(np.repeat(pairs, counts))
+        link_e.append(r.links)
+        w_e.append(r.weights)
+        np.add.at(lat, pairs, r.latency)
+    pair_a = np.concatenate(pair_e)
+    link_a = np.concatenate(link_e)
+    key = pair_a * num_links + link_a
+    uk, inv = np.unique(key, return_inverse=True)
+    w = np.bincount(inv, weights=np.concatenate(w_e), minlength=len(uk))
+    pair_u, link_u = uk // num_links, uk % num_links
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(pair_u, minlength=p))]).astype(np.int64)
+    return Routes(ptr, link_u.astype(np.int64), w, lat)
 
 
 # --- construction and validation ---------------------------------------------------------
@@ -381,7 +435,11 @@ def dgx_cluster(c: ClusterConfig) -> Topology:
                 g.add_node(f"spine{s}", kind="switch")
                 for leaf in leaves:
                     _link(g, leaf, f"spine{s}", up_each, c.fabric_latency_us * US, "fabric")
-    return _finish(g, f"{c.preset}:{c.nodes}x{gpn}:{c.fabric}", f"preset {c.preset}")
+    topo = _finish(g, f"{c.preset}:{c.nodes}x{gpn}:{c.fabric}", f"preset {c.preset}")
+    topo.nvswitch = gpn > 1
+    topo.pxn = (c.network_model == "nccl" and c.pxn and c.fabric == "rail" and c.nodes > 1
+                and gpn > 1)
+    return topo
 
 
 def h200x2(c: ClusterConfig) -> Topology:
