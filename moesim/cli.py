@@ -21,7 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("moesim.commands.simulate",
               "simulate a grid of strategies x cluster sizes x traces"),
     "study": ("moesim.commands.study", "run a study file (configs/studies/*.toml)"),
-    "calibrate": ("runtime.calibrate", "measure compute rates into a calibration CSV"),
+    "calibrate": ("moesim.commands.calibrate",
+                  "measure compute rates into a calibration CSV, or fit network terms to "
+                  "nccl-tests output"),
+    "bench-net": ("moesim.commands.bench_net",
+                  "simulated collectives in nccl-tests' table format"),
     "validate": ("moesim.commands.validate",
                  "simulate a runtime run and compare with its timings"),
     "plot": ("analysis.cli", "paper-style figures from result files"),

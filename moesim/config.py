@@ -310,7 +310,8 @@ class ClusterConfig:
     gpus_per_leaf: int = _f(32, lo=1, doc="leaf down ports (rail: nodes per rail leaf)")
     spines: int = _f(4, lo=1, doc="spine switches; each leaf has one uplink to each")
     bandwidth_efficiency: float = _f(1.0, lo=1e-6, hi=1.0,
-                                     doc="fraction of line rate a flow can reach (protocol)")
+                                     doc="'ideal' network model: fraction of line rate a flow "
+                                     "can reach (the 'nccl' model has its own per link class)")
     collective_latency_us: float = _f(10.0, lo=0.0,
                                       doc="fixed cost of launching and synchronising one "
                                       "collective (NCCL kernel launch, handshake)")

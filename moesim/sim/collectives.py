@@ -131,11 +131,13 @@ class Collectives:
     `_fluid`)."""
 
     def __init__(self, net: FlowNetwork, collective_latency: float,
-                 terms: NcclTerms | None = None, nvls: bool = True) -> None:
+                 terms: NcclTerms | None = None, nvls: bool = True,
+                 algorithms: tuple[str, ...] | None = None) -> None:
         self.net = net
         self.alpha = collective_latency
         self.terms = terms
         self.nvls = nvls
+        self.allowed = algorithms    # NCCL_ALGO: restrict the choice (None: all enabled)
         self.cache: dict[bytes, tuple] = {}
         self.hits = 0
 
@@ -318,13 +320,13 @@ class Collectives:
                 g = lay[:, :, 0]
                 src, dst = g.ravel(), np.roll(g, -1, axis=1).ravel()
             return Traffic(src, dst, np.full(len(src), hop_bytes))
-        G, M, c = lay.shape
+        g, m, c = lay.shape
         srcs, dsts = [], []
         for ch in range(c):
             rot = np.roll(lay, -ch, axis=2)                  # channel ch enters at rail ch
             seq = rot.copy()
             seq[:, 1::2] = rot[:, 1::2, ::-1]                # odd machines backwards
-            ring = seq.reshape(G, M * c)
+            ring = seq.reshape(g, m * c)
             srcs.append(ring.ravel())
             dsts.append(np.roll(ring, -1, axis=1).ravel())
         src, dst = np.concatenate(srcs), np.concatenate(dsts)
@@ -333,8 +335,8 @@ class Collectives:
     def _tree_traffic(self, lay: np.ndarray, size: float, chain: bool = True) -> Traffic:
         """Tree all-reduce of `size` per member: per channel (one per rail), a chain in every
         machine and the double binary tree between machines on that rail, both ways."""
-        G, M, c = lay.shape
-        edges = heap_tree_edges(M)              # (child, parent) of both trees
+        _, m, c = lay.shape
+        edges = heap_tree_edges(m)              # (child, parent) of both trees
         per_tree = size / (2 * c)
         src, dst, nb = [], [], []
         for ch in range(c):
@@ -354,10 +356,10 @@ class Collectives:
     def _nvls_traffic(self, lay: np.ndarray, size: float) -> Traffic:
         """NVLS inside every machine: each GPU sends and receives S + S/c through the switch,
         spread over its c - 1 peers (S/c of it is its own shard, which also crosses)."""
-        G, M, c = lay.shape
+        g, m, c = lay.shape
         per_pair = (size + size / c) / (c - 1)
-        a = np.repeat(lay.reshape(G * M, c), c, axis=1).reshape(-1)
-        b = np.tile(lay.reshape(G * M, c), (1, c)).reshape(-1)
+        a = np.repeat(lay.reshape(g * m, c), c, axis=1).reshape(-1)
+        b = np.tile(lay.reshape(g * m, c), (1, c)).reshape(-1)
         keep = a != b
         return Traffic(a[keep], b[keep], np.full(int(keep.sum()), per_pair))
 
@@ -395,6 +397,8 @@ class Collectives:
             algos = [a for a in algos if a not in ("nvls", "nvls_tree")]
         if lay is None:
             algos = [a for a in algos if a != "tree"]
+        if self.allowed is not None:
+            algos = [a for a in algos if a in self.allowed] or algos[:1]
         best = None
         for algo in algos:
             flows, slowed = self._algo_traffic(algo, groups, lay, size, factor)

@@ -208,7 +208,7 @@ class NcclTerms:
                   f"p2p_channels = {self.p2p_channels}",
                   f"p2p_ops_per_channel = {self.p2p_ops_per_channel}",
                   f"net_overhead_us = {self.net_overhead_us:.6g}",
-                  f'protocols = [{", ".join(repr(p).replace(chr(39), chr(34)) for p in self.protocols)}]',
+                  "protocols = [" + ", ".join(f'"{p}"' for p in self.protocols) + "]",
                   f'source = "{self.source}"']
         for c in LINK_CLASSES:
             lt = self.link(c)
@@ -218,7 +218,7 @@ class NcclTerms:
 
 
 def _log2i(n: int) -> int:
-    return int(math.floor(math.log2(n))) if n > 1 else 0
+    return math.floor(math.log2(n)) if n > 1 else 0
 
 
 def load_terms(name: str) -> NcclTerms:

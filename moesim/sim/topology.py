@@ -381,6 +381,12 @@ def _finish(g: nx.DiGraph, name: str, source: str) -> Topology:
     return topo
 
 
+def _efficiency(c: ClusterConfig) -> float:
+    """`bandwidth_efficiency` scales line rates in the "ideal" network model only; the "nccl"
+    model has its own per-class efficiencies (moesim.sim.nccl) and sees line rates."""
+    return c.bandwidth_efficiency if c.network_model == "ideal" else 1.0
+
+
 def _link(g: nx.DiGraph, u: str, v: str, bw: float, lat: float, kind: str) -> None:
     g.add_edge(u, v, bw=bw, latency=lat, kind=kind)
     g.add_edge(v, u, bw=bw, latency=lat, kind=kind)
@@ -401,8 +407,9 @@ def dgx_cluster(c: ClusterConfig) -> Topology:
     """
     g = nx.DiGraph()
     gpn = c.gpus_per_node
-    nvl = c.nvlink_gbs * GB * c.bandwidth_efficiency
-    nic = c.nic_gbps / 8 * GB * c.bandwidth_efficiency
+    eff = _efficiency(c)
+    nvl = c.nvlink_gbs * GB * eff
+    nic = c.nic_gbps / 8 * GB * eff
     for m in range(c.nodes):
         sw = f"n{m}.nvswitch"
         g.add_node(sw, kind="switch")
@@ -447,7 +454,7 @@ def h200x2(c: ClusterConfig) -> Topology:
     Measured NCCL all-to-all reaches 275 GB/s at 512 MiB (DESIGN.md); set
     cluster.bandwidth_efficiency and cluster.collective_latency_us to match measurements."""
     g = nx.DiGraph()
-    bw = c.nvlink_gbs * GB * c.bandwidth_efficiency
+    bw = c.nvlink_gbs * GB * _efficiency(c)
     g.add_node("g0", kind="gpu", rank=0, machine=0)
     g.add_node("g1", kind="gpu", rank=1, machine=0)
     _link(g, "g0", "g1", bw, c.nvlink_latency_us * US, "nvlink")
