@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--terms-out", type=Path, default=ROOT / "configs/network/hopper.toml")
     ap.add_argument("--figures", type=Path, default=ROOT / "docs/figures")
     ap.add_argument("--max-evals", type=int, default=400)
+    ap.add_argument("--loso", action="store_true", help="also fit without each source in turn "
+                    "and score that source (sources whose launch cost others share)")
     args = ap.parse_args()
     rows = read_rows(args.measurements)
     pts = points_from_rows(rows)
@@ -248,6 +250,22 @@ def main() -> None:
           f"(target <= {SOURCE_TOLERANCE:.0%}: "
           f"{'met' if worst <= SOURCE_TOLERANCE else 'missed'})")
     print(f"launch costs: {launch_txt}")
+    if args.loso:
+        print("\nleave one source out (fit on the other sources' fit rows, score every row of "
+              "the source left out):")
+        print("| source left out | points | median abs(sim/meas - 1) | max |")
+        print("|---|---|---|---|")
+        for src in sorted({p.source for p in pts}):
+            mine = [p for p in pts if p.source == src]
+            others = [p for p in pts if p.source != src]
+            if not any(p.launch == mine[0].launch for p in others):
+                print(f"| {src} | {len(mine)} | (its launch cost is its own: not scored) | |")
+                continue
+            groups = tuple(sorted({p.launch for p in others}))
+            r = fit(others, base, free_terms(launches=groups), sim=sim, max_nfev=args.max_evals)
+            errs = [abs(sim.time(p, r.terms, r.launch_us[p.launch] * 1e-6) / p.measured_s - 1)
+                    for p in mine]
+            print(f"| {src} | {len(errs)} | {statistics.median(errs):.1%} | {max(errs):.1%} |")
     print(terms.to_toml([]))
     print("| source | collective | ranks | size | measured us | simulated us | error | "
           "algorithm | set |")

@@ -454,4 +454,5 @@ def _block_size(t: Traffic, n: int) -> int:
 def collectives_for(cluster: ClusterConfig, net: FlowNetwork) -> Collectives:
     """The collectives of a cluster config: its network model, terms and NVLS switch."""
     terms = load_terms(cluster.network_terms) if cluster.network_model == "nccl" else None
+    net.incast = cluster.incast_coefficient
     return Collectives(net, cluster.collective_latency_us * 1e-6, terms, nvls=cluster.nvls)

@@ -24,6 +24,14 @@ time against tolerance 0, where every distinct finish time is its own event (the
 solution). Measured on zipf-1.2 EP dispatch on 32 GPUs: +1.0% at 0.02 (25 events instead of
 900), +0.3% at 0.005.
 
+Incast (optional, `incast` > 0): a network link (NIC or fabric class) that k distinct
+senders' flows cross runs at 1 / (1 + incast x (k - 1)) of its capacity, k counted over the
+flow set as it starts (a static penalty: flows finishing early do not lift it). Off by default:
+no public measurement of H100/H200 fabrics shows it (DeepEP runs with congestion control off
+"as we have not observed significant congestion in our production environment"; NCCL's
+all-to-all keeps at most a bounded number of peers in flight, in shifts that give every receiver
+one sender per shift); the knob is there to bound its effect.
+
 Ignored: packets, MTU and header overheads (fold them into the link bandwidth), congestion
 control dynamics (fairness is reached instantly), switch buffers and head-of-line blocking,
 PFC pauses, ECMP hash collisions (routes split evenly), and any per-message software cost other
@@ -38,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.sparse import csr_matrix
 
-from moesim.sim.topology import Topology
+from moesim.sim.topology import LINK_KINDS, Topology
 
 # A link counts as full when its residual share is within this relative distance of the
 # round's increment: floating-point slack, not a modelling knob.
@@ -57,6 +65,7 @@ class FlowSet:
     by_flow: csr_matrix     # [F, L]: fraction of flow f on link l
     solve: tuple            # (entry flow, entry link, fraction) over distinct-constraint links
     solve_cap: np.ndarray   # float64[L']
+    solve_links: np.ndarray | None = None  # int64[L']: the topology link of each constraint
 
     @property
     def num_flows(self) -> int:
@@ -119,7 +128,7 @@ def _fill(ent_flow: np.ndarray, ent_link: np.ndarray, ent_w: np.ndarray, f: int,
 
 
 def _distinct_constraints(by_flow: csr_matrix, capacity: np.ndarray
-                          ) -> tuple[csr_matrix, np.ndarray]:
+                          ) -> tuple[csr_matrix, np.ndarray, np.ndarray]:
     """Drop links whose constraint duplicates another's (same flows, same fractions, same
     capacity): the S parallel leaf-spine links of an even ECMP split carry identical shares of
     the same flows, so one of them stands for all. Exact for max-min; it only removes rows.
@@ -133,15 +142,16 @@ def _distinct_constraints(by_flow: csr_matrix, capacity: np.ndarray
     keys = np.column_stack([proj, capacity[used]])
     _, first = np.unique(keys, axis=0, return_index=True)
     keep = used[np.sort(first)]
-    return by_link[keep].T.tocsr(), capacity[keep]
+    return by_link[keep].T.tocsr(), capacity[keep], keep
 
 
 class FlowNetwork:
     """Flows over a Topology; `run` solves a FlowSet to completion (see module docstring)."""
 
-    def __init__(self, topo: Topology, tolerance: float = 0.02) -> None:
+    def __init__(self, topo: Topology, tolerance: float = 0.02, incast: float = 0.0) -> None:
         self.topo = topo
         self.tolerance = tolerance
+        self.incast = incast
         self.capacity = topo.capacity
         self.events = 0
         self.flows = 0
@@ -175,13 +185,25 @@ class FlowNetwork:
             r = self.topo.routes(src, dst)
             by_flow = csr_matrix((r.weights, r.links, r.ptr),
                                  shape=(len(src), self.topo.num_links))
-            sf, sc = _distinct_constraints(by_flow, self.capacity)
+            sf, sc, keep = _distinct_constraints(by_flow, self.capacity)
             ent = (np.repeat(np.arange(len(src)), np.diff(sf.indptr)),
                    sf.indices.astype(np.int64), sf.data)
-            pat = (by_flow, r.latency, ent, sc)
+            if self.incast > 0:
+                sc = sc / self._incast_factor(by_flow, src)[keep]
+            pat = (by_flow, r.latency, ent, sc, keep)
             self._patterns[key] = pat
-        by_flow, lat, ent, solve_cap = pat
-        return FlowSet(src, dst, nbytes, start, lat * latency_hops, by_flow, ent, solve_cap)
+        by_flow, lat, ent, solve_cap, keep = pat
+        return FlowSet(src, dst, nbytes, start, lat * latency_hops, by_flow, ent, solve_cap,
+                       keep)
+
+    def _incast_factor(self, by_flow: csr_matrix, src: np.ndarray) -> np.ndarray:
+        """float64[L]: 1 + incast (k - 1) on network links crossed by k distinct senders."""
+        coo = by_flow.tocoo()
+        pairs = np.unique(coo.col.astype(np.int64) * self.topo.num_gpus + src[coo.row])
+        senders = np.bincount(pairs // self.topo.num_gpus, minlength=self.topo.num_links)
+        net = np.isin(self.topo.link_kind, [LINK_KINDS.index("nic"),
+                                            LINK_KINDS.index("fabric")])
+        return 1.0 + np.where(net, self.incast * np.maximum(senders - 1, 0), 0.0)
 
     def run(self, fs: FlowSet) -> FlowResult:
         """Advance the flows to completion; finish times are relative to the set's start."""

@@ -355,3 +355,19 @@ def test_calibrate_nccl_tests_fits_and_writes_terms(tmp_path, capsys):
         p = Point("x", cluster, "all_gather", float(s), 1.0)
         assert sim.time(p, got, launch) == pytest.approx(t * 1e-6, rel=0.05)
     assert "median |fit/measured - 1|" in printed
+
+
+def test_incast_penalty_on_the_receivers_link():
+    """Two senders of another node into one GPU: its NIC downlink carries 2 x B at
+    cap / (1 + c (2 - 1)); one sender alone is not penalised."""
+    topo = _dgx(2, fabric="fat-tree", gpus_per_leaf=16)    # one leaf: only NIC links
+    b = 64e6
+    m2 = np.zeros((16, 16))
+    m2[8, 0] = m2[9, 0] = b
+    m1 = np.zeros((16, 16))
+    m1[8, 0] = b
+    nic = 50 * GB
+    for c in (0.0, 0.5):
+        coll = Collectives(FlowNetwork(topo, 0.0, incast=c), 0.0)
+        assert coll.all_to_all(m2).duration == pytest.approx(2 * b / nic * (1 + c), rel=1e-9)
+        assert coll.all_to_all(m1).duration == pytest.approx(b / nic, rel=1e-9)
