@@ -137,10 +137,29 @@ def free_terms(classes: tuple[str, ...] = LINK_CLASSES, latency: bool = True,
     return names + [f"launch.{g}" for g in launches]
 
 
-def fit(points: list[Point], base: NcclTerms, free: list[str],
+def fit(points: list[Point], base: NcclTerms | list[NcclTerms], free: list[str],
         launch_us: dict[str, float] | None = None, sim: PointSimulator | None = None,
-        max_nfev: int = 400) -> FitResult:
-    """Least-squares fit of the `free` terms to the points with `fit=True`."""
+        max_nfev: int = 400, priors: dict[str, tuple[float, float]] | None = None
+        ) -> FitResult:
+    """Least-squares fit from `base`, or from each of a list of starting terms, keeping the
+    lowest cost (the model's algorithm choice makes the cost piecewise: several starts find
+    the basin a single one can miss). See `_fit`."""
+    if isinstance(base, list):
+        results = [_fit(points, b, free, launch_us, sim, max_nfev, priors) for b in base]
+        best = min(results, key=lambda r: r.cost)
+        best.evaluations = sum(r.evaluations for r in results)
+        return best
+    return _fit(points, base, free, launch_us, sim, max_nfev, priors)
+
+
+def _fit(points: list[Point], base: NcclTerms, free: list[str],
+         launch_us: dict[str, float] | None = None, sim: PointSimulator | None = None,
+         max_nfev: int = 400, priors: dict[str, tuple[float, float]] | None = None
+         ) -> FitResult:
+    """Least-squares fit of the `free` terms to the points with `fit=True`. `priors` (term ->
+    (mean, sigma), in the optimiser's space: log10 for latency_scale and half_bytes) add a
+    residual (x - mean) / sigma each: a term the points do not constrain stays at its prior
+    (NCCL's own latency table, say) instead of drifting to a bound."""
     sim = sim or PointSimulator()
     launch = dict(launch_us or {})
     for p in points:
@@ -154,11 +173,13 @@ def fit(points: list[Point], base: NcclTerms, free: list[str],
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
     evals = [0]
 
+    prior = [(free.index(n), m, sd) for n, (m, sd) in (priors or {}).items() if n in free]
+
     def resid(x: np.ndarray) -> np.ndarray:
         evals[0] += 1
         terms, lat = _set(base, launch, free, x)
-        return np.array([math.log(sim.time(p, terms, lat[p.launch] * 1e-6) / p.measured_s)
-                         for p in use])
+        r = [math.log(sim.time(p, terms, lat[p.launch] * 1e-6) / p.measured_s) for p in use]
+        return np.array(r + [(x[i] - m) / sd for i, m, sd in prior])
 
     # soft_l1: a noisy published point (nccl-tests' single runs) may not pull the others.
     res = least_squares(resid, x0, bounds=(lo, hi), x_scale="jac", max_nfev=max_nfev,
