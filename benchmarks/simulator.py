@@ -32,10 +32,11 @@ MHL = {"name": "mhl-h32-e16-k2", "d_model": 2048, "d_ffn": 5632, "num_experts": 
        "num_heads": 32, "head_dim": 64}
 
 
-def _config(model: dict, nodes: int, layers: int, slots: int):
+def _config(model: dict, nodes: int, layers: int, slots: int, network: str = "ideal"):
     return config_from_dict({
         "model": {**model, "num_layers": layers},
-        "cluster": {"preset": "dgx-h200", "nodes": nodes, "fabric": "rail"},
+        "cluster": {"preset": "dgx-h200", "nodes": nodes, "fabric": "rail",
+                    "network_model": network},
         "parallel": {"degree": 32},
         "planner": {"solver": "laer", "slots_per_rank": slots},
     }, "benchmarks.simulator")
@@ -92,6 +93,8 @@ def main() -> None:
                     "--iteration: 4,32,128)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--network-model", choices=("ideal", "nccl"), default="ideal",
+                    help="cluster.network_model (docs/simulator.md, Collectives)")
     ap.add_argument("--iteration", action="store_true",
                     help="whole Mixtral-8x7B training iterations instead of MoE steps")
     ap.add_argument("--trace-steps", type=int, default=32,
@@ -118,7 +121,8 @@ def main() -> None:
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
                 c0 = time.process_time()
-                sim = Simulator(_config(model, nodes, args.layers, slots), trace, "bench")
+                sim = Simulator(_config(model, nodes, args.layers, slots, args.network_model),
+                                trace, "bench")
                 t1 = time.perf_counter()
                 out = sim.simulate_step(strategy, 0)
                 t2 = time.perf_counter()
