@@ -557,11 +557,12 @@ class TrainConfig:
     optimizer_impl: str = _f("fused", choices=("fused", "foreach"),
                              doc="AdamW kernels: 'fused' one pass (Apex/TE FusedAdam), "
                              "'foreach' torch's multi-tensor default")
-    loss_impl: str = _f("megatron", choices=("megatron", "torch"),
+    loss_impl: str = _f("megatron", choices=("megatron", "torch", "torch_nocast"),
                         doc="cross-entropy: 'megatron' its vocab-parallel fp32 loss (keeps "
                         "the softmax, gradient in place); 'torch' the logits cast to fp32, "
-                        "log-softmax and NLL (runtime/train.py); moesim/sim/decoder.py and "
-                        "memory.py cost both")
+                        "log-softmax and NLL (runtime/train.py); 'torch_nocast' the same on "
+                        "the logits in model.dtype (no fp32 copy); moesim/sim/decoder.py and "
+                        "memory.py cost them")
 
 
 @dataclass(frozen=True)

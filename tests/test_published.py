@@ -26,3 +26,14 @@ def test_rows_are_consistent_and_configurable(row):
     assert c.shape == (1, m.num_moe_layers, row.ep, 1, m.num_experts)
     assert (c.sum(axis=-1) == row.micro_batch * row.seq_len * m.top_k).all()
     assert c.max() - c.min() <= 1  # balanced
+
+
+def test_committed_simulation_is_what_the_simulator_gives_today():
+    """A canary: the cheapest row simulated again gives the committed iteration time, or
+    docs/validation/published/simulated.csv (and the doc's region) are stale."""
+    sim = pd.read_csv(published.OUT).set_index("id")
+    row = TABLE.set_index("id").loc["mcore-mixtral-8x7b"]
+    row["id"] = "mcore-mixtral-8x7b"
+    now = published.simulate_row(row)["simulated_step_s"]
+    assert now == pytest.approx(sim.loc["mcore-mixtral-8x7b", "simulated_step_s"], rel=1e-5), \
+        "the simulator drifted from docs/validation/published: python -m benchmarks.published"

@@ -46,7 +46,8 @@ Kernel costs, and what each assumes:
   "torch", as runtime/train.py runs it: the logits cast to fp32, then log-softmax and NLL
   (forward: read bf16 + write fp32, read + write fp32; backward: the NLL gradient written,
   log-softmax backward reads it and its output and writes the gradient, the cast's backward
-  reads fp32 and writes bf16); "megatron", its vocab-parallel cross-entropy in torch ops
+  reads fp32 and writes bf16); "torch_nocast", the same without the cast (log-softmax and
+  its gradient in model.dtype); "megatron", its vocab-parallel cross-entropy in torch ops
   (forward: cast, max, subtract and exp in place, sum, divide in place: bf16 read + 8 fp32
   passes; backward: the one-hot subtraction and the scaling in place on the saved softmax,
   the cast back: 4 fp32 passes + bf16 write).
@@ -313,13 +314,18 @@ def output_costs(model: ModelConfig, compute: ComputeModel, tokens: float, pass_
             ph.mem(compute, 4, logits * (4 + (4 + 4 + 4) + (4 + p)))
         else:
             ph.mem(compute, 3, logits * ((p + 4) + (4 + 4)))
+    elif loss == "torch_nocast":
+        if bwd:
+            ph.mem(compute, 3, logits * 4 * p)
+        else:
+            ph.mem(compute, 2, logits * 2 * p)
     elif loss == "megatron":
         if bwd:
             ph.mem(compute, 3, logits * (4 * 4 + p))
         else:
             ph.mem(compute, 6, logits * (p + 8 * 4))
     else:
-        raise ValueError(f"loss {loss!r} is not 'torch' or 'megatron'")
+        raise ValueError(f"loss {loss!r} is not 'torch', 'torch_nocast' or 'megatron'")
     out.append(ph.cost())
     return out
 

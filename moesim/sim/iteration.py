@@ -453,7 +453,7 @@ class IterationSimulator(Simulator):
                     cs = [decoder.embedding_cost(m, self.compute, self.tokens, pass_, tp=p.tp)]
                 elif layer == m.num_layers:
                     cs = decoder.output_costs(m, self.compute, self.tokens, pass_, tp=p.tp,
-                                              sp=sp)
+                                              sp=sp, loss=self.cfg.train.loss_impl)
                 else:
                     cs = decoder.layer_costs(m, self.compute, self.tokens, layer, pass_,
                                              tp=p.tp, sp=sp)
@@ -693,7 +693,7 @@ class IterationSimulator(Simulator):
         return Training(micro_batch=t.micro_batch_size, micro_batches=t.micro_batches,
                         tp=p.tp, sp=p.sequence_parallel and p.tp > 1, pp=p.pp, dp=lay.dp,
                         ep=lay.ep, etp=lay.etp, zero=p.zero, recompute=t.recompute,
-                        precision=t.precision, strategy=strategy,
+                        precision=t.precision, loss=t.loss_impl, strategy=strategy,
                         fsep_slots=cfg.planner.slots_per_rank if strategy == "fsep" else 0,
                         fsep_backward_gather=p.fsep_backward_gather,
                         moe_rows_per_token=rows_per_token)

@@ -14,8 +14,9 @@ and the GPU's peak is the largest stage's. Each term, and what it assumes:
   Megatron does). Routed experts over the expert group: total / (ep x etp) (EP and HP own
   whole experts; FSEP's flat 1/ep shards are the same bytes).
 - Precision (`precision`): "mixed" (Megatron): weights in model.dtype, fp32 main gradients,
-  fp32 master weights and Adam moments, 2 + 4 + 12 bytes a parameter for bf16; "pure"
-  (runtime/: torch AdamW on bf16 parameters): dtype for all four, 2 + 2 + 4.
+  fp32 master weights and Adam moments, 2 + 4 + 12 bytes a parameter for bf16 (under ZeRO-3,
+  torch FSDP2's 4 + 4 + 8: the fp32 shards are the master weights); "pure" (runtime/: torch
+  AdamW on bf16 parameters): dtype for all four, 2 + 2 + 4.
 - ZeRO (`zero`) over the data-parallel replicas of each weight (dense: dp; experts: the
   expert data-parallel group dp x tp / (ep x etp)): 1 shards the optimizer states (Megatron's
   distributed optimizer), 2 also the gradients, 3 (FSDP) also the weights, with the
@@ -47,7 +48,8 @@ and the GPU's peak is the largest stage's. Each term, and what it assumes:
   (the first stages take the remainder).
 - Last stage: the final norm and LM head inputs, and the loss as implemented (`loss`):
   "torch" (runtime/train.py: the bf16 logits stay referenced, the fp32 log-softmax is saved;
-  its backward adds the NLL gradient and the log-softmax gradient, fp32) or "megatron" (its
+  its backward adds the NLL gradient and the log-softmax gradient, fp32), "torch_nocast"
+  (the same in the model dtype, no fp32 copy) or "megatron" (its
   vocab-parallel cross-entropy keeps the fp32 softmax, computes the gradient in place and
   casts it back to bf16).
 - Communication buffers: the largest all-to-all send or receive copy of the MoE layer not
@@ -82,7 +84,7 @@ GIB = 2.0**30
 GPU_MEMORY_GIB = {"h200": 143771 / 1024, "h100": 81559 / 1024, "a100": 80.0,
                   "a100-40gb": 40.0}
 RESERVE_GIB = 2.0
-LOSSES = ("torch", "megatron")
+LOSSES = ("torch", "torch_nocast", "megatron")
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,8 @@ def output_activations(model: ModelConfig, t: Training) -> tuple[float, float]:
     saved = sum(_norm("final_norm", p, d, a, t.norm_impl).values()) + p * d * a
     if t.loss == "torch":
         return saved + (p + 4) * v, 8.0 * v     # bf16 logits + fp32 log-softmax; two grads
+    if t.loss == "torch_nocast":
+        return saved + 2.0 * p * v, 2.0 * p * v  # logits + log-softmax; two grads, model dtype
     return saved + 4.0 * v, float(p * v)        # fp32 softmax; its bf16 gradient
 
 
@@ -292,10 +296,15 @@ def stage_params(model: ModelConfig, layers: list[int], t: Training, first: bool
 
 
 def _state_bytes(n: float, replicas: int, t: Training, p: int) -> dict[str, float]:
-    """Weights, gradients and optimizer states of `n` parameters replicated `replicas` ways."""
-    grad_w, opt_w = (4, 12) if t.precision == "mixed" else (p, 2 * p)
+    """Weights, gradients and optimizer states of `n` parameters replicated `replicas` ways.
+    Mixed precision under ZeRO-3 is torch FSDP2's: the fp32 shards are the master weights
+    (4 / replicas), the model-dtype weights exist only gathered (comm_buffers)."""
     shard = lambda stage: replicas if t.zero >= stage else 1  # noqa: E731
-    return {"weights": n * p / shard(3), "gradients": n * grad_w / shard(2),
+    if t.precision == "mixed":
+        weight_w, grad_w, opt_w = (4, 4, 8) if t.zero == 3 else (p, 4, 12)
+    else:
+        weight_w, grad_w, opt_w = p, p, 2 * p
+    return {"weights": n * weight_w / shard(3), "gradients": n * grad_w / shard(2),
             "optimizer": n * opt_w / shard(1)}
 
 
@@ -356,7 +365,8 @@ def _buffers(model: ModelConfig, layers: list[int], t: Training, tokens: float, 
     if t.tp > 1 and t.sp:
         out += p * model.d_model * tokens                 # the all-gathered layer input
     if t.zero == 3 and layers:
-        per_layer = max(sum(model.layer_params(i).values()) for i in layers) / t.tp
+        # The rank's share of a layer, unsharded: dense over tp, experts over ep x etp.
+        per_layer = max(sum(stage_params(model, [i], t, False, False)) for i in layers)
         out += (1 + t.zero3_prefetch) * per_layer * p
     return out
 

@@ -138,8 +138,15 @@ def test_zero_stages_shard_what_they_say():
     assert e[1]["optimizer"] == pytest.approx(12 * (dense / 4 + expert / 2 / 2))
     assert e[1]["gradients"] == e[0]["gradients"]
     assert e[2]["gradients"] == pytest.approx(4 * (dense / 4 + expert / 2 / 2))
-    assert e[3]["weights"] == pytest.approx(2 * (dense / 4 + expert / 2 / 2))
-    assert e[3]["comm_buffers"] > e[2]["comm_buffers"]  # gathered layers
+    # ZeRO-3 in mixed precision as torch FSDP2: fp32 shards (the master), fp32 gradient
+    # shards, two fp32 moments: 4 + 4 + 8 over the replicas.
+    shard = dense / 4 + expert / 2 / 2
+    assert (e[3]["weights"], e[3]["gradients"], e[3]["optimizer"]) == pytest.approx(
+        (4 * shard, 4 * shard, 8 * shard))
+    # ...and the bf16 weights of 1 + 1 layers gathered: the larger layer's rank share (the
+    # dense layer, attention 12288 + norms 128 + MLP 24576, over the MoE layer's 12288 +
+    # 128 + experts 24576 / ep 2 + router 256).
+    assert e[3]["comm_buffers"] - e[2]["comm_buffers"] == 2 * 2 * (12288 + 128 + 24576)
 
 
 def test_fsep_materialised_experts():
