@@ -224,8 +224,20 @@ def main() -> None:
             "machine": f"{platform.node() or 'host'} ({os.cpu_count()} CPUs, "
                        f"{platform.processor() or platform.machine()})"}
     write_text_atomic(args.out.with_suffix(".meta.json"), json.dumps(meta, indent=1) + "\n")
-    from analysis.doc_regions import update
-    update(args.doc)
+    render_region_into(args.doc, REGION)
+
+
+REGION = "validation.published"
+
+
+def render_region_into(doc: Path, name: str) -> None:
+    """Render one generated region of `doc` again, leaving the others as they are (each is
+    its own area's to regenerate)."""
+    from analysis.doc_regions import render_region
+    text = doc.read_text()
+    begin, end = f"<!-- generated: {name} -->\n", f"<!-- end: {name} -->"
+    i, j = text.index(begin) + len(begin), text.index(end)
+    write_text_atomic(doc, text[:i] + render_region(name, ROOT) + text[j:])
 
 
 if __name__ == "__main__":
