@@ -420,7 +420,21 @@ class PlannerConfig:
     """Expert placement and the FSEP re-layout solver."""
 
     slots_per_rank: int = _f(8, lo=1, doc="FSEP: experts a rank may materialise at once")
-    solver: str = _f("highs", choices=("highs", "cbc", "greedy", "laer"))
+    solver: str = _f("highs", choices=("highs", "cbc", "greedy", "fill", "laer", "flexmoe",
+                                       "static"),
+                     doc="FSEP re-layout: highs/cbc (moesim's MILP), greedy, fill (moesim's "
+                     "heuristics), laer (LAER-MoE's greedy), flexmoe (FlexMoE as LAER-MoE's "
+                     "artifact runs it), static (the round-robin layout); planner.relayout")
+    routing: str = _f("auto", choices=("auto", "node_local", "shares"),
+                      doc="FSEP token routing over replicas: node_local (LAER-MoE's smart "
+                      "routing), shares (the planner's global shares); auto: node_local for "
+                      "laer/flexmoe/static, shares for the others")
+    history: int = _f(5, lo=1, doc="FSEP: passes whose counts, summed, plan the next one "
+                      "(LAER-MoE: 5)")
+    oracle: bool = _f(False, doc="FSEP: plan each pass from its own counts (an upper bound no "
+                      "real system reaches; a study must name it)")
+    recompute: bool = _f(True, doc="LAER-MoE's cost: activation checkpointing recomputes the "
+                         "forward (4 max(comp), else 3)")
     time_limit_s: float = _f(10.0, lo=0.0)
     mip_gap: float = _f(0.01, lo=0.0, hi=1.0)
     change_penalty: float = _f(0.0, lo=0.0, doc="cost per replica moved between steps")

@@ -10,6 +10,15 @@ expert of head h on rank h mod N, and FSEP replicas come from the re-layout solv
 Global expert ids follow docs/interfaces.md: expert e of head h is `g = h * E + e`.
 Constructors return replicas in canonical order (by expert, then rank); consumers split a
 source's tokens of expert g over g's replicas in replica order.
+
+FSEP as LAER-MoE runs it fills every one of a rank's C slots, duplicates allowed: a replica
+fills `replica_slots[i]` >= 1 slots of its rank (LAER-MoE's A[expert][device] counts,
+PKU-DAIR/Hetu-Galvatron branch laer-moe, csrc/greedy_balancer.cpp), and its weights are
+gathered once per slot. `routing` says how a source's tokens of an expert are split over its
+replicas (planner.traffic.split_tokens): "shares" by `replica_share` (the same for every
+source), or "node_local" (LAER-MoE's smart routing: evenly by slots among the replicas in the
+source's own node of `node_size` ranks, over all replicas only when the node has none;
+`replica_share` then holds the slot fractions, for reports only).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from moesim.config import STRATEGIES, ModelConfig
 from moesim.errors import InputError
 
 SHARE_TOL = 1e-6
+ROUTINGS = ("shares", "node_local")
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,10 +45,16 @@ class Placement:
     replica_rank: np.ndarray  # int64[R]
     replica_share: np.ndarray  # float64[R]
     source: str = "placement"
+    replica_slots: np.ndarray | None = None  # int64[R], slots each replica fills (default 1)
+    routing: str = "shares"  # "shares" | "node_local"
+    node_size: int = 0  # ranks per node for node_local routing (0: one node)
 
     def __post_init__(self) -> None:
+        if self.replica_slots is None:
+            object.__setattr__(self, "replica_slots", np.ones(len(np.reshape(
+                self.replica_expert, -1)), dtype=np.int64))
         for name, dtype in (("replica_expert", np.int64), ("replica_rank", np.int64),
-                            ("replica_share", np.float64)):
+                            ("replica_share", np.float64), ("replica_slots", np.int64)):
             arr = np.array(getattr(self, name), dtype=dtype, copy=True).reshape(-1)
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
@@ -54,9 +70,18 @@ class Placement:
         if e < 1:
             raise InputError(src, "num_experts", f"must be >= 1, got {e}")
         ex, rk, sh = self.replica_expert, self.replica_rank, self.replica_share
-        if not (len(ex) == len(rk) == len(sh)):
-            raise InputError(src, "replicas", "replica_expert, replica_rank and replica_share "
-                             f"differ in length ({len(ex)}, {len(rk)}, {len(sh)})")
+        if not (len(ex) == len(rk) == len(sh) == len(self.replica_slots)):
+            raise InputError(src, "replicas", "replica_expert, replica_rank, replica_share "
+                             f"and replica_slots differ in length ({len(ex)}, {len(rk)}, "
+                             f"{len(sh)}, {len(self.replica_slots)})")
+        if len(ex) and self.replica_slots.min() < 1:
+            raise InputError(src, "replica_slots", "a replica fills at least one slot")
+        if self.routing not in ROUTINGS:
+            raise InputError(src, "routing", f"{self.routing!r} is not one of "
+                             f"{', '.join(ROUTINGS)}")
+        if self.node_size < 0 or (self.node_size and n % self.node_size):
+            raise InputError(src, "node_size", f"{self.node_size} does not divide the {n} "
+                             "ranks")
         if len(ex) and (ex.min() < 0 or ex.max() >= e):
             raise InputError(src, "replica_expert", f"expert id outside [0, {e})")
         if len(rk) and (rk.min() < 0 or rk.max() >= n):
@@ -100,24 +125,60 @@ class Placement:
         return np.bincount(self.replica_rank, minlength=self.num_ranks).astype(np.int64)
 
     def slots_per_rank(self) -> np.ndarray:
-        """int64[N]: expert slots each rank fills (one per replica)."""
-        return self.replicas_per_rank()
+        """int64[N]: expert slots each rank fills (duplicates count once per slot)."""
+        return np.bincount(self.replica_rank, weights=self.replica_slots,
+                           minlength=self.num_ranks).astype(np.int64)
+
+    def slot_matrix(self) -> np.ndarray:
+        """int64[E_total, N]: slots of expert g on rank r (LAER-MoE's A)."""
+        m = np.zeros((self.num_experts, self.num_ranks), dtype=np.int64)
+        m[self.replica_expert, self.replica_rank] = self.replica_slots
+        return m
+
+    def slot_experts(self, rank: int) -> np.ndarray:
+        """The experts of `rank`'s filled slots, in replica order, a duplicate once per slot
+        (the order its weights are gathered in)."""
+        sel = self.replica_rank == rank
+        return np.repeat(self.replica_expert[sel], self.replica_slots[sel])
 
     def replicas_of(self, expert: int) -> np.ndarray:
         """Indices of `expert`'s replicas, in replica order."""
         return np.flatnonzero(self.replica_expert == expert)
 
     def same_layout(self, other: Placement) -> bool:
-        """Same replicas (expert, rank) and shares equal to 1e-9."""
+        """Same replicas (expert, rank), slots, routing and shares equal to 1e-9."""
         return (self.num_ranks == other.num_ranks and self.num_experts == other.num_experts
-                and np.array_equal(self.hosted(), other.hosted())
+                and np.array_equal(self.slot_matrix(), other.slot_matrix())
+                and (self.routing, self.node_size) == (other.routing, other.node_size)
                 and np.allclose(self.share_matrix(), other.share_matrix(), atol=1e-9))
 
 
 def _canonical(strategy: str, n: int, e_total: int, expert: np.ndarray, rank: np.ndarray,
-               share: np.ndarray, source: str = "placement") -> Placement:
+               share: np.ndarray, source: str = "placement", slots: np.ndarray | None = None,
+               routing: str = "shares", node_size: int = 0) -> Placement:
     order = np.lexsort((rank, expert))
-    return Placement(strategy, n, e_total, expert[order], rank[order], share[order], source)
+    slots = np.ones(len(expert), dtype=np.int64) if slots is None else np.asarray(slots)
+    return Placement(strategy, n, e_total, expert[order], rank[order], share[order], source,
+                     slots[order], routing, node_size)
+
+
+def slot_placement(slots: np.ndarray, node_size: int = 0, routing: str = "node_local",
+                   strategy: str = "fsep", source: str = "placement") -> Placement:
+    """A Placement from a slot matrix int[E_total, N] (LAER-MoE's A: slots of expert g on
+    rank r, duplicates allowed); every expert needs one slot or more. Shares are the slot
+    fractions (the token split of `routing` = "shares")."""
+    a = np.asarray(slots, dtype=np.int64)
+    if a.ndim != 2 or (a < 0).any():
+        raise InputError(source, "slots", "need a non-negative [E_total, N] slot matrix")
+    tot = a.sum(axis=1)
+    if (tot == 0).any():
+        raise InputError(source, "replica_expert",
+                         f"expert {int(np.argmax(tot == 0))} has no slot")
+    expert, rank = np.nonzero(a)
+    w = a[expert, rank]
+    n = a.shape[1]
+    return _canonical(strategy, n, a.shape[0], expert.astype(np.int64), rank.astype(np.int64),
+                      w / tot[expert], source, w, routing, node_size if node_size < n else 0)
 
 
 def ep_placement(num_experts: int, num_ranks: int,
@@ -191,6 +252,13 @@ def hp_placement(model: ModelConfig, num_ranks: int) -> Placement:
     e = model.num_experts
     g = np.arange(heads * e, dtype=np.int64)
     return _canonical("hp", num_ranks, heads * e, g, (g // e) % num_ranks, np.ones(heads * e))
+
+
+def with_routing(p: Placement, routing: str, node_size: int = 0) -> Placement:
+    """`p` with another token routing (its replicas, slots and shares kept)."""
+    return Placement(p.strategy, p.num_ranks, p.num_experts, p.replica_expert, p.replica_rank,
+                     p.replica_share, p.source, p.replica_slots, routing,
+                     node_size if node_size < p.num_ranks else 0)
 
 
 def replicated_placement(strategy: str, num_ranks: int, share: np.ndarray,

@@ -4,8 +4,11 @@ JSON, schema version 1:
 
     {"schema_version": 1, "kind": "moesim.plan", "strategy": "fsep", "num_ranks": N,
      "num_experts": E_total, "slots_per_rank": C, "meta": {...},
-     "entries": [{"step": s, "layer": l, "replicas": [[expert, rank, share], ...],
-                  "stats": {...}}, ...]}
+     "entries": [{"step": s, "layer": l, "replicas": [[expert, rank, share, slots], ...],
+                  "routing": "shares" | "node_local", "node_size": G, "stats": {...}}, ...]}
+
+`slots` (slots the replica fills, duplicates allowed; default 1), `routing` (default
+"shares") and `node_size` (default 0) are optional, so schema-1 files without them still load.
 
 `read_plan` validates everything (types, ranges, every expert served, shares summing to 1,
 slots) and raises InputError naming the file and the field; `write_plan` writes atomically.
@@ -60,10 +63,12 @@ def _jsonable(v: Any) -> Any:
 def plan_to_dict(plan: Plan) -> dict:
     entries = []
     for (s, ly), p in sorted(plan.placements.items()):
-        reps = [[int(e), int(r), float(sh)] for e, r, sh in
-                zip(p.replica_expert, p.replica_rank, p.replica_share, strict=True)]
+        reps = [[int(e), int(r), float(sh), int(k)] for e, r, sh, k in
+                zip(p.replica_expert, p.replica_rank, p.replica_share, p.replica_slots,
+                    strict=True)]
         stats = {k: _jsonable(v) for k, v in plan.stats.get((s, ly), {}).items()}
-        entries.append({"step": s, "layer": ly, "replicas": reps, "stats": stats})
+        entries.append({"step": s, "layer": ly, "replicas": reps, "routing": p.routing,
+                        "node_size": p.node_size, "stats": stats})
     return {"schema_version": SCHEMA_VERSION, "kind": KIND, "strategy": plan.strategy,
             "num_ranks": plan.num_ranks, "num_experts": plan.num_experts,
             "slots_per_rank": plan.slots_per_rank, "meta": plan.meta, "entries": entries}
@@ -124,22 +129,28 @@ def plan_from_dict(raw: Any, src: str = "<plan>") -> Plan:
             raise InputError(src, where, f"second entry for step {key[0]} layer {key[1]}")
         reps = ent.get("replicas")
         ok = isinstance(reps, list) and len(reps) > 0 and all(
-            isinstance(t, list) and len(t) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in t[:2])
+            isinstance(t, list) and len(t) in (3, 4)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in t[:2] + t[3:])
             and isinstance(t[2], (int, float)) and not isinstance(t[2], bool) for t in reps)
         if not ok:
             raise InputError(src, f"{where}.replicas",
-                             "must be a non-empty list of [expert, rank, share]")
-        arr = np.array(reps, dtype=np.float64)
+                             "must be a non-empty list of [expert, rank, share(, slots)]")
+        arr = np.array([t[:3] + (t[3:] or [1]) for t in reps], dtype=np.float64)
+        routing = ent.get("routing", "shares")
+        node_size = ent.get("node_size", 0)
+        if not isinstance(node_size, int) or isinstance(node_size, bool):
+            raise InputError(src, f"{where}.node_size", "must be an integer")
         try:
             p = Placement(strategy, n, e_total, arr[:, 0].astype(np.int64),
-                          arr[:, 1].astype(np.int64), arr[:, 2], source=src)
+                          arr[:, 1].astype(np.int64), arr[:, 2], source=src,
+                          replica_slots=arr[:, 3].astype(np.int64), routing=routing,
+                          node_size=node_size)
         except InputError as e:
             raise InputError(src, f"{where}.{e.field}", e.message) from None
-        used = p.replicas_per_rank()
+        used = p.slots_per_rank()
         if strategy == "fsep" and used.max() > slots:
-            raise InputError(src, f"{where}.replicas", f"rank {int(used.argmax())} holds "
-                             f"{int(used.max())} replicas, more than slots_per_rank = {slots}")
+            raise InputError(src, f"{where}.replicas", f"rank {int(used.argmax())} fills "
+                             f"{int(used.max())} slots, more than slots_per_rank = {slots}")
         st = ent.get("stats", {})
         if not isinstance(st, dict):
             raise InputError(src, f"{where}.stats", "must be an object")

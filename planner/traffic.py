@@ -94,8 +94,50 @@ class LayerTraffic:
 
 
 def split_tokens(counts2d: np.ndarray, placement: Placement) -> np.ndarray:
-    """int64[N, R]: split each source's tokens of expert g over g's replicas by share, in
-    integers, by largest remainder (ties: replica order). Row and per-expert sums are exact."""
+    """int64[N, R]: each source's tokens of expert g split over g's replicas by the
+    placement's routing. Row and per-expert sums are exact.
+
+    - "shares": by `replica_share`, in integers by largest remainder (ties: replica order).
+    - "node_local": LAER-MoE's smart routing (`_smart_routing_kernel` in galvatron/core/
+      runtime/moe/fused_kernel.py, PKU-DAIR/Hetu-Galvatron branch laer-moe): a source's
+      tokens of g go evenly, slot by slot, to g's replicas in its own node of `node_size`
+      ranks; only when the node has none, evenly over all of g's replicas. Even in integers:
+      every slot gets c // W, and the first c % W slots in rank order one more (W: the slots
+      eligible).
+    """
+    if placement.routing == "node_local":
+        return _node_local_split(np.asarray(counts2d, dtype=np.int64), placement)
+    return _share_split(counts2d, placement)
+
+
+def _node_local_split(c: np.ndarray, placement: Placement) -> np.ndarray:
+    n = placement.num_ranks
+    ex, rk, w = placement.replica_expert, placement.replica_rank, placement.replica_slots
+    g = placement.node_size or n
+    order = np.lexsort((rk, ex))  # replicas by expert, then rank: the kernel's slot order
+    ex, rk, w = ex[order], rk[order], w[order]
+    src_node = np.arange(n) // g
+    local = (rk // g)[None, :] == src_node[:, None]  # [N, R]
+    w_local = np.zeros((n, placement.num_experts), dtype=np.int64)
+    np.add.at(w_local.T, ex, (local * w).T)
+    eligible = np.where((w_local[:, ex] > 0), local, True)
+    ew = eligible * w  # [N, R] slots eligible
+    tot = np.zeros_like(w_local)
+    np.add.at(tot.T, ex, ew.T)
+    cnt = c[:, ex]
+    den = np.maximum(tot[:, ex], 1)
+    per, extra = cnt // den, cnt % den
+    # Eligible slots before each replica within its expert (replicas are expert-sorted).
+    cum = np.cumsum(ew, axis=1) - ew
+    first = np.searchsorted(ex, ex)  # index of each expert's first replica
+    before = cum - cum[:, first]
+    out_sorted = ew * per + np.clip(extra - before, 0, w) * eligible
+    out = np.empty_like(out_sorted)
+    out[:, order] = out_sorted
+    return out
+
+
+def _share_split(counts2d: np.ndarray, placement: Placement) -> np.ndarray:
     ex, sh = placement.replica_expert, placement.replica_share
     want = counts2d[:, ex].astype(np.float64) * sh[None, :]
     base = np.floor(want + 1e-9).astype(np.int64)

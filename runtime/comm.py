@@ -131,11 +131,11 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
                group=None, *, layer: int = -1, phase: str = "",
-               grad_phase: str | None = None) -> torch.Tensor:
+               grad_phase: str | None = None, pass_: str = "fwd") -> torch.Tensor:
     """Rows x[sum(send_splits[:d]):...] go to rank d; rows from rank s arrive in block s.
-    `phase` names the exchange for `record_bytes` as (layer, "fwd", phase), its reverse in
+    `phase` names the exchange for `record_bytes` as (layer, pass_, phase), its reverse in
     backward as (layer, "bwd", grad_phase or phase)."""
-    names = ((layer, "fwd", phase), (layer, "bwd", grad_phase or phase)) if phase else \
+    names = ((layer, pass_, phase), (layer, "bwd", grad_phase or phase)) if phase else \
         (None, None)
     return _AllToAll.apply(x, list(map(int, recv_splits)), list(map(int, send_splits)), group,
                            names)

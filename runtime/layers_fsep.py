@@ -1,207 +1,338 @@
-"""Fully Sharded Expert Parallel with per-step re-layout (LAER-MoE, arXiv 2602.11686).
+"""Fully Sharded Expert Parallel with per-pass re-layout, as LAER-MoE runs it (arXiv 2602.11686;
+code: PKU-DAIR/Hetu-Galvatron branch laer-moe, galvatron/core/runtime/moe/: prefetch/
+fsdp_patch.py for the weights, smart_routing.py and fused_kernel.py for the tokens).
 
-Every expert's weights are split evenly over the N ranks along the FFN hidden size: rank j
-holds columns j*F/N..(j+1)*F/N of each expert's gate and up projections and the same rows of
-its down projection, flattened into one shard row per expert ([E_total, 3*dim*F/N]).
+Weights: every expert's parameters, w1 then w2 flattened, are cut into N flat shards of
+ceil(P / N) elements (planner.traffic.shard_elements; zero-padded at the end); rank j holds
+shard j of every expert ([E_total, S], LAER-MoE's FSDP flat parameter reshaped
+(experts, world, -1)). Per pass a layout (a planner Placement) fills every one of a rank's C
+slots, duplicates allowed. The layer then
+  1. gathers weights: an all-to-all in which rank j sends its shard of every slot of every
+     rank (a duplicate is sent once per slot, as `_all_to_all_flat_param_type1` does); a rank
+     merges the N shards of each slot into the flat expert (`_Merge`);
+  2. dispatches tokens to replicas with the planner's integer splits (planner.traffic: the
+     node-local "smart routing" for LAER's layouts), runs each replica's tokens through its
+     first slot's weights, and combines as EP does;
+  3. frees the gathered weights after the forward (FSDP: the saved-tensor hooks below keep
+     only a handle) and gathers them again in backward, when the expert backward first needs
+     them (("bwd", "weight_gather"));
+  4. returns the weight gradients by the reverse all-to-all of the gather (("bwd",
+     "grad_scatter")): every slot's gradient shard goes back to its owner, which sums them
+     over the replicas (gather_rows' one-pass gather-reduce), the reduce-scatter of FSDP.
 
-Each step a layout (a planner Placement with replicas and token shares) says which ranks
-materialise which experts. The layer then
-  1. gathers weights: an all-to-all in which rank j sends its shard of expert g to every rank
-     hosting a replica of g; a rank concatenates the N shards of each of its replicas;
-  2. dispatches tokens to replicas with the planner's integer splits (as EP does);
-  3. runs its replicas, combines as EP does;
-  4. in backward, the gather's autograd is the reverse all-to-all: each replica's weight
-     gradient is cut into shards and sent back to their owners, which sum them over replicas
-     (the grad_scatter phase).
-The materialised weights are kept from forward to backward (not re-gathered, as an FSDP-style
-implementation would do to save memory): the run directory records
-`parallel.fsep_backward_gather = false` (runtime.rundir.what_ran), so the planner's traffic
-for the replay has no ("bwd", "weight_gather") phase.
-
-The layout comes from `layout(counts, layer)`, a callable: a plan replayed from plan.json, or
-the online planner fed with the counts of this layer's previous step (the first step uses its
-own counts). Planning ahead lets the weight all-to-all run on a side CUDA stream over a second
-communicator, overlapping routing and the token dispatch (LAER-MoE's communication overlap, at
-the granularity of one gather per layer: the run directory records `parallel.fsep_chunks = 1`).
+Overlap, LAER-MoE's order: the next FSEP layer's weight all-to-all is issued right after this
+layer's token dispatch (`all_to_all_with_event(..., nxt_dispatcher.forward_event)` in
+smart_routing.py), so it overlaps this layer's experts, combine and the next layer's attention
+and routing; the first layer's gathers before its routing. In backward the previous layer's
+re-gather is issued when this layer's backward starts (LAER: after its combine all-to-all).
+On CUDA the weight all-to-alls run on a side stream over their own communicator
+(runtime.comm.side_group), and autograd runs the gradient return there too, so it overlaps
+the next layer's backward (LAER delays it to that layer's backward); on the CPU (gloo) they
+run in order. Layouts come from runtime.plans (planned from the layer's earlier passes, or
+replayed from plan.json) and are known before the routing unless planner.oracle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 
 import numpy as np
 import torch
 from torch import nn
 
 from moesim.config import ModelConfig
-from moesim.errors import InputError
 from planner.placement import Placement
-from planner.traffic import weight_gather_rows
+from planner.traffic import shard_elements, weight_gather_rows
 from runtime.comm import DistEnv, all_to_all, side_group
 from runtime.kernels_bridge import route_items
 from runtime.moe_layer import MoELayerBase, gather_rows
+from runtime.plans import Layouts
 
-Layout = Callable[[np.ndarray, int], Placement]
+
+def flat_experts(w1: torch.Tensor, w2: torch.Tensor, n: int) -> torch.Tensor:
+    """[E, N * S]: every expert's w1 then w2 flattened, zero-padded to N shards of S."""
+    e = w1.shape[0]
+    flat = torch.cat([w1.reshape(e, -1), w2.reshape(e, -1)], dim=1)
+    s = -(-flat.shape[1] // n)
+    return torch.nn.functional.pad(flat, (0, n * s - flat.shape[1]))
 
 
 def shard_experts(w1: torch.Tensor, w2: torch.Tensor, n: int, j: int) -> torch.Tensor:
-    """Rank j's shard rows [E, P*F/n] of full weights w1 [E, dim, p*F], w2 [E, F, dim] (p = 2
-    SwiGLU gate|up, p = 1 GELU up; P = (p + 1) * dim): each row is this rank's columns of
-    every part of w1 side by side ([dim, p*F/n]), then its rows of the down projection
-    ([F/n, dim]). With that layout one rank's gathered weights are views of the received
-    buffer, and N ranks' need one copy each for w1 and w2 (`unshard`)."""
-    e, f = w1.shape[0], w2.shape[1]
-    parts = w1.shape[2] // f
-    fs = f // n
-    cols = slice(j * fs, (j + 1) * fs)
-    w1_part = torch.cat([w1[:, :, p * f:(p + 1) * f][:, :, cols] for p in range(parts)], dim=2)
-    return torch.cat([w1_part.reshape(e, -1), w2[:, cols, :].reshape(e, -1)], dim=1)
+    """Rank j's shard [E, S] of full weights w1 [E, dim, up], w2 [E, F, dim]."""
+    flat = flat_experts(w1, w2, n)
+    s = flat.shape[1] // n
+    return flat[:, j * s:(j + 1) * s].contiguous()
 
 
-def _unshard_views(buf: torch.Tensor, n: int, dim: int, f: int, parts: int = 2):
-    """The [m, dim, parts, n, fs] and [m, n, fs, dim] views of a [n * m, row] buffer of shards
-    (source-major, replica-minor) whose merge is w1 [m, dim, parts*F] and w2 [m, F, dim]."""
-    fs = f // n
-    rows = buf.view(n, -1, buf.shape[-1])
-    m, a = rows.shape[1], dim * parts * fs
-    w1 = rows[:, :, :a].reshape(n, m, dim, parts, fs).permute(1, 2, 3, 0, 4)
-    w2 = rows[:, :, a:].reshape(n, m, fs, dim).permute(1, 0, 2, 3)
-    return w1, w2
-
-
-class _Unshard(torch.autograd.Function):
-    """Received shards [n * m, row] -> w1 [m, dim, parts*F], w2 [m, F, dim] (views when n == 1,
-    one copy each otherwise). The backward writes both gradients into one buffer of the
-    received layout, once: autograd's own backward of the slices and permutes zero-fills and
-    adds a full-size buffer per slice (5 passes over 1.1 GB for one H200's FSEP layer)."""
+class _Merge(torch.autograd.Function):
+    """Received shards [n * c, S] (source-major, slot-minor) -> w1 [c, dim, up], w2 [c, F, dim],
+    views of one merged buffer [c, n * S] (a view of the received one when n == 1). The
+    backward writes both gradients and the padding's zeros into one buffer of the received
+    layout: two passes, where autograd's slices would zero-fill and add a full buffer each."""
 
     @staticmethod
-    def forward(ctx, recv, n, dim, f, parts):
-        ctx.n, ctx.dim, ctx.f, ctx.parts = n, dim, f, parts
-        w1, w2 = _unshard_views(recv, n, dim, f, parts)
-        m = w1.shape[0]
-        return w1.reshape(m, dim, parts * f), w2.reshape(m, f, dim)
+    def forward(ctx, recv, n, dim, up, f):
+        c = recv.shape[0] // n
+        full = recv.view(n, c, -1).transpose(0, 1).reshape(c, -1)
+        ctx.n, ctx.shape = n, (c, dim, up, f, full.shape[1])
+        a = dim * up
+        return full[:, :a].view(c, dim, up), full[:, a:a + f * dim].view(c, f, dim)
 
     @staticmethod
     def backward(ctx, g1, g2):
-        n, dim, f, parts = ctx.n, ctx.dim, ctx.f, ctx.parts
+        n = ctx.n
+        c, dim, up, f, width = ctx.shape
         ref = g1 if g1 is not None else g2
-        m = ref.shape[0]
-        if n == 1 and g1 is not None and g2 is not None:
-            # One rank: the received layout is [w1 | w2] per replica, a concatenation, which
-            # runs vectorised (a copy into the strided views does not: 1.7 TB/s on an H200).
-            return (torch.cat([g1.reshape(m, -1), g2.reshape(m, -1)], dim=1), None, None, None,
-                    None)
-        grad = ref.new_empty((n * m, (parts + 1) * dim * f // n))
-        v1, v2 = _unshard_views(grad, n, dim, f, parts)
-        for view, g in ((v1, g1), (v2, g2)):
-            if g is None:
-                view.zero_()
-            else:
-                view.copy_(g.reshape(view.shape))
+        parts = [ref.new_zeros((c, dim * up)) if g1 is None else g1.reshape(c, -1),
+                 ref.new_zeros((c, f * dim)) if g2 is None else g2.reshape(c, -1)]
+        pad = width - dim * up - f * dim
+        if pad:
+            parts.append(ref.new_zeros((c, pad)))
+        merged = torch.cat(parts, dim=1)
+        grad = ref.new_empty((n * c, width // n))
+        grad.view(n, c, -1).copy_(merged.view(c, n, -1).transpose(0, 1))
         return grad, None, None, None, None
 
 
-def unshard(recv: torch.Tensor, n: int, dim: int, f: int,
-            parts: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """recv [n * m, (parts+1)*dim*F/n] (source j's shard of each of m replicas, source-major)
-    -> w1 [m, dim, parts*F], w2 [m, F, dim] (parts 2: SwiGLU, 1: GELU)."""
-    return _Unshard.apply(recv, n, dim, f, parts)
+class _Regather:
+    """A layer's gathered weights for its backward: the forward's are freed (only handles are
+    saved for autograd) and gathered again once, when first needed or prefetched."""
+
+    def __init__(self, layer: FSEPMoE, placement: Placement,
+                 first: np.ndarray | None) -> None:
+        self.layer, self.placement, self.first = layer, placement, first
+        self.ptrs: dict[int, int] = {}  # storage data_ptr of the forward's w1 / w2 -> 0 / 1
+        self.full: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.ready = None
+
+    def prefetch(self) -> None:
+        if self.full is None:
+            w1, w2 = self.layer._gather(self.placement, "bwd", grad=False)
+            if self.first is not None:
+                idx = torch.as_tensor(self.first, device=w1.device)
+                w1, w2 = w1.index_select(0, idx), w2.index_select(0, idx)
+            self.full = (w1, w2)
+            if w1.is_cuda:
+                self.ready = torch.cuda.Event()
+                self.ready.record(self.layer._stream())
+
+    def get(self, which: int) -> torch.Tensor:
+        self.prefetch()
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)
+        return self.full[which]
+
+
+class _Saved:
+    """A saved view of the freed weights: rebuilt from the re-gathered tensors."""
+
+    __slots__ = ("holder", "offset", "size", "stride", "which")
+
+    def __init__(self, holder: _Regather, which: int, t: torch.Tensor) -> None:
+        self.holder, self.which = holder, which
+        self.offset, self.size, self.stride = t.storage_offset(), t.size(), t.stride()
 
 
 class FSEPMoE(MoELayerBase):
     strategy = "fsep"
 
     def __init__(self, m: ModelConfig, weights: dict[str, torch.Tensor], layer: int,
-                 env: DistEnv, layout: Layout | None = None) -> None:
+                 env: DistEnv, layout: Layouts | None = None) -> None:
         super().__init__(m, weights, layer, env)
-        if m.d_ffn % env.world:
-            raise InputError("config", "model.d_ffn", f"FSEP shards the FFN hidden size over "
-                             f"the {env.world} ranks: {m.d_ffn} is not a multiple")
         self.router = nn.Parameter(weights["router"].clone())
         self.shard = nn.Parameter(shard_experts(weights["w1"], weights["w2"], env.world,
                                                 env.rank))
-        self.layout = layout or default_layout(m, env.world)
-        # The forward's materialised weights are kept for backward (no re-gather).
-        self.traffic_options = {"fsep_backward_gather": False}
-        self.prev_counts: np.ndarray | None = None
+        assert self.shard.shape[1] == shard_elements(m, env.world)
+        self.layouts = layout or default_layout(m, env.world)
+        # Weights are freed after forward and gathered again for backward (LAER-MoE, FSDP).
+        self.traffic_options = {"fsep_backward_gather": True}
+        self.next: FSEPMoE | None = None  # the next FSEP layer of the model (its prefetch)
+        self.prev: FSEPMoE | None = None
         self.last_placement: Placement | None = None
+        self._ahead: tuple[Placement, tuple] | None = None
+        self._holder: _Regather | None = None
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         return [*super().replicated_parameters(), self.router]
 
-    def _gather_ahead(self, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.shard.is_cuda:
-            return self.materialise(placement)
+    def link(self, prev: FSEPMoE | None = None, next_: FSEPMoE | None = None) -> None:
+        """The model's neighbouring FSEP layers (for the prefetches), kept out of the module
+        tree (nn.Module would register them as submodules)."""
+        if prev is not None:
+            self.__dict__["prev"] = prev
+        if next_ is not None:
+            self.__dict__["next"] = next_
+
+    @property
+    def prev_counts(self) -> dict | None:
+        """The layout source's state of this layer (kept by checkpoints)."""
+        state = getattr(self.layouts, "state", None)
+        return state(self.layer) if state else None
+
+    @prev_counts.setter
+    def prev_counts(self, st: dict | None) -> None:
+        restore = getattr(self.layouts, "restore", None)
+        if restore:
+            restore(self.layer, st)
+
+    # --- weights ------------------------------------------------------------------------
+    def _stream(self):
         if not hasattr(self, "_side"):
             self._side = torch.cuda.Stream()
-        self._side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._side):
-            return self.materialise(placement, group=side_group())
+        return self._side
 
-    def materialise(self, placement: Placement, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight all-to-all: full weights of this rank's replicas, in replica order."""
+    def _gather(self, placement: Placement, pass_: str, grad: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight all-to-all: full weights of this rank's slots, in slot order (on the
+        side stream and communicator on CUDA)."""
+        if not self.shard.is_cuda:
+            return self._gather_here(placement, pass_, grad, None)
+        side = self._stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            return self._gather_here(placement, pass_, grad, side_group())
+
+    def _gather_here(self, placement: Placement, pass_: str, grad: bool, group):
         m, n, lay, tm = self.m, self.world, self.layer, self.timer
-        rep_e, rep_r = placement.replica_expert, placement.replica_rank
-        with tm.fwd(lay, "weight_gather") as rec:
-            # The planner's shard rows: one per slot of every rank, in replica order.
-            plan_rows = weight_gather_rows(placement)
-            send_splits = plan_rows[self.rank].tolist()
-            recv_splits = plan_rows[:, self.rank].tolist()
-            send_experts = np.concatenate([rep_e[rep_r == d] for d in range(n)])
-            mine = int(send_splits[self.rank])
-            shard = tm.bwd_in(self.shard, lay, "weight_gather")
-            rows = gather_rows(shard, send_experts)
-            recv = all_to_all(rows, send_splits, recv_splits, group=group, layer=lay,
-                              phase="weight_gather", grad_phase="grad_scatter")
-            w1, w2 = unshard(recv, n, m.expert_dim, m.d_ffn, m.up_width // m.d_ffn)
-            w1 = tm.bwd_out(w1, lay, "weight_gather")
-            row_bytes = self.shard.shape[1] * self.shard.element_size()
-            rec.bytes = (sum(send_splits) - mine) * row_bytes
-            rec.bwd["bytes"] = (sum(recv_splits) - recv_splits[self.rank]) * row_bytes
-            rec.bwd["phase"] = "grad_scatter"
+        plan_rows = weight_gather_rows(placement)
+        send = plan_rows[self.rank].tolist()
+        recv_splits = plan_rows[:, self.rank].tolist()
+        experts = np.concatenate([placement.slot_experts(d) for d in range(n)])
+        row_bytes = self.shard.shape[1] * self.shard.element_size()
+        t0 = tm.now()
+        with torch.set_grad_enabled(grad):
+            shard = self.shard if grad else self.shard.detach()
+            if grad:
+                shard = tm.bwd_in(shard, lay, "weight_gather")
+            rows = gather_rows(shard, experts) if grad else shard.index_select(
+                0, torch.as_tensor(experts, device=shard.device))
+            recv = all_to_all(rows, send, recv_splits, group=group, layer=lay,
+                              phase="weight_gather", grad_phase="grad_scatter", pass_=pass_)
+            w1, w2 = _Merge.apply(recv, n, m.expert_dim, m.up_width, m.d_ffn)
+            if grad:
+                w1 = tm.bwd_out(w1, lay, "weight_gather")
+        if pass_ == "bwd":
+            tm.record(lay, "bwd", "weight_gather", t0, tm.now(),
+                      (sum(recv_splits) - recv_splits[self.rank]) * row_bytes)
         return w1, w2
 
+    def _weights_for(self, placement: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+        """This pass's gathered weights: prefetched by the previous layer, or gathered now."""
+        if self._ahead is not None and self._ahead[0] is placement:
+            w = self._ahead[1]
+        else:
+            with self.timer.fwd(self.layer, "weight_gather") as rec:
+                w = self._gather(placement, "fwd")
+                self._account(rec, placement)
+        self._ahead = None
+        if w[0].is_cuda:
+            torch.cuda.current_stream().wait_stream(self._stream())
+        return w
+
+    def _account(self, rec, placement: Placement) -> None:
+        rows = weight_gather_rows(placement)
+        row_bytes = self.shard.shape[1] * self.shard.element_size()
+        rec.bytes = int(rows[self.rank].sum() - rows[self.rank, self.rank]) * row_bytes
+        rec.bwd["bytes"] = int(rows[:, self.rank].sum() - rows[self.rank, self.rank]) * \
+            row_bytes
+        rec.bwd["phase"] = "grad_scatter"
+
+    def prefetch(self) -> None:
+        """Start this layer's weight gather for its coming pass (called by the previous
+        layer right after its token dispatch); nothing when the layout needs the pass's own
+        counts."""
+        placement = self.layouts.before(self.layer)
+        if placement is None:
+            return
+        with self.timer.fwd(self.layer, "weight_gather") as rec:
+            self._ahead = (placement, self._gather(placement, "fwd"))
+            self._account(rec, placement)
+
+    # --- saved-tensor hooks: free the weights after forward ------------------------------
+    def _pack(self, t: torch.Tensor):
+        h = self._holder
+        if h is not None:
+            which = h.ptrs.get(t.untyped_storage().data_ptr())
+            if which is not None:
+                return _Saved(h, which, t)
+        return t
+
+    @staticmethod
+    def _unpack(x):
+        if not isinstance(x, _Saved):
+            return x
+        return x.holder.get(x.which).as_strided(x.size, x.stride, x.offset)
+
+    # --- the layer ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, forced: np.ndarray | None = None) -> torch.Tensor:
         m, lay = self.m, self.layer
         t = x.shape[0]
-        # Plan ahead (LAER-MoE): with last step's counts the layout is known before routing,
-        # so the weight all-to-all starts now, on a side stream and its own communicator, and
-        # overlaps the latent projection, routing, size exchange and token dispatch. The first
-        # step has no history: it plans from its own counts, in line.
-        ahead = None
-        if self.prev_counts is not None:
-            placement = self.layout(self.prev_counts, lay)
-            self.last_placement = placement
-            ahead = self._gather_ahead(placement)
+        known = self.layouts.before(lay)
+        state: dict = {"placement": known}
 
         def plan(counts: np.ndarray) -> Placement:
-            self.prev_counts = counts
-            if ahead is not None:
-                return self.last_placement
-            self.last_placement = self.layout(counts, lay)
-            return self.last_placement
+            p = self.layouts.after(lay, counts)
+            if state["placement"] is None:
+                state["placement"] = p
+            self.last_placement = state["placement"]
+            return state["placement"]
 
         def weights(route) -> tuple[torch.Tensor, torch.Tensor]:
-            if ahead is None:
-                return self.materialise(self.last_placement)
-            if x.is_cuda:
-                torch.cuda.current_stream().wait_stream(self._side)
-            return ahead
+            # The tokens are on their way: the next layer's weights go next (LAER-MoE).
+            if self.next is not None:
+                self.next.prefetch()
+            placement = state["placement"]
+            w1, w2 = state.pop("w") if "w" in state else self._weights_for(placement)
+            first = self._first_slots(placement)
+            if first is not None:  # duplicates: each replica computes on its first slot
+                idx = torch.as_tensor(first, device=w1.device)
+                w1, w2 = w1.index_select(0, idx), w2.index_select(0, idx)
+            h = self._holder = _Regather(self, placement, first)
+            for which, w in ((1, w2), (0, w1)):
+                h.ptrs[w.untyped_storage().data_ptr()] = which
+            return w1, w2
 
+        if known is not None:
+            # Gathered already by the previous layer's prefetch, or now, before routing.
+            state["w"] = self._weights_for(known)
         z = self.to_items(x)
         with self.timer.fwd(lay, "router") as rec:
             forced_here = None if forced is None else forced[self.rank][None]
-            # [T, H, k], all heads in one batched GEMM and one set of kernels
             local, gates = route_items(z, self.router, m.router, m.top_k, forced_here,
-                                       mode=self.kernels,
-                                       balancer=self.balancer)
+                                       mode=self.kernels, balancer=self.balancer)
             offset = torch.arange(m.num_heads, device=z.device)[None, :, None] * m.num_experts
             experts = local + offset
             rec.tokens = t * m.num_heads
-        y = self.exchange(z.reshape(t * m.num_heads, -1), experts.reshape(t * m.num_heads, -1),
-                          gates.reshape(t * m.num_heads, -1), plan, weights)
-        return self.from_items(y.view(t, m.num_heads, -1))
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            y = self.exchange(z.reshape(t * m.num_heads, -1),
+                              experts.reshape(t * m.num_heads, -1),
+                              gates.reshape(t * m.num_heads, -1), plan, weights)
+        holder, self._holder = self._holder, None
+        state.clear()
+        out = self.from_items(y.view(t, m.num_heads, -1))
+        if out.requires_grad and holder is not None:
+            # Backward reaches this layer: re-gather its weights and the previous FSEP
+            # layer's (whose backward comes next).
+            prev = self.prev
+
+            def hook(g, holder=holder, prev=prev):
+                holder.prefetch()
+                pending = prev._pending() if prev is not None else None
+                if pending is not None:
+                    pending.prefetch()
+                return g
+            self._pending = weakref.ref(holder)
+            out.register_hook(hook)
+        return out
+
+    _pending = staticmethod(lambda: None)  # weakref to this pass's _Regather
+
+    def _first_slots(self, placement: Placement) -> np.ndarray | None:
+        sel = placement.replica_rank == self.rank
+        k = placement.replica_slots[sel]
+        if (k == 1).all():
+            return None
+        return np.cumsum(k) - k
 
     def reference_grads(self, ref: nn.Module):
         yield "router", self.router.grad, ref.w["router"].grad
@@ -212,7 +343,10 @@ class FSEPMoE(MoELayerBase):
             yield "up", self.up.grad, ref.w["up"].grad
 
 
-def default_layout(m: ModelConfig, n: int) -> Layout:
-    """The online planner: the planner's LAER-style fill over this layer's recent counts."""
+def default_layout(m: ModelConfig, n: int) -> Layouts:
+    """The online planner with LAER-MoE's greedy (planner.schedule, planner.laer)."""
+    from moesim.config import PlannerConfig
     from runtime.plans import online_layout
-    return online_layout(m, n)
+    # One slot more than an even share, so hot experts get replicas.
+    return online_layout(m, n, PlannerConfig(solver="laer",
+                                             slots_per_rank=-(-m.total_experts // n) + 1))

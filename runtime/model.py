@@ -9,6 +9,8 @@ reproducible and each MoE layer can take its slice of the same full weights.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,11 @@ class MoETransformer(nn.Module):
                                                       or cfg.cluster.nodes, **kw)))
         self.blocks = nn.ModuleList(layers)
         attach_balancing(cfg, env, self.moe_layers)
+        if cfg.parallel.strategy == "fsep":  # LAER-MoE's prefetch: each layer knows the next
+            moes = [b.moe for b in layers]
+            for a, b in itertools.pairwise(moes):
+                a.link(next_=b)
+                b.link(prev=a)
         self.norm = nn.RMSNorm(m.d_model)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
 

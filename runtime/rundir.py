@@ -62,8 +62,9 @@ def to_toml(cfg: dict) -> str:
 
 
 # How runtime/layers_fsep.py schedules FSEP's weights whatever the config asks: one gather
-# per layer (planned ahead, on a side stream), kept for the backward.
-FSEP_RUNTIME_SCHEDULE = {"fsep_chunks": 1, "fsep_backward_gather": False}
+# per layer (LAER-MoE's order, on a side stream), freed after forward and gathered again for
+# the backward.
+FSEP_RUNTIME_SCHEDULE = {"fsep_chunks": 1, "fsep_backward_gather": True}
 
 
 def what_ran(parallel: ParallelConfig, world: int) -> ParallelConfig:
@@ -88,6 +89,9 @@ def write_run_dir(out: Path, cfg: Config, world: int, rows: list[dict], counts: 
     activation = activation_ran(meta.get("device", cfg.run.device))
     ran = dataclasses.replace(cfg, parallel=what_ran(cfg.parallel, world),
                               model=dataclasses.replace(cfg.model, activation=activation))
+    if cfg.parallel.strategy == "fsep" and not cfg.run.plan:
+        from runtime.plans import online_planner
+        ran = dataclasses.replace(ran, planner=online_planner(cfg.planner))
     as_dict = config_to_dict(ran)
     write_text_atomic(out / "config.toml", to_toml(as_dict))
     df = pd.DataFrame(rows) if rows else empty_frame()
@@ -108,10 +112,8 @@ def write_run_dir(out: Path, cfg: Config, world: int, rows: list[dict], counts: 
     if placements:
         from planner.plan import Plan, write_plan
         first = next(iter(placements.values()))
-        # The online layout may widen the slots (a rank must hold its even share of experts,
-        # runtime.plans): record what the placements actually used, so the plan validates.
-        used = max(int(np.bincount(p.replica_rank, minlength=world).max())
-                   for p in placements.values())
+        # Record what the placements actually used, so the plan validates.
+        used = max(int(p.slots_per_rank().max()) for p in placements.values())
         write_plan(Plan("fsep", world, first.num_experts, max(cfg.planner.slots_per_rank, used),
                         dict(placements), meta={"source": "runtime"}), out / "plan.json")
     write_text_atomic(out / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")

@@ -76,8 +76,8 @@ class Trainer:
                              f"job has {env.world} ranks (torchrun --nproc-per-node)")
         if env.rank == 0 and cfg.parallel.strategy == "fsep" and any(
                 getattr(cfg.parallel, k) != v for k, v in FSEP_RUNTIME_SCHEDULE.items()):
-            print("runtime: FSEP gathers each layer's weights once and keeps them for the "
-                  "backward (parallel.fsep_chunks and fsep_backward_gather are simulator "
+            print("runtime: FSEP gathers each layer's weights in one all-to-all and again for "
+                  "the backward (parallel.fsep_chunks and fsep_backward_gather are simulator "
                   "options); the run directory records that schedule", flush=True)
         self.forced = forced_routing(cfg, env.world)
         self.model = MoETransformer(cfg, env, make_layout(cfg, env.world)).to(env.device)

@@ -665,31 +665,36 @@ def fsep_chunks(ctx: StrategyContext) -> int:
     return ctx.cfg.parallel.fsep_chunks
 
 
-# FSEP (LAER-MoE): experts' weights are sharded over the group; each layer the ranks gather the
-# shards of the replicas the re-layout gave them in chunks, the first issued before the router
-# (it waits for nothing, so it prefetches while the router runs); the tokens go to the
-# replicas, and chunk c's expert GEMMs start once chunk c's weights and the tokens are in,
-# overlapping the later chunks' gathers. Backward re-gathers the weights (FSDP-style; not with
-# parallel.fsep_backward_gather = false, when the planner emits no backward gather), and
-# scatters the weight-gradient shards back to their owners chunk by chunk during the next
-# layer's backward (lag 1: after that layer's gathers on the comm stream).
+# FSEP (LAER-MoE): experts' weights are flat-sharded over the group; each layer the ranks
+# gather full copies of the experts of their slots (in `fsep_chunks` chunks), the tokens go to
+# the replicas, and chunk c's expert GEMMs start once chunk c's weights and the tokens are in.
+# LAER-MoE's overlap (PKU-DAIR/Hetu-Galvatron branch laer-moe, galvatron/core/runtime/moe/
+# smart_routing.py: the token all-to-alls are issued `all_to_all_with_event` with the next /
+# previous layer's dispatcher's event): the next layer's weight all-to-all is issued right
+# after this layer's token dispatch (lag -1: layer l+1's gather sits after layer l's dispatch;
+# layer 0's before the first layer), so it overlaps this layer's experts and everything up to
+# the next layer's experts; in backward, the previous layer's re-gather (FSDP frees the
+# weights after forward; none with parallel.fsep_backward_gather = false) is issued right
+# after this layer's combine all-to-all; the weight-gradient scatter is delayed to the next
+# layer's backward (lag 1). One comm stream: LAER-MoE's weight communicator runs beside the
+# token one and they share the links; here they take turns (FIFO), the same bytes in the same
+# time over both, but the token all-to-all behind a gather finishes later than with sharing.
 FSEP = Table("fsep", (
-    Row("weight_gather", F, COMM, a2a, chunks="first"),
     Row("latent_down", F, COMPUTE, latent_down, (IN,), when=has_latent),
     Row("router", F, COMPUTE, router, ("latent_down",)),
     Row("permute", F, COMPUTE, ep_permute, ("router",)),
     Row("dispatch", F, COMM, a2a, ("permute",), key="dispatch_a2a"),
-    Row("weight_gather", F, COMM, a2a, chunks="rest"),
+    Row("weight_gather", F, COMM, a2a, chunks="all", lag=-1),
     Row("expert", F, COMPUTE, experts_regrouped, ("dispatch_a2a", "weight_gather"),
         chunks="all"),
     Row("combine", F, COMM, a2a, ("expert",), key="combine_a2a"),
     Row("combine", F, COMPUTE, unpermute, ("combine_a2a",)),
     Row("latent_up", F, COMPUTE, latent_up, ("combine",), when=has_latent),
-    Row("weight_gather", B, COMM, a2a, chunks="first", when=has_phase((B, "weight_gather"))),
     Row("latent_up", B, COMPUTE, latent_up, (IN,), when=has_latent),
     Row("combine", B, COMPUTE, unpermute, ("latent_up",)),
     Row("combine", B, COMM, a2a, ("combine",), key="combine_a2a"),
-    Row("weight_gather", B, COMM, a2a, chunks="rest", when=has_phase((B, "weight_gather"))),
+    Row("weight_gather", B, COMM, a2a, chunks="all", lag=-1,
+        when=has_phase((B, "weight_gather"))),
     Row("grad_scatter", B, COMM, a2a, ("expert",), chunks="all", lag=1),
     Row("grad_sync", B, COMM, a2a, ("expert",), key="replica_sync", lag=1,
         when=replica_synced),

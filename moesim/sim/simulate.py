@@ -6,7 +6,8 @@ cluster holds N / G groups side by side (data parallel). Group g runs ranks g*G 
 replays the trace aggregated to G shards at trace step (step + g) mod steps, so that groups see
 different (but equally distributed) routing. Each group's placement and traffic come from
 planner/ (EP: contiguous blocks, or the hot-replica baseline; HP: head h on rank h mod G;
-FSEP: `planner.relayout.fsep_placement` by `planner.solver`). The model's layers are the trace's,
+FSEP: `planner.schedule.FsepSchedule`, by `planner.solver`, from the layer's earlier trace
+steps unless `planner.oracle`). The model's layers are the trace's,
 resampled evenly when the model has more or fewer layers than the trace.
 """
 
@@ -69,15 +70,6 @@ def _check_trace(cfg: Config, trace: Trace, source: str, g: int) -> None:
                          f"trace's {trace.num_shards} shards (set parallel.degree)")
 
 
-def _fsep_placement(cfg: Config, counts: np.ndarray, g: int):
-    """FSEP re-layout from planner/ (`planner.relayout.fsep_placement`, method by
-    planner.solver; the presets use "laer", the MILP solvers take seconds a layer)."""
-    from planner.relayout import fsep_placement
-    placement, _stats = fsep_placement(cfg.model, cfg.planner, counts, g, with_bound=False,
-                                       cluster=cfg.cluster)
-    return placement
-
-
 class Simulator:
     """Simulates steps of one config and trace on one cluster; reusable over strategies."""
 
@@ -101,6 +93,8 @@ class Simulator:
         self.net = FlowNetwork(self.topo, cfg.cluster.completion_tolerance)
         self.coll = collectives_for(cfg.cluster, self.net)
         self._traffic: dict = {}
+        self._schedule = None  # planner.schedule.FsepSchedule, made on first use
+        self._at: tuple[int, int] | None = None  # (trace step, layer) being planned
 
     def _moe_layout(self) -> tuple[int, int, np.ndarray]:
         """(ranks of a MoE group, ranks a program spans, the groups as int64[groups, G]
@@ -129,7 +123,13 @@ class Simulator:
             if extra:
                 return ep_hot_replicas(counts.sum(axis=0).reshape(-1), g, extra)
             return ep_placement(m.total_experts, g)
-        return _fsep_placement(self.cfg, counts, g)
+        # FSEP: planner.schedule's layout for this (pass, layer): planned from the layer's
+        # earlier passes (or, with planner.oracle, from this one), by planner.solver.
+        tstep, layer = self._at
+        if self._schedule is None:
+            from planner.schedule import FsepSchedule
+            self._schedule = FsepSchedule(m, self.cfg.planner, g, self.cfg.cluster)
+        return self._schedule.placement(tstep, layer, lambda s: self.trace.counts[s, layer])
 
     def _hpxep_groups(self) -> int:
         """HP x EP head groups of a MoE group: parallel.hpxep_groups, else one per node."""
@@ -140,6 +140,7 @@ class Simulator:
         key = (strategy, tstep, layer)
         if key not in self._traffic:
             counts = self.trace.counts[tstep, layer]
+            self._at = (tstep, layer)
             placement = self._placement(strategy, counts)
             gpn = self.cfg.cluster.gpus_per_node if (strategy == "ep" and
                                                      self.cfg.parallel.ep_dedup) else 0

@@ -99,7 +99,7 @@ def test_change_penalty_keeps_previous_layout():
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(2, 10), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1),
-       st.sampled_from(["highs", "greedy", "laer"]))
+       st.sampled_from(["highs", "greedy", "fill"]))
 def test_every_plan_satisfies_constraints(e, n, slots, seed, solver):
     rng = np.random.default_rng(seed)
     slots = max(slots, -(-e // n))
@@ -128,7 +128,7 @@ def test_zipf_quality_small():
     counts = tr.counts[0, 0]
     cfg = PlannerConfig(slots_per_rank=8, time_limit_s=5)
     _, st_ilp = fsep_placement(m, cfg, counts, 8)
-    for h in ("greedy", "laer"):
+    for h in ("greedy", "fill"):
         _, st_h = fsep_placement(m, PlannerConfig(slots_per_rank=8, solver=h), counts, 8)
         assert st_ilp.max_time <= st_h.max_time * (1 + 1e-9)
     assert st_ilp.gap <= 0.03

@@ -33,6 +33,6 @@ def test_device_script_runs_on_4_ranks_and_its_runs_validate(tmp_path):
         assert cfg["cluster"]["gpus_per_node"] == 4 and cfg["cluster"]["collective_latency_us"] > 0
         if name.startswith("fsep"):  # the weight schedule the runtime ran, for the replay
             assert cfg["parallel"]["fsep_chunks"] == 1
-            assert cfg["parallel"]["fsep_backward_gather"] is False
+            assert cfg["parallel"]["fsep_backward_gather"] is True  # freed, gathered again
         measured, simulated = simulate_run(run)
         assert set(measured["rank"]) == set(simulated["rank"]) == {0, 1, 2, 3}

@@ -48,6 +48,17 @@ def replicated_layout(counts: np.ndarray, layer: int):
     return replicated_placement("fsep", n, share)
 
 
+class ReplicatedLayouts:
+    """runtime.plans.Layouts giving `replicated_layout` of each pass's own counts (known only
+    after the routing, as with planner.oracle)."""
+
+    def before(self, layer: int):
+        return None
+
+    def after(self, layer: int, counts: np.ndarray):
+        return replicated_layout(counts, layer)
+
+
 def reference(m: ModelConfig, world: int, forced: np.ndarray | None):
     w = init_moe_weights(m, seed=3)
     ref = ReferenceMoE(m, w)
@@ -66,7 +77,7 @@ def _check(rank, world, strategy, latent, top_k, use_forced, kind="swiglu", vari
     forced = forced_counts(m, world, seed=5) if use_forced else None
     w, x, y_ref, wgt, ref = reference(m, world, forced)
     env = DistEnv(rank, world, 0, torch.device("cpu"), "gloo")
-    kw = {"layout": replicated_layout} if strategy == "fsep" and use_forced else {}
+    kw = {"layout": ReplicatedLayouts()} if strategy == "fsep" and use_forced else {}
     layer = build_layer(strategy, m, w, layer=0, env=env, ep_variant=variant, **kw)
     sl = slice(rank * T, (rank + 1) * T)
     xr = x.detach()[sl].clone().requires_grad_(True)

@@ -10,7 +10,7 @@ import torch
 
 from runtime.comm import DistEnv, record_bytes
 from tests.runtime.harness import run_ranks
-from tests.runtime.test_layers_numerics import T, forced_counts, model, replicated_layout
+from tests.runtime.test_layers_numerics import ReplicatedLayouts, T, forced_counts, model
 
 
 def _check(rank, world, strategy, latent, use_forced, layout):
@@ -20,7 +20,7 @@ def _check(rank, world, strategy, latent, use_forced, layout):
     m = model(strategy, latent)
     forced = forced_counts(m, world, seed=11) if use_forced else None
     env = DistEnv(rank, world, 0, torch.device("cpu"), "gloo")
-    kw = {"layout": replicated_layout} if layout == "replicated" else {}
+    kw = {"layout": ReplicatedLayouts()} if layout == "replicated" else {}
     layer = build_layer(strategy, m, init_moe_weights(m, seed=3), layer=2, env=env, **kw)
     x = torch.randn(T, m.d_model, generator=torch.Generator().manual_seed(rank),
                     requires_grad=True)
@@ -29,8 +29,7 @@ def _check(rank, world, strategy, latent, use_forced, layout):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     counts = layer.seen_counts()
     placement = layer.last_placement if strategy == "fsep" else layer.placement
-    opts = {"fsep_backward_gather": False} if strategy == "fsep" else {}
-    want = layer_traffic(m, placement, counts, **opts)
+    want = layer_traffic(m, placement, counts)
     got = {k[1:] for k in log.sent}
     assert {k[0] for k in log.sent} == {2}, log.sent.keys()
     assert got == set(want.phases), (sorted(got), sorted(want.phases))
