@@ -13,9 +13,9 @@ slots, duplicates allowed. The layer then
   2. dispatches tokens to replicas with the planner's integer splits (planner.traffic: the
      node-local "smart routing" for LAER's layouts), runs each replica's tokens through its
      first slot's weights, and combines as EP does;
-  3. frees the gathered weights after the forward (FSDP: the saved-tensor hooks below keep
-     only a handle) and gathers them again in backward, when the expert backward first needs
-     them (("bwd", "weight_gather"));
+  3. frees the gathered weights after the forward (FSDP's storage resize, `_Freed`) and
+     gathers them again into the same storages when backward reaches the layer, before its
+     expert backward (("bwd", "weight_gather"));
   4. returns the weight gradients by the reverse all-to-all of the gather (("bwd",
      "grad_scatter")): every slot's gradient shard goes back to its owner, which sums them
      over the replicas (gather_rows' one-pass gather-reduce), the reduce-scatter of FSDP.
@@ -94,43 +94,63 @@ class _Merge(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-class _Regather:
-    """A layer's gathered weights for its backward: the forward's are freed (only handles are
-    saved for autograd) and gathered again once, when first needed or prefetched."""
+class _Freed:
+    """A layer's gathered weights between its forward and its backward. FSDP's way
+    (`_free_storage` in LAER-MoE's fsdp_patch.py): after the forward the storages of the
+    tensors autograd saved are resized to nothing; when backward reaches the layer they are
+    resized back and the weights gathered again into them (through `.data`, so autograd's
+    version counters do not move), before the expert backward reads them."""
 
-    def __init__(self, layer: FSEPMoE, placement: Placement,
-                 first: np.ndarray | None) -> None:
+    def __init__(self, layer: FSEPMoE, placement: Placement, first: np.ndarray | None,
+                 w1: torch.Tensor, w2: torch.Tensor) -> None:
         self.layer, self.placement, self.first = layer, placement, first
-        self.ptrs: dict[int, int] = {}  # storage data_ptr of the forward's w1 / w2 -> 0 / 1
-        self.full: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tensors = (w1, w2)
+        stores = {}
+        for w in (w1, w2):
+            st = w.untyped_storage()
+            stores[st.data_ptr()] = (st, st.nbytes())
+        self.stores = list(stores.values())
         self.ready = None
+        self.restored = False
 
-    def prefetch(self) -> None:
-        if self.full is None:
-            w1, w2 = self.layer._gather(self.placement, "bwd", grad=False)
-            if self.first is not None:
-                idx = torch.as_tensor(self.first, device=w1.device)
-                w1, w2 = w1.index_select(0, idx), w2.index_select(0, idx)
-            self.full = (w1, w2)
-            if w1.is_cuda:
-                self.ready = torch.cuda.Event()
-                self.ready.record(self.layer._stream())
+    def free(self) -> None:
+        for st, _ in self.stores:
+            st.resize_(0)
 
-    def get(self, which: int) -> torch.Tensor:
-        self.prefetch()
+    def restore(self) -> None:
+        """Gather the weights again into their storages (on the side stream on CUDA)."""
+        if self.restored:
+            return
+        self.restored = True
+        if not self.tensors[0].is_cuda:
+            self._fill()
+            return
+        side = self.layer._stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._fill()
+            self.ready = torch.cuda.Event()
+            self.ready.record(side)
+
+    def _fill(self) -> None:
+        for st, nbytes in self.stores:
+            st.resize_(nbytes)
+        r1, r2 = self.layer._gather(self.placement, "bwd", grad=False)
+        if self.first is not None:
+            idx = torch.as_tensor(self.first, device=r1.device)
+            r1, r2 = r1.index_select(0, idx), r2.index_select(0, idx)
+        w1, w2 = self.tensors
+        w1.data.copy_(r1)
+        w2.data.copy_(r2)
+
+    def wait(self) -> None:
+        """The current stream waits for the re-gather (CUDA)."""
+        self.restore()
         if self.ready is not None:
-            torch.cuda.current_stream().wait_event(self.ready)
-        return self.full[which]
-
-
-class _Saved:
-    """A saved view of the freed weights: rebuilt from the re-gathered tensors."""
-
-    __slots__ = ("holder", "offset", "size", "stride", "which")
-
-    def __init__(self, holder: _Regather, which: int, t: torch.Tensor) -> None:
-        self.holder, self.which = holder, which
-        self.offset, self.size, self.stride = t.storage_offset(), t.size(), t.stride()
+            cur = torch.cuda.current_stream()
+            cur.wait_event(self.ready)
+            for w in self.tensors:
+                w.record_stream(cur)
 
 
 class FSEPMoE(MoELayerBase):
@@ -150,7 +170,6 @@ class FSEPMoE(MoELayerBase):
         self.prev: FSEPMoE | None = None
         self.last_placement: Placement | None = None
         self._ahead: tuple[Placement, tuple] | None = None
-        self._holder: _Regather | None = None
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         return [*super().replicated_parameters(), self.router]
@@ -226,7 +245,10 @@ class FSEPMoE(MoELayerBase):
                 self._account(rec, placement)
         self._ahead = None
         if w[0].is_cuda:
-            torch.cuda.current_stream().wait_stream(self._stream())
+            cur = torch.cuda.current_stream()
+            cur.wait_stream(self._stream())
+            for t in w:  # made on the side stream, used (then freed) on this one
+                t.record_stream(cur)
         return w
 
     def _account(self, rec, placement: Placement) -> None:
@@ -247,21 +269,6 @@ class FSEPMoE(MoELayerBase):
         with self.timer.fwd(self.layer, "weight_gather") as rec:
             self._ahead = (placement, self._gather(placement, "fwd"))
             self._account(rec, placement)
-
-    # --- saved-tensor hooks: free the weights after forward ------------------------------
-    def _pack(self, t: torch.Tensor):
-        h = self._holder
-        if h is not None:
-            which = h.ptrs.get(t.untyped_storage().data_ptr())
-            if which is not None:
-                return _Saved(h, which, t)
-        return t
-
-    @staticmethod
-    def _unpack(x):
-        if not isinstance(x, _Saved):
-            return x
-        return x.holder.get(x.which).as_strided(x.size, x.stride, x.offset)
 
     # --- the layer ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, forced: np.ndarray | None = None) -> torch.Tensor:
@@ -287,9 +294,7 @@ class FSEPMoE(MoELayerBase):
             if first is not None:  # duplicates: each replica computes on its first slot
                 idx = torch.as_tensor(first, device=w1.device)
                 w1, w2 = w1.index_select(0, idx), w2.index_select(0, idx)
-            h = self._holder = _Regather(self, placement, first)
-            for which, w in ((1, w2), (0, w1)):
-                h.ptrs[w.untyped_storage().data_ptr()] = which
+            state["freed"] = _Freed(self, placement, first, w1, w2)
             return w1, w2
 
         if known is not None:
@@ -303,29 +308,27 @@ class FSEPMoE(MoELayerBase):
             offset = torch.arange(m.num_heads, device=z.device)[None, :, None] * m.num_experts
             experts = local + offset
             rec.tokens = t * m.num_heads
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            y = self.exchange(z.reshape(t * m.num_heads, -1),
-                              experts.reshape(t * m.num_heads, -1),
-                              gates.reshape(t * m.num_heads, -1), plan, weights)
-        holder, self._holder = self._holder, None
+        y = self.exchange(z.reshape(t * m.num_heads, -1), experts.reshape(t * m.num_heads, -1),
+                          gates.reshape(t * m.num_heads, -1), plan, weights)
+        freed = state.pop("freed")
         state.clear()
         out = self.from_items(y.view(t, m.num_heads, -1))
-        if out.requires_grad and holder is not None:
-            # Backward reaches this layer: re-gather its weights and the previous FSEP
-            # layer's (whose backward comes next).
-            prev = self.prev
+        if not out.requires_grad:
+            return out
+        freed.free()  # FSDP: nothing of the weights is kept for the backward
+        prev = self.prev
 
-            def hook(g, holder=holder, prev=prev):
-                holder.prefetch()
-                pending = prev._pending() if prev is not None else None
-                if pending is not None:
-                    pending.prefetch()
-                return g
-            self._pending = weakref.ref(holder)
-            out.register_hook(hook)
+        def hook(g, freed=freed, prev=prev):
+            # Backward reaches this layer: its weights must be back before its experts'
+            # backward; the previous FSEP layer's start coming (LAER-MoE's prefetch).
+            freed.wait()
+            pending = prev._pending() if prev is not None else None
+            if pending is not None:
+                pending.restore()
+            return g
+        self._pending = weakref.ref(freed)
+        out.register_hook(hook)
         return out
-
-    _pending = staticmethod(lambda: None)  # weakref to this pass's _Regather
 
     def _first_slots(self, placement: Placement) -> np.ndarray | None:
         sel = placement.replica_rank == self.rank
