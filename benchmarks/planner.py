@@ -1,6 +1,15 @@
 """FSEP re-layout planner: quality against the LP bound and solve time, at the issue's sizes.
 
     python -m benchmarks.planner [--layers 4 --steps 2 --ilp-limit 10 --scale-limit 10]
+    python -m benchmarks.planner --laer-scale [--laer-ilp-limit 120]
+
+Part 3 (`--laer-scale`, issue 21 item 2): LAER-MoE's own planner benchmark
+(LAER-MoE-AE's scripts_ae planner timing: 32 experts, counts uniform in [0, 1000) per rank and
+expert, 64-1,024 GPUs x 1-16 slots, 10 solves each, the mean) run with planner.laer_greedy
+at the same inputs and LAER's default rates, beside the times in
+../shared/anchors/laer-moe-ae/planner_results_backup.csv; then at 1,024 GPUs x 16 slots the
+MILP (HiGHS, time limit --laer-ilp-limit) with its LP and dual bounds, and LAER's layout
+under the same time model (planner.cost), with the gaps. Rows to docs/planner/laer_scale.csv.
 
 Part 1: Zipf exponents 1.0 and 1.5, 64 experts (top-8), 16 ranks, 8 slots: for each (step,
 layer) the MILP (HiGHS, warm-started), greedy LPT and the LAER-style fill; medians of solve
@@ -27,7 +36,12 @@ from traces.generators import TraceSpec, generate
 ROOT = Path(__file__).resolve().parents[1]
 FIG = ROOT / "docs" / "figures" / "planner_solve_time.png"
 TABLE = ROOT / "docs" / "planner" / "scaling.csv"
-METHODS = ("highs", "greedy", "laer")
+METHODS = ("highs", "greedy", "fill", "laer")
+LAER_TIMES = ROOT.parent / "shared" / "anchors" / "laer-moe-ae" / "planner_results_backup.csv"
+LAER_TABLE = ROOT / "docs" / "planner" / "laer_scale.csv"
+# LAER-MoE's default rates (greedy_balancer.cpp) and token bytes (the AE script's M_token).
+LAER_RATES = {"token_bytes": 8192.0, "comp_s": 0.001484375e-3, "intra_bps": 216.269e9,
+              "inter_bps": 88.9539e9}
 
 
 def run_case(experts: int, ranks: int, slots: int, exponent: float, steps: int, layers: int,
@@ -90,7 +104,14 @@ def main() -> None:
                     "status) for `moesim plot planner`")
     ap.add_argument("--figure", type=Path, default=FIG, help="solve time against size (PNG)")
     ap.add_argument("--scaling-only", action="store_true", help="skip the 64x16 quality part")
+    ap.add_argument("--laer-scale", action="store_true",
+                    help="only part 3: LAER-MoE's planner benchmark and the MILP at 1024 x 16")
+    ap.add_argument("--laer-ilp-limit", type=float, default=120.0)
+    ap.add_argument("--laer-table", type=Path, default=LAER_TABLE)
     args = ap.parse_args()
+    if args.laer_scale:
+        laer_scale(args)
+        return
 
     print(f"# {load_avg()}", flush=True)
     if not args.scaling_only:
@@ -158,6 +179,78 @@ def main() -> None:
     save_figure(fig, args.figure.parent, args.figure.stem, ["png"])
     print(f"wrote {args.figure} (the same figure as `moesim plot planner --table "
           f"{args.table} --out {args.figure.parent} --name {args.figure.stem} --format png`)")
+
+
+def laer_scale(args: argparse.Namespace) -> None:
+    """Part 3 (module docstring)."""
+    import numpy as np
+    import pandas as pd
+
+    from moesim.atomic import atomic_path
+    from planner import laer
+    from planner.placement import slot_placement
+
+    ref = pd.read_csv(LAER_TIMES) if LAER_TIMES.exists() else None
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"# {load_avg()}", flush=True)
+    print("## LAER-MoE's planner benchmark: 32 experts, counts uniform in [0, 1000), "
+          "10 solves each (mean)")
+    print("| GPUs | slots | LAER-MoE (C++, their machine) | planner.laer_greedy (numpy, here) "
+          "| ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    for c in (1, 2, 4, 8, 16):
+        for n in (64, 128, 256, 512, 1024):
+            times = []
+            for _ in range(10):
+                counts = rng.integers(0, 1000, (n, 32))
+                t0 = time.perf_counter()
+                a = laer.laer_greedy(counts, c, node_size=8, **LAER_RATES)
+                slot_placement(a, 8)
+                times.append(time.perf_counter() - t0)
+                assert (a.sum(axis=0) == c).all()
+            mean = float(np.mean(times))
+            theirs = float("nan")
+            if ref is not None:
+                sel = ref[(ref.n_device == n) & (ref.C_e == c)]
+                theirs = float(sel.time.iloc[0]) if len(sel) else float("nan")
+            rows.append({"kind": "laer_greedy", "num_ranks": n, "slots": c,
+                         "solve_time_s": mean, "laer_moe_time_s": theirs})
+            print(f"| {n} | {c} | {theirs * 1e3:.1f} ms | {mean * 1e3:.1f} ms | "
+                  f"{mean / theirs:.2f} |", flush=True)
+    print(f"# {load_avg()}", flush=True)
+
+    # The MILP at 1024 x 16 on the same kind of counts, against LAER's layout.
+    n, c = 1024, 16
+    counts = rng.integers(0, 1000, (n, 32))
+    model = ModelConfig(num_experts=32, top_k=2, d_model=4096, d_ffn=14336)
+    cfg = PlannerConfig(slots_per_rank=c, time_limit_s=args.laer_ilp_limit)
+    cost = layout_cost(model, cfg, counts.sum(0), n)
+    t0 = time.perf_counter()
+    bound = lp_bound(cost, c)
+    lp_s = time.perf_counter() - t0
+    _, st = fsep_placement(model, cfg, counts, n, with_bound=False)
+    a = laer.laer_greedy(counts, c, node_size=8, **LAER_RATES)
+    lay = slot_placement(a, 8, routing="shares")  # the same even shares the cost model sees
+    laer_t = float(cost.rank_time(lay.share_matrix()).max())
+    print(f"\n## 1,024 GPUs x 16 slots, 32 experts: the MILP (HiGHS, time limit "
+          f"{args.laer_ilp_limit:.0f} s) and its bounds, planner.cost time model")
+    print("| method | solve | max rank time | gap to LP bound | gap to dual bound | status |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| MILP | {st.solve_s:.1f} s | {st.max_time * 1e3:.3f} ms | "
+          f"{(st.max_time / bound - 1) * 100:.3f}% | "
+          f"{(st.max_time / st.dual_bound - 1) * 100:.3f}% | {st.status} |")
+    print(f"| LAER greedy | | {laer_t * 1e3:.3f} ms | {(laer_t / bound - 1) * 100:.3f}% | | |")
+    print(f"| LP bound | {lp_s * 1e3:.1f} ms | {bound * 1e3:.3f} ms | 0 | | |")
+    print(f"# {load_avg()}", flush=True)
+    rows.append({"kind": "milp", "num_ranks": n, "slots": c, "solve_time_s": st.solve_s,
+                 "max_time_s": st.max_time, "lp_bound_s": bound, "dual_bound_s": st.dual_bound,
+                 "status": st.status, "time_limit_s": args.laer_ilp_limit})
+    rows.append({"kind": "laer_greedy_cost", "num_ranks": n, "slots": c, "max_time_s": laer_t,
+                 "lp_bound_s": bound})
+    with atomic_path(args.laer_table) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+    print(f"wrote {args.laer_table}")
 
 
 if __name__ == "__main__":
