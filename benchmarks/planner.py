@@ -6,10 +6,13 @@
 Part 3 (`--laer-scale`, issue 21 item 2): LAER-MoE's own planner benchmark
 (LAER-MoE-AE's scripts_ae planner timing: 32 experts, counts uniform in [0, 1000) per rank and
 expert, 64-1,024 GPUs x 1-16 slots, 10 solves each, the mean) run with planner.laer_greedy
-at the same inputs and LAER's default rates, beside the times in
-../shared/anchors/laer-moe-ae/planner_results_backup.csv; then at 1,024 GPUs x 16 slots the
-MILP (HiGHS, time limit --laer-ilp-limit) with its LP and dual bounds, and LAER's layout
-under the same time model (planner.cost), with the gaps. Rows to docs/planner/laer_scale.csv.
+at the same inputs and LAER's default rates, beside the artifact's times
+(docs/planner/laer_moe_ae_planner_results.csv); then at 1,024 GPUs x 16 slots the MILP
+(HiGHS, time limit --laer-ilp-limit) with its LP and dual bounds under planner.cost twice:
+without the weight term (weight_passes = 0: LAER-MoE gathers every slot whatever the layout,
+so that term is the same for all layouts), where LAER's layout is costed too, and with it
+(weight_passes = 1, moesim's own model, where fewer replicas save gathers). Rows to
+docs/planner/laer_scale.csv.
 
 Part 1: Zipf exponents 1.0 and 1.5, 64 experts (top-8), 16 ranks, 8 slots: for each (step,
 layer) the MILP (HiGHS, warm-started), greedy LPT and the LAER-style fill; medians of solve
@@ -37,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FIG = ROOT / "docs" / "figures" / "planner_solve_time.png"
 TABLE = ROOT / "docs" / "planner" / "scaling.csv"
 METHODS = ("highs", "greedy", "fill", "laer")
-LAER_TIMES = ROOT.parent / "shared" / "anchors" / "laer-moe-ae" / "planner_results_backup.csv"
+# LAER-MoE's planner times, copied from Fizzmy/LAER-MoE-AE (Apache-2.0), its
+# planner_results_backup.csv: the mean of 10 solves of greedy_load_balancing_heuristic_complete.
+LAER_TIMES = ROOT / "docs" / "planner" / "laer_moe_ae_planner_results.csv"
 LAER_TABLE = ROOT / "docs" / "planner" / "laer_scale.csv"
 # LAER-MoE's default rates (greedy_balancer.cpp) and token bytes (the AE script's M_token).
 LAER_RATES = {"token_bytes": 8192.0, "comp_s": 0.001484375e-3, "intra_bps": 216.269e9,
@@ -224,30 +229,39 @@ def laer_scale(args: argparse.Namespace) -> None:
     n, c = 1024, 16
     counts = rng.integers(0, 1000, (n, 32))
     model = ModelConfig(num_experts=32, top_k=2, d_model=4096, d_ffn=14336)
-    cfg = PlannerConfig(slots_per_rank=c, time_limit_s=args.laer_ilp_limit)
-    cost = layout_cost(model, cfg, counts.sum(0), n)
-    t0 = time.perf_counter()
-    bound = lp_bound(cost, c)
-    lp_s = time.perf_counter() - t0
-    _, st = fsep_placement(model, cfg, counts, n, with_bound=False)
     a = laer.laer_greedy(counts, c, node_size=8, **LAER_RATES)
-    lay = slot_placement(a, 8, routing="shares")  # the same even shares the cost model sees
-    laer_t = float(cost.rank_time(lay.share_matrix()).max())
+    lay = slot_placement(a, 8, routing="shares")  # slot fractions: node-local, even sources
     print(f"\n## 1,024 GPUs x 16 slots, 32 experts: the MILP (HiGHS, time limit "
-          f"{args.laer_ilp_limit:.0f} s) and its bounds, planner.cost time model")
-    print("| method | solve | max rank time | gap to LP bound | gap to dual bound | status |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| MILP | {st.solve_s:.1f} s | {st.max_time * 1e3:.3f} ms | "
-          f"{(st.max_time / bound - 1) * 100:.3f}% | "
-          f"{(st.max_time / st.dual_bound - 1) * 100:.3f}% | {st.status} |")
-    print(f"| LAER greedy | | {laer_t * 1e3:.3f} ms | {(laer_t / bound - 1) * 100:.3f}% | | |")
-    print(f"| LP bound | {lp_s * 1e3:.1f} ms | {bound * 1e3:.3f} ms | 0 | | |")
+          f"{args.laer_ilp_limit:.0f} s, mip_gap 1%) and its bounds, planner.cost time model")
+    print("| weight term | method | solve | max rank time | gap to LP bound | gap to dual bound "
+          "| status |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for passes in (0, 1):
+        cfg = PlannerConfig(slots_per_rank=c, time_limit_s=args.laer_ilp_limit,
+                            weight_passes=passes)
+        cost = layout_cost(model, cfg, counts.sum(0), n)
+        t0 = time.perf_counter()
+        bound = lp_bound(cost, c)
+        lp_s = time.perf_counter() - t0
+        _, st = fsep_placement(model, cfg, counts, n, with_bound=False)
+        term = f"weight_passes = {passes}"
+        print(f"| {term} | MILP | {st.solve_s:.1f} s | {st.max_time * 1e3:.3f} ms | "
+              f"{(st.max_time / bound - 1) * 100:.3f}% | "
+              f"{(st.max_time / st.dual_bound - 1) * 100:.3f}% | {st.status}"
+              f"{' (at start)' if st.proved_at_start else ''} |")
+        row = {"kind": "milp", "num_ranks": n, "slots": c, "weight_passes": passes,
+               "solve_time_s": st.solve_s, "max_time_s": st.max_time, "lp_bound_s": bound,
+               "lp_bound_time_s": lp_s, "dual_bound_s": st.dual_bound, "status": st.status,
+               "time_limit_s": args.laer_ilp_limit}
+        rows.append(row)
+        if passes == 0:
+            laer_t = float(cost.rank_time(lay.share_matrix()).max())
+            print(f"| {term} | LAER greedy | | {laer_t * 1e3:.3f} ms | "
+                  f"{(laer_t / bound - 1) * 100:.3f}% | | |")
+            rows.append({"kind": "laer_greedy_cost", "num_ranks": n, "slots": c,
+                         "weight_passes": 0, "max_time_s": laer_t, "lp_bound_s": bound})
+        print(f"| {term} | LP bound | {lp_s * 1e3:.1f} ms | {bound * 1e3:.3f} ms | 0 | | |")
     print(f"# {load_avg()}", flush=True)
-    rows.append({"kind": "milp", "num_ranks": n, "slots": c, "solve_time_s": st.solve_s,
-                 "max_time_s": st.max_time, "lp_bound_s": bound, "dual_bound_s": st.dual_bound,
-                 "status": st.status, "time_limit_s": args.laer_ilp_limit})
-    rows.append({"kind": "laer_greedy_cost", "num_ranks": n, "slots": c, "max_time_s": laer_t,
-                 "lp_bound_s": bound})
     with atomic_path(args.laer_table) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
     print(f"wrote {args.laer_table}")
