@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "nccl-tests output"),
     "bench-net": ("moesim.commands.bench_net",
                   "simulated collectives in nccl-tests' table format"),
+    "memory": ("moesim.commands.memory", "peak memory per GPU of a configuration, and "
+               "whether it fits"),
     "validate": ("moesim.commands.validate",
                  "simulate a runtime run and compare with its timings"),
     "plot": ("analysis.cli", "paper-style figures from result files"),

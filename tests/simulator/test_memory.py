@@ -220,3 +220,22 @@ def test_interleaved_pipeline_holds_korthikantis_factor():
     # Few micro-batches cap it: 2 micro-batches x 8 chunks.
     few = memory.estimate(m, Training(pp=4, vp=8, micro_batches=2), 1.0).stages[0]
     assert few["activations"] / flat["activations"] == pytest.approx(2 / 4)
+
+
+def test_memory_command(tmp_path, capsys):
+    from moesim.cli import main
+
+    assert main(["memory", "--config", str(ROOT / "configs" / "runtime-h200x2.toml"),
+                 "--runtime"]) == 0
+    out = capsys.readouterr().out
+    est = memory.estimate_config(load_config(ROOT / "configs" / "runtime-h200x2.toml"),
+                                 runtime=True)
+    assert f"{est.peak_gib:9.3f} GiB" in out and out.strip().endswith(est.verdict())
+    p = tmp_path / "big.toml"
+    p.write_text(f'[model]\nhf_config = "{ROOT}/configs/models/mixtral-8x7b-e8k2.json"\n'
+                 'seq_len = 4096\n[cluster]\ngpu = "a100"\n[parallel]\ndegree = 1\n'
+                 '[train]\nscope = "iteration"\n')
+    assert main(["memory", "--config", str(p)]) == 0
+    assert "does not fit: needs" in capsys.readouterr().out
+    assert main(["memory", "--run", str(tmp_path)]) == 2  # no config.toml: one line, exit 2
+    assert "config.toml" in capsys.readouterr().err
