@@ -361,6 +361,15 @@ def region(root: Path) -> str:
     out.append(f"\nNCCL latency scale {terms.latency_scale:.3f}; launch cost per source "
                "(fitted with the terms): "
                + ", ".join(f"{s} {v:.1f} us" for s, v in launch.items()) + ".\n")
+    studies = val / "network_studies.csv"
+    if studies.exists():
+        st = pd.read_csv(studies)
+        out.append("\nThe reproduction studies again under the \"nccl\" model "
+                   "(`python -m benchmarks.network_studies`; the committed studies use the "
+                   "default \"ideal\" model): every claim's simulated value under both.\n\n")
+        rows = [[r["study"], r["claim"], f"{r['ideal']:.3g}", f"{r['nccl']:.3g}",
+                 f"{r['change']:+.1%}", r["verdict_nccl"]] for _, r in st.iterrows()]
+        out.append(_md(["study", "claim", "ideal", "nccl", "change", "verdict (nccl)"], rows))
     out.append("\nEvery point (`algorithm`: what the model picked, as NCCL's tuner would):\n\n")
     rows = []
     for _, r in pub.iterrows():
