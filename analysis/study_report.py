@@ -190,6 +190,12 @@ def simulated_fields(path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
         out["mfu"] = tflops / it["peak_flops"] if it["peak_flops"] else math.nan
     ph = phase_times(rf.frame).groupby("phase")["time_s"].sum()
     out |= {f"{p}_ms": float(t) * 1e3 for p, t in ph.items()}
+    # Bytes per GPU of each phase's collectives (dispatch, combine, grad_sync, ...), per step.
+    f = rf.frame
+    comm = f[f["stream"] != "compute"]
+    per = max(f["step"].nunique(), 1) * (int(f["rank"].max()) + 1)
+    out |= {f"{p}_bytes_per_gpu": float(b) / per
+            for p, b in comm.groupby("phase")["bytes"].sum().items()}
     return out, s
 
 

@@ -4,11 +4,15 @@ the EP baseline of the HP paper's code (parallel.ep_variant) and HP x EP (strate
 EP_PAPER is EP (programs.EP, the same rows, dependencies and traffic) with the costs of the EP
 baseline in kerner-lab/Sparse-GPT-Pretraining (src/model/modules/ffwd/moe_ep.py) as
 runtime/moe_layer.py runs it with parallel.ep_variant = "paper":
-- permute: moesim's EP permute (planner splits from the size exchange, one sync) plus the
-  paper's token duplication (a copy of k rows per token before the permute), a bincount (one
-  launch, a host sync), the metadata all-to-all of the per-expert counts (a collective's
-  latency: its E x 8 bytes a rank are ignored) and two host reads of its splits (two syncs);
-  backward: moesim's plus the duplication's sum over the k copies.
+- permute: the paper's token duplication (a copy of k rows per token before the permute), one
+  sort-based permute (te.moe_permute: one stable sort, the index passes and the row gather),
+  a bincount (one launch, a host sync), the metadata all-to-all of the per-expert counts (a
+  collective's latency: its E x 8 bytes a rank are ignored) and two host reads of its splits
+  (two syncs); no planner on the host (the paper's splits come from the metadata). Backward:
+  the permute's, plus the duplication's sum over the k copies. runtime/'s paper variant runs
+  these on top of moesim's own size exchange and planner splits (the same splits), so it pays
+  moesim EP's host work too (overhead.split, one sync, one more sort) where the paper's code
+  does not.
 - experts: the activation as separate torch ops (model.activation taken as "unfused").
 - combine: the unpermute and the weighted sum as separate fp32 torch ops
   (`ComputeModel.combine_unfused`) in place of the fused combine kernel.
@@ -25,20 +29,20 @@ import numpy as np
 from moesim.config import Config
 from moesim.sim import programs as P
 
-# Syncs the paper adds to moesim's one: the bincount and the two reads of the split sizes.
-PAPER_EXTRA_SYNCS = 3
+# The paper EP's permute: one sort (te.moe_permute), three host syncs (the bincount and the two
+# reads of the split sizes), no host split work (no planner: the metadata carries the splits).
+PAPER_PERMUTE = {"sorts": 1, "syncs": 3, "splits": 0}
 
 
 def paper_permute(ctx: P.StrategyContext, lin: P.LayerInputs, pass_: str) -> P.Work:
     m, cm = ctx.cfg.model, ctx.compute
-    t, _, _ = P.ep_permute(ctx, lin, pass_)
     backward = pass_ == "bwd"
+    t, _, _ = P._permute(ctx, lin, pass_, PAPER_PERMUTE)
     t = t + cm.duplicate(lin.routed, P._row_bytes(ctx), m.top_k, backward)
     if not backward:
         a = P._assignments(ctx, lin)
         latency = ctx.cfg.cluster.collective_latency_us * 1e-6 if ctx.group_ranks > 1 else 0.0
-        t = t + np.where(a > 0, cm._kernels(a, 1, 8.0 * a) + PAPER_EXTRA_SYNCS
-                         * cm.sync_overhead + latency, 0.0)
+        t = t + np.where(a > 0, cm._kernels(a, 1, 8.0 * a) + latency, 0.0)
     return t, None, None
 
 

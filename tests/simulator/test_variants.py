@@ -38,19 +38,21 @@ def test_table_for_picks_the_paper_table_only_for_ep():
 
 
 def test_paper_permute_adds_exactly_its_extras():
+    # One sort, three syncs and no host split (no planner) against moesim's two sorts, one
+    # sync and the split; plus the duplication, the bincount and the metadata collective.
     ctx, lin = _ctx(), _lin()
     cm, m = ctx.compute, ctx.cfg.model
-    base, _, _ = P.ep_permute(ctx, lin, "fwd")
+    base, _, _ = P._permute(ctx, lin, "fwd", {"sorts": 1, "syncs": 3, "splits": 0})
     got, _, _ = V.paper_permute(ctx, lin, "fwd")
     a = lin.routed * m.top_k
     rb = m.d_model * m.dtype_bytes
     dup = np.where(lin.routed > 0, cm.launch_overhead + lin.routed * rb * (1 + m.top_k)
                    / cm.rates["hbm"], 0.0)
     extra = np.where(a > 0, cm.launch_overhead + 8.0 * a / cm.rates["hbm"]
-                     + 3 * cm.sync_overhead + ctx.cfg.cluster.collective_latency_us * 1e-6, 0.0)
+                     + ctx.cfg.cluster.collective_latency_us * 1e-6, 0.0)
     np.testing.assert_allclose(got - base, dup + extra, rtol=1e-12)
     assert got[2] == 0.0  # a rank without tokens does nothing
-    bb, _, _ = P.ep_permute(ctx, lin, "bwd")
+    bb, _, _ = P._permute(ctx, lin, "bwd", {"sorts": 1, "syncs": 3, "splits": 0})
     gb, _, _ = V.paper_permute(ctx, lin, "bwd")
     np.testing.assert_allclose(gb - bb, dup, rtol=1e-12)
 
