@@ -96,6 +96,15 @@ def test_validation_doc_regions_are_what_the_committed_files_give():
         "registered in analysis.doc_regions.REGIONS")
 
 
+
+def test_runtime_doc_regions_are_what_the_committed_files_give():
+    """docs/runtime.md's generated regions (the balancing runs) from their committed CSVs."""
+    from analysis.doc_regions import drifted, regions
+
+    doc = ROOT / "docs" / "runtime.md"
+    assert "runtime.balancing" in {n for n, _ in regions(doc.read_text())}
+    assert drifted(doc) == [], f"{doc} drifted: python -m benchmarks.balancing --render-only"
+
 def test_validation_scores_are_what_the_simulator_gives_today():
     """The shipped calibration's per-run scores, simulated again from the committed runs."""
     import pandas as pd
