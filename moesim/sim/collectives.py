@@ -154,14 +154,26 @@ class Collectives:
         return h.digest()
 
     def _fluid(self, t: Traffic, latency_hops: float) -> tuple:
-        """Solve one stage; cached up to scale. All flows start together, so max-min rates do
-        not depend on sizes and every finish time scales with them: a stage whose bytes are a
-        multiple of a solved one (FSEP's chunks, HP's layers, a backward that mirrors the
-        forward) is not solved again. The completion quantum scales the same way."""
+        """Solve one stage; cached up to scale and transposition. All flows start together,
+        so max-min rates do not depend on sizes and every finish time scales with them: a
+        stage whose bytes are a multiple of a solved one (FSEP's chunks, HP's layers, a
+        backward that mirrors the forward) is not solved again. The completion quantum scales
+        the same way. On a topology whose every link has a reverse of the same capacity and
+        latency, without PXN (its legs are not mirror images) and without incast (it counts
+        senders, not receivers), the transposed stage (every flow reversed: a combine after
+        its dispatch) has the same finish times, flow for flow: it is answered from the
+        cache too."""
         peak = float(t.nbytes.max())
         unit = t.nbytes / peak
-        key = self._key(f"stage{latency_hops}", t.src, t.dst, unit)
+        order = np.lexsort((t.dst, t.src))
+        kind = f"stage{latency_hops}"
+        key = self._key(kind, t.src[order], t.dst[order], unit[order])
         hit = self.cache.get(key)
+        swap = False
+        if hit is None and self._mirror_ok():
+            rev = np.lexsort((t.src, t.dst))
+            hit = self.cache.get(self._key(kind, t.dst[rev], t.src[rev], unit[rev]))
+            swap = hit is not None
         if hit is None:
             fs = self.net.flowset(t.src, t.dst, unit, latency_hops=latency_hops)
             res = self.net.run(fs)
@@ -171,7 +183,14 @@ class Collectives:
         else:
             self.hits += 1
         src, dst, fluid, lat, link_unit, flows, events = hit
+        if swap:  # per-class link bytes are the same (a link and its reverse share a class)
+            src, dst = dst, src
+            link_unit = link_unit[self.net.topo.reverse_links()]
         return src, dst, fluid * peak + lat, link_unit * peak, flows, events
+
+    def _mirror_ok(self) -> bool:
+        topo = self.net.topo
+        return not topo.pxn and self.net.incast == 0 and topo.reverse_links() is not None
 
     # --- flow classes and saturation ("nccl") ---------------------------------------------
     def _clean(self, t: Traffic) -> Traffic:

@@ -74,6 +74,7 @@ class Topology:
     nvswitch: bool = False          # GPUs of a machine share an NVSwitch (NVLS possible)
     pxn: bool = False               # cross-rail flows go through the peer on the right rail
     _route_state: dict = field(default_factory=dict, repr=False)
+    _reverse: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_gpus(self) -> int:
@@ -184,6 +185,19 @@ class Topology:
         out = (links, np.array([acc[i] for i in links], dtype=np.float64))
         st["core"][key] = out
         return out
+
+    def reverse_links(self) -> np.ndarray | None:
+        """int64[L]: the link from v to u of every link u -> v, when every link has one of the
+        same capacity, latency and class (presets, bidirectional files); None otherwise."""
+        st = self._reverse
+        if "reverse" not in st:
+            idx = {e: i for i, e in enumerate(self.link_ends)}
+            rev = np.array([idx.get((v, u), -1) for u, v in self.link_ends], dtype=np.int64)
+            ok = (rev >= 0).all() and np.array_equal(self.capacity[rev], self.capacity) and \
+                np.array_equal(self.latency[rev], self.latency) and \
+                np.array_equal(self.link_kind[rev], self.link_kind)
+            st["reverse"] = rev if ok else None
+        return st["reverse"]
 
     def local_index(self) -> np.ndarray:
         """int64[N]: each rank's index inside its machine (ranks are machine-major)."""

@@ -371,3 +371,25 @@ def test_incast_penalty_on_the_receivers_link():
         coll = Collectives(FlowNetwork(topo, 0.0, incast=c), 0.0)
         assert coll.all_to_all(m2).duration == pytest.approx(2 * b / nic * (1 + c), rel=1e-9)
         assert coll.all_to_all(m1).duration == pytest.approx(b / nic, rel=1e-9)
+
+
+def test_transposed_stage_is_answered_from_the_cache():
+    """A combine (every flow of the dispatch reversed) on a symmetric topology without PXN
+    has the dispatch's finish times: solved once, and equal to solving it afresh."""
+    topo = _dgx(2, pxn=False, fabric="fat-tree", gpus_per_leaf=8)
+    rng = np.random.default_rng(3)
+    m = rng.integers(1, 8 << 20, (16, 16)).astype(float)
+    coll = Collectives(FlowNetwork(topo, 0.02), 1e-6)
+    fwd = coll.all_to_all(m)
+    back = coll.all_to_all(m.T)
+    assert coll.hits == 1
+    fresh = Collectives(FlowNetwork(topo, 0.02), 1e-6).all_to_all(m.T)
+    assert back.duration == pytest.approx(fresh.duration, rel=1e-12)
+    np.testing.assert_allclose(back.rank_end, fresh.rank_end, rtol=1e-12)
+    np.testing.assert_allclose(back.link_bytes, fresh.link_bytes, rtol=1e-12)
+    assert fwd.duration == pytest.approx(back.duration, rel=1e-12)
+    pxn = Collectives(FlowNetwork(_dgx(2, fabric="rail", gpus_per_leaf=1), 0.02), 1e-6,
+                      NcclTerms.ideal())
+    pxn.all_to_all(m)
+    pxn.all_to_all(m.T)
+    assert pxn.hits == 0                     # PXN legs are not mirror images: solved again
